@@ -1,0 +1,237 @@
+"""Typed inputs of the planner: cluster, tiers, demand, objective settings and the planning input.
+
+Every type is a frozen pydantic model with ``extra="forbid"``; numeric names carry units. Validators only
+check and normalise values (no I/O, no side effects); their errors name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Self
+
+from pydantic import Field, field_validator, model_validator
+
+from nitsum_opt.models.spec import (
+    CapacityTable,
+    Frozen,
+    LengthMix,
+    ModelSpec,
+    ServingConfig,
+    SloTarget,
+    all_configs,
+)
+
+_TIER_NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,31}$"
+
+
+class ClusterSpec(Frozen):
+    """A pool of identical nodes; TP groups never span nodes (NVLink domain = one node)."""
+
+    num_nodes: int = Field(ge=1)
+    """Nodes in the pool."""
+    gpus_per_node: int = Field(ge=1, le=64)
+    """GPUs in one node (the NVLink domain a TP group must fit in)."""
+    gpu_type: str = "H200"
+    """GPU model, e.g. ``H200``; the capacity table must have been built for it."""
+    gpu_memory_gib: float = Field(default=141.0, gt=0, allow_inf_nan=False)
+    """Memory of one GPU in GiB."""
+
+    @property
+    def total_gpus(self) -> int:
+        """``G``: GPUs in the pool."""
+        return self.num_nodes * self.gpus_per_node
+
+    @classmethod
+    def with_gpus(cls, total_gpus: int, gpus_per_node: int = 8, **kwargs: object) -> ClusterSpec:
+        """A cluster of ``total_gpus`` GPUs in full nodes of ``gpus_per_node`` (a smaller pool is one node)."""
+        if total_gpus < 1:
+            raise ValueError(f"total_gpus={total_gpus}: a cluster needs at least one GPU")
+        if total_gpus < gpus_per_node:
+            return cls(num_nodes=1, gpus_per_node=total_gpus, **kwargs)  # type: ignore[arg-type]
+        if total_gpus % gpus_per_node:
+            raise ValueError(
+                f"total_gpus={total_gpus} is not a multiple of gpus_per_node={gpus_per_node}; "
+                "use whole nodes"
+            )
+        return cls(num_nodes=total_gpus // gpus_per_node, gpus_per_node=gpus_per_node, **kwargs)  # type: ignore[arg-type]
+
+
+class Tier(Frozen):
+    """An SLO class of traffic (e.g. interactive chat, agents, background jobs)."""
+
+    name: str = Field(pattern=_TIER_NAME)
+    """Identifier used in capacity tables, plans and solver names."""
+    ttft_slo_ms: float = Field(gt=0, allow_inf_nan=False)
+    """Time-to-first-token target in ms (queueing included)."""
+    tpot_slo_ms: float = Field(gt=0, allow_inf_nan=False)
+    """Time-per-output-token target in ms (mean over a request's output after the first token)."""
+    slo_percentile: float = Field(default=90.0, gt=0, lt=100)
+    """Share of requests, in percent, that must meet both targets."""
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    """``w_t``: value of one admitted request/s of this tier in the objective."""
+    min_admission: float = Field(default=0.0, ge=0, le=1)
+    """Smallest admitted fraction of the tier's demand a plan must guarantee (0 = none)."""
+
+    @property
+    def slo(self) -> SloTarget:
+        """The latency targets alone, as the capacity builder takes them."""
+        return SloTarget(
+            ttft_slo_ms=self.ttft_slo_ms, tpot_slo_ms=self.tpot_slo_ms, slo_percentile=self.slo_percentile
+        )
+
+
+class TierDemand(Frozen):
+    """Forecast demand of one tier for the coming epoch."""
+
+    tier: str
+    """Name of the tier."""
+    arrival_rate_rps: float = Field(ge=0, allow_inf_nan=False)
+    """``λ_t``: forecast arrival rate in requests/s."""
+    length_mix: LengthMix | None = None
+    """Prompt/output length distribution (used to build capacity tables; the MILP needs only ``λ_t``)."""
+
+    @field_validator("arrival_rate_rps", mode="before")
+    @classmethod
+    def _finite_rate(cls, value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"arrival_rate_rps={value} must be a finite rate >= 0 in requests/s")
+        return value
+
+
+class ObjectiveSettings(Frozen):
+    """Prices in the objective ``Σ w_t y_t − ε Σ g_c n[t,c] − Σ β[t,c] (d_up + d_down)``."""
+
+    gpu_cost: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
+    """``ε``: weighted req/s given up per GPU in use; a tie-breaker that leaves idle GPUs off."""
+    switch_cost_s: float = Field(default=0.5, ge=0, allow_inf_nan=False)
+    """Seconds an instance is out of service when it is started, stopped or re-shaped (TP switch).
+    Default: measured vLLM wake of a standby engine (sleep level 2 + weight refill)."""
+    plan_horizon_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    """Seconds a new plan is expected to stay in place; a change's cost is amortised over it:
+    ``β[t,c] = w_t · R[t,c] · switch_cost_s / plan_horizon_s`` per instance added or removed."""
+
+
+class PlanningInput(Frozen):
+    """Everything one planning epoch needs."""
+
+    cluster: ClusterSpec
+    """GPUs available."""
+    tiers: tuple[Tier, ...] = Field(min_length=1)
+    """SLO tiers, in priority-independent stable order."""
+    demand: tuple[TierDemand, ...]
+    """Forecast arrival rate of every tier (one entry per tier)."""
+    capacity: CapacityTable
+    """``R[t,c]`` for every tier and every candidate config."""
+    configs: tuple[ServingConfig, ...] = ()
+    """Candidate instance shapes; empty = every supported TP up to ``gpus_per_node`` × every role."""
+    objective: ObjectiveSettings = ObjectiveSettings()
+    """Prices of GPUs and of changes."""
+    current_plan: CurrentPlan | None = None
+    """Instances running now (churn is priced against them); ``None`` at the first epoch."""
+    model: ModelSpec | None = None
+    """The served model (informational; the capacity table already encodes its speed)."""
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Self:
+        tier_names = [t.name for t in self.tiers]
+        if len(set(tier_names)) != len(tier_names):
+            raise ValueError(f"tier names must be unique, got {tier_names}")
+        demand_names = [d.tier for d in self.demand]
+        if sorted(demand_names) != sorted(tier_names):
+            raise ValueError(
+                f"demand must list every tier exactly once: tiers {tier_names}, demand {demand_names}"
+            )
+        gpn = self.cluster.gpus_per_node
+        for c in self.configs:
+            if c.tp > gpn:
+                raise ValueError(
+                    f"config {c.key} needs {c.tp} GPUs in one node but cluster.gpus_per_node={gpn}; "
+                    f"drop it or use nodes with at least {c.tp} GPUs"
+                )
+        if len(set(self.configs)) != len(self.configs):
+            raise ValueError(f"configs contain duplicates: {[c.key for c in self.configs]}")
+        missing = self.capacity.missing_cells(tier_names, self.candidate_configs)
+        if missing:
+            raise ValueError(
+                f"capacity table is missing cells {missing[:6]}{' …' if len(missing) > 6 else ''}; "
+                "add them (0 where the config cannot meet the tier's SLO) or restrict `configs`"
+            )
+        for tier in self.tiers:
+            self._check_servable(tier)
+        if self.current_plan is not None:
+            self.current_plan.check_against(self)
+        return self
+
+    def _check_servable(self, tier: Tier) -> None:
+        rates = {c: self.capacity.rate_rps(tier.name, c) for c in self.candidate_configs}
+        colocated = any(r > 0 for c, r in rates.items() if c.role.value == "colocated")
+        prefill = any(r > 0 for c, r in rates.items() if c.role.value == "prefill")
+        decode = any(r > 0 for c, r in rates.items() if c.role.value == "decode")
+        if not (colocated or (prefill and decode)):
+            raise ValueError(
+                f"no candidate config can meet tier {tier.name!r}'s SLO (ttft_slo_ms={tier.ttft_slo_ms}, "
+                f"tpot_slo_ms={tier.tpot_slo_ms}): every capacity cell that could serve it is 0; relax the "
+                "SLO, allow larger TP, or drop the tier"
+            )
+
+    @property
+    def candidate_configs(self) -> tuple[ServingConfig, ...]:
+        """The configs the planner may use (explicit list, or every supported one that fits a node)."""
+        return self.configs or all_configs(max_tp=self.cluster.gpus_per_node)
+
+    def demand_rps(self, tier: str) -> float:
+        """``λ_t``."""
+        for d in self.demand:
+            if d.tier == tier:
+                return d.arrival_rate_rps
+        raise KeyError(f"no demand for tier {tier!r}")
+
+    def tier(self, name: str) -> Tier:
+        """The tier called ``name``."""
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown tier {name!r}; tiers are {[t.name for t in self.tiers]}")
+
+
+class InstanceCount(Frozen):
+    """A number of identical instances serving one tier."""
+
+    tier: str
+    """Tier the instances serve."""
+    config: ServingConfig
+    """Their shape."""
+    count: int = Field(ge=0)
+    """How many."""
+
+
+class CurrentPlan(Frozen):
+    """What runs now: instance counts per (tier, config) and, optionally, their GPU ids for stable placement."""
+
+    counts: tuple[InstanceCount, ...] = ()
+    """``n⁰[t,c]``."""
+    gpu_ids: dict[str, tuple[tuple[int, ...], ...]] = Field(default_factory=dict)
+    """``'<tier>/<config key>'`` → GPU ids of each running instance (optional; keeps instances in place)."""
+
+    def count(self, tier: str, config: ServingConfig) -> int:
+        """``n⁰[t,c]``."""
+        return sum(ic.count for ic in self.counts if ic.tier == tier and ic.config == config)
+
+    def check_against(self, inp: PlanningInput) -> None:
+        """Raise when the current plan names unknown tiers or configs, or holds more GPUs than exist."""
+        tiers = {t.name for t in inp.tiers}
+        used = 0
+        for ic in self.counts:
+            if ic.tier not in tiers:
+                raise ValueError(f"current_plan names tier {ic.tier!r}, which is not among {sorted(tiers)}")
+            if ic.config.tp > inp.cluster.gpus_per_node:
+                raise ValueError(f"current_plan uses {ic.config.key}, larger than a node")
+            used += ic.count * ic.config.gpus
+        if used > inp.cluster.total_gpus:
+            raise ValueError(
+                f"current_plan uses {used} GPUs but the cluster has {inp.cluster.total_gpus}; "
+                "pass the plan that actually runs on this cluster"
+            )
+
+
+PlanningInput.model_rebuild()

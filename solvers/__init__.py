@@ -1,0 +1,1 @@
+"""MILP solver backends behind one contract (installed as ``nitsum_opt.solvers``); knows nothing of LLMs."""
