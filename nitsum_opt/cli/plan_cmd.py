@@ -1,0 +1,1 @@
+"""``nitsum plan`` and ``nitsum schema`` (filled in by the planner work)."""

@@ -1,0 +1,1 @@
+"""Shared pytest configuration: tests marked ``gpu`` are deselected by default (see pyproject addopts)."""
