@@ -121,8 +121,7 @@ class ModelSpec(Frozen):
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of "
-                f"num_attention_heads={self.num_attention_heads}"
+                f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
             )
         return self
 
@@ -306,12 +305,7 @@ class CapacityTable(Frozen):
     def missing_cells(self, tiers: Iterable[str], configs: Iterable[ServingConfig]) -> list[str]:
         """``tier/config`` cells that are needed but absent."""
         config_list = list(configs)
-        return [
-            f"{tier}/{c.key}"
-            for tier in tiers
-            for c in config_list
-            if c.key not in self.rates_rps.get(tier, {})
-        ]
+        return [f"{tier}/{c.key}" for tier in tiers for c in config_list if c.key not in self.rates_rps.get(tier, {})]
 
     @classmethod
     def from_mapping(cls, rates: Mapping[str, Mapping[ServingConfig | str, float]], source: str = "") -> Self:

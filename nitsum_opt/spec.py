@@ -50,8 +50,7 @@ class ClusterSpec(Frozen):
             return cls(num_nodes=1, gpus_per_node=total_gpus, **kwargs)  # type: ignore[arg-type]
         if total_gpus % gpus_per_node:
             raise ValueError(
-                f"total_gpus={total_gpus} is not a multiple of gpus_per_node={gpus_per_node}; "
-                "use whole nodes"
+                f"total_gpus={total_gpus} is not a multiple of gpus_per_node={gpus_per_node}; use whole nodes"
             )
         return cls(num_nodes=total_gpus // gpus_per_node, gpus_per_node=gpus_per_node, **kwargs)  # type: ignore[arg-type]
 
@@ -75,9 +74,7 @@ class Tier(Frozen):
     @property
     def slo(self) -> SloTarget:
         """The latency targets alone, as the capacity builder takes them."""
-        return SloTarget(
-            ttft_slo_ms=self.ttft_slo_ms, tpot_slo_ms=self.tpot_slo_ms, slo_percentile=self.slo_percentile
-        )
+        return SloTarget(ttft_slo_ms=self.ttft_slo_ms, tpot_slo_ms=self.tpot_slo_ms, slo_percentile=self.slo_percentile)
 
 
 class TierDemand(Frozen):
@@ -138,9 +135,7 @@ class PlanningInput(Frozen):
             raise ValueError(f"tier names must be unique, got {tier_names}")
         demand_names = [d.tier for d in self.demand]
         if sorted(demand_names) != sorted(tier_names):
-            raise ValueError(
-                f"demand must list every tier exactly once: tiers {tier_names}, demand {demand_names}"
-            )
+            raise ValueError(f"demand must list every tier exactly once: tiers {tier_names}, demand {demand_names}")
         gpn = self.cluster.gpus_per_node
         for c in self.configs:
             if c.tp > gpn:
@@ -185,6 +180,15 @@ class PlanningInput(Frozen):
             if d.tier == tier:
                 return d.arrival_rate_rps
         raise KeyError(f"no demand for tier {tier!r}")
+
+    def churn_price(self, tier: str, config: ServingConfig) -> float:
+        """``β[t,c] = w_t · R[t,c] · switch_cost_s / plan_horizon_s``: objective lost per instance added or removed
+        (its capacity is out of service for the switch, amortised over the plan's expected lifetime)."""
+        obj = self.objective
+        if self.current_plan is None or obj.switch_cost_s == 0:
+            return 0.0
+        rate = self.capacity.rate_rps(tier, config)
+        return self.tier(tier).weight * rate * obj.switch_cost_s / obj.plan_horizon_s
 
     def tier(self, name: str) -> Tier:
         """The tier called ``name``."""

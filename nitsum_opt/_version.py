@@ -1,0 +1,3 @@
+"""Library version (single source)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""The exact planner: the allocation MILP (``nitsum_opt.formulation``) solved by any registered backend.
+
+If the solver returns no solution (infeasible minimum admissions, time limit without incumbent, solver
+error), the planner returns the greedy plan with status ``FALLBACK`` and the reason in ``message``; a time-limit
+incumbent comes back as ``FEASIBLE`` with its gap. It never raises for those.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nitsum_opt.assemble import assemble_plan
+from nitsum_opt.formulation import build_formulation
+from nitsum_opt.plan import Plan, PlanStatus
+from nitsum_opt.planners.base import Planner
+from nitsum_opt.planners.greedy import GreedyPlanner
+from nitsum_opt.solvers import SolverOptions, SolveStatus, get_backend
+from nitsum_opt.spec import PlanningInput
+
+
+class MilpPlanner(Planner):
+    """Exact allocation by mixed-integer programming.
+
+    Args:
+        solver: ``backend[/engine]``, e.g. ``ortools`` (SCIP), ``ortools/highs``, ``ortools/cpsat``, ``pulp``
+            (CBC) or ``pulp/highs``. Unknown names raise at construction with the list of valid ones.
+        time_limit_s: wall-clock limit of one solve.
+        relative_gap: optimality tolerance.
+    """
+
+    name = "milp"
+
+    def __init__(self, solver: str = "ortools", time_limit_s: float = 1.0, relative_gap: float = 1e-9) -> None:
+        self.options = SolverOptions(time_limit_s=time_limit_s, relative_gap=relative_gap)
+        self.backend = get_backend(solver, self.options)
+        self.fallback = GreedyPlanner()
+
+    @property
+    def label(self) -> str:
+        return (
+            f"milp({self.backend.label}, time_limit_s={self.options.time_limit_s:g}, gap={self.options.relative_gap:g})"
+        )
+
+    def plan(self, inp: PlanningInput) -> Plan:
+        start = time.perf_counter()
+        formulation = build_formulation(inp)
+        result = self.backend.solve(formulation.model)
+        if not result.status.has_solution:
+            return self._fallback(inp, start, f"MILP {result.status.value}: {result.message or 'no solution'}")
+        status = PlanStatus.OPTIMAL if result.status is SolveStatus.OPTIMAL else PlanStatus.FEASIBLE
+        return assemble_plan(
+            inp,
+            formulation.counts(result.values),
+            status=status,
+            planner=self.label,
+            solve_time_ms=(time.perf_counter() - start) * 1000.0,
+            admitted_rps=formulation.admitted(result.values),
+            objective=result.objective,
+            objective_bound=result.bound,
+            gap=result.gap,
+            solver=self.backend.label,
+        )
+
+    def _fallback(self, inp: PlanningInput, start: float, reason: str) -> Plan:
+        counts = self.fallback.allocate(inp)
+        return assemble_plan(
+            inp,
+            counts,
+            status=PlanStatus.FALLBACK,
+            planner=f"{self.label} -> greedy",
+            solve_time_ms=(time.perf_counter() - start) * 1000.0,
+            solver=self.backend.label,
+            message=f"{reason}; returned the greedy plan",
+        )

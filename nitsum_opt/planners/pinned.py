@@ -1,0 +1,42 @@
+"""A user's fixed plan: the same instances every epoch, with admission recomputed for the current demand."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from nitsum_opt.assemble import assemble_plan
+from nitsum_opt.models.spec import ServingConfig
+from nitsum_opt.plan import Plan, PlanStatus
+from nitsum_opt.planners.base import Planner
+from nitsum_opt.spec import InstanceCount, PlanningInput
+
+
+class PinnedPlanner(Planner):
+    """Always the given instances (e.g. a static deployment to compare against)."""
+
+    name = "pinned"
+
+    def __init__(self, counts: Iterable[InstanceCount]) -> None:
+        self.counts: dict[tuple[str, ServingConfig], int] = {}
+        for ic in counts:
+            self.counts[ic.tier, ic.config] = self.counts.get((ic.tier, ic.config), 0) + ic.count
+
+    def plan(self, inp: PlanningInput) -> Plan:
+        start = time.perf_counter()
+        tiers = {t.name for t in inp.tiers}
+        unknown = sorted({t for t, _ in self.counts if t not in tiers})
+        if unknown:
+            raise ValueError(f"pinned plan names tiers {unknown} that are not in the input ({sorted(tiers)})")
+        used = sum(c.gpus * k for (_, c), k in self.counts.items())
+        if used > inp.cluster.total_gpus:
+            raise ValueError(
+                f"pinned plan needs {used} GPUs but the cluster has {inp.cluster.total_gpus}; shrink the plan"
+            )
+        return assemble_plan(
+            inp,
+            self.counts,
+            status=PlanStatus.PINNED,
+            planner=self.label,
+            solve_time_ms=(time.perf_counter() - start) * 1000.0,
+        )
