@@ -9,15 +9,22 @@ Data
 * :math:`R_{t,c} \ge 0`: SLO-compliant rate of one instance of :math:`c` for tier :math:`t` (capacity table);
 * a pool of :math:`N` nodes of :math:`B` GPUs; :math:`S` the TP sizes in :math:`C`;
 * the running plan :math:`n^0_{t,c}` (zero at the first epoch);
-* prices: :math:`\varepsilon` per GPU in use, :math:`\beta_{t,c} = w_t R_{t,c}\,\sigma / H` per instance added or
-  removed (:math:`\sigma` seconds out of service per switch, amortised over a plan lifetime of :math:`H` s).
+* prices: :math:`\varepsilon` per GPU in use, :math:`\beta_{t,c} = w_t\, g_c\, \rho_t\, \sigma / H` per instance
+  added or removed (each GPU is out of service :math:`\sigma` s, losing the tier's best per-GPU rate
+  :math:`\rho_t = \max_c R_{t,c}/g_c`; amortised over a plan lifetime of :math:`H` s).
 
 Variables
 ---------
 * ``n[t,c]`` :math:`\in \mathbb{Z}`, :math:`0 \le n_{t,c} \le U_{t,c}`: instances of config :math:`c` for tier
   :math:`t`, with the data-derived bound
   :math:`U_{t,c} = \min(N\lfloor B/g_c\rfloor,\ \max(n^0_{t,c}, \lceil \lambda_t / R_{t,c}\rceil))` — an instance
-  beyond what the demand needs only adds cost, so some optimum always satisfies it (no big-M);
+  beyond what the demand needs only adds cost, so some optimum always satisfies it (no big-M) — and
+  :math:`U_{t,c} = 0` for a *dominated* config that is not running: one whose GPUs, split into
+  :math:`k = g_c / g_{c'}` aligned instances of a smaller config :math:`c'` of the same role, serve at least as
+  much (:math:`k R_{t,c'} \ge R_{t,c}`). Swapping each such instance for the :math:`k` smaller ones keeps every
+  row feasible (smaller aligned groups pack wherever the big one did), costs the same GPUs and the same churn
+  price (:math:`\beta` is per GPU), and never lowers the objective; removing these columns is what keeps the
+  solver's tree small;
 * ``y[t]`` :math:`\ge 0`: admitted SLO-guaranteed rate (traffic above it is served best-effort);
 * ``up[t,c]``, ``down[t,c]`` :math:`\ge 0`: instances added / removed relative to the running plan
   (only when a running plan is given).
@@ -96,11 +103,24 @@ def build_formulation(inp: PlanningInput) -> Formulation:
     return Formulation(model=model, n=n, y=y, up=up, down=down)
 
 
+def is_dominated(inp: PlanningInput, tier: str, config: ServingConfig) -> bool:
+    """True when ``k`` instances of a smaller config of the same role on the same GPUs serve at least as much."""
+    rate = inp.capacity.rate_rps(tier, config)
+    for other in inp.candidate_configs:
+        if other.role is config.role and other.gpus < config.gpus and config.gpus % other.gpus == 0:
+            k = config.gpus // other.gpus
+            if k * inp.capacity.rate_rps(tier, other) >= rate:
+                return True
+    return False
+
+
 def instance_upper_bound(inp: PlanningInput, tier: str, config: ServingConfig) -> int:
-    """:math:`U_{t,c}`: most instances of ``config`` for ``tier`` an optimal plan may need."""
+    """:math:`U_{t,c}`: most instances of ``config`` for ``tier`` some optimal plan uses."""
     cluster = inp.cluster
     fit = cluster.num_nodes * (cluster.gpus_per_node // config.gpus)
     current = inp.current_plan.count(tier, config) if inp.current_plan else 0
+    if current == 0 and is_dominated(inp, tier, config):
+        return 0
     rate = inp.capacity.rate_rps(tier, config)
     needed = math.ceil(inp.demand_rps(tier) / rate - 1e-9) if rate > 0 else 0
     return min(fit, max(current, needed))

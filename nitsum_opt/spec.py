@@ -105,7 +105,8 @@ class ObjectiveSettings(Frozen):
     Default: measured vLLM wake of a standby engine (sleep level 2 + weight refill)."""
     plan_horizon_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     """Seconds a new plan is expected to stay in place; a change's cost is amortised over it:
-    ``β[t,c] = w_t · R[t,c] · switch_cost_s / plan_horizon_s`` per instance added or removed."""
+    ``β[t,c] = w_t · g_c · ρ_t · switch_cost_s / plan_horizon_s`` per instance added or removed
+    (``ρ_t``: the tier's best per-GPU rate)."""
 
 
 class PlanningInput(Frozen):
@@ -182,13 +183,15 @@ class PlanningInput(Frozen):
         raise KeyError(f"no demand for tier {tier!r}")
 
     def churn_price(self, tier: str, config: ServingConfig) -> float:
-        """``β[t,c] = w_t · R[t,c] · switch_cost_s / plan_horizon_s``: objective lost per instance added or removed
-        (its capacity is out of service for the switch, amortised over the plan's expected lifetime)."""
+        """``β[t,c] = w_t · g_c · ρ_t · switch_cost_s / plan_horizon_s``: objective lost per instance added or
+        removed. Each of its ``g_c`` GPUs is out of service for ``switch_cost_s``, losing the tier's best per-GPU
+        rate ``ρ_t = max_c R[t,c]/g_c``; the loss is amortised over the plan's expected lifetime. Pricing per GPU
+        (not per instance capacity) keeps the price of a change independent of how the GPUs are grouped."""
         obj = self.objective
         if self.current_plan is None or obj.switch_cost_s == 0:
             return 0.0
-        rate = self.capacity.rate_rps(tier, config)
-        return self.tier(tier).weight * rate * obj.switch_cost_s / obj.plan_horizon_s
+        best_per_gpu = max(self.capacity.rate_rps(tier, c) / c.gpus for c in self.candidate_configs)
+        return self.tier(tier).weight * config.gpus * best_per_gpu * obj.switch_cost_s / obj.plan_horizon_s
 
     def tier(self, name: str) -> Tier:
         """The tier called ``name``."""

@@ -1,7 +1,9 @@
-"""Write a :class:`LinearModel` as CPLEX-LP or fixed MPS text, deterministically (for debugging and goldens).
+"""Write a :class:`LinearModel` as CPLEX-LP or free MPS text, deterministically (for debugging and goldens).
 
 The writer is our own, so golden files do not change when a solver package is upgraded. Numbers are written
-with ``repr``-exact round-tripping (``float.__repr__``); names are kept as given (``n[chat,tp2-decode]``).
+with ``repr``-exact round-tripping (``float.__repr__``). MPS keeps names as given (``n[chat,tp2-decode]``); the
+LP format forbids ``[``, ``]`` and ``-`` in names (``-`` is an operator), so LP names are spelled
+``n(chat,tp2_decode)`` — :func:`lp_name` is the mapping.
 """
 
 from __future__ import annotations
@@ -10,6 +12,13 @@ import math
 from pathlib import Path
 
 from .model import Constraint, LinearModel
+
+_LP_NAME = str.maketrans({"[": "(", "]": ")", "-": "_", "+": "_", ":": "_", "^": "_", "<": "_", ">": "_", "=": "_"})
+
+
+def lp_name(name: str) -> str:
+    """``name`` as the LP format accepts it (``n[a,tp2-decode]`` -> ``n(a,tp2_decode)``)."""
+    return name.translate(_LP_NAME)
 
 
 def _num(x: float) -> str:
@@ -23,23 +32,24 @@ def _terms(model: LinearModel, terms: tuple[tuple[int, float], ...] | list[tuple
     for i, coef in terms:
         sign = "-" if coef < 0 else "+"
         mag = abs(coef)
-        name = model.variables[i].name
+        name = lp_name(model.variables[i].name)
         parts.append(f"{sign} {name}" if mag == 1 else f"{sign} {_num(mag)} {name}")
     if not parts:
-        return "0 " + model.variables[0].name if model.variables else "0"
+        return "0 " + lp_name(model.variables[0].name) if model.variables else "0"
     text = " ".join(parts)
     return text[2:] if text.startswith("+ ") else text
 
 
 def _lp_rows(model: LinearModel, con: Constraint) -> list[str]:
     lhs = _terms(model, con.terms)
+    row = lp_name(con.name)
     if con.lb == con.ub:
-        return [f" {con.name}: {lhs} = {_num(con.ub)}"]
+        return [f" {row}: {lhs} = {_num(con.ub)}"]
     rows = []
     if math.isfinite(con.ub):
-        rows.append(f" {con.name}: {lhs} <= {_num(con.ub)}")
+        rows.append(f" {row}: {lhs} <= {_num(con.ub)}")
     if math.isfinite(con.lb):
-        name = con.name if math.isinf(con.ub) else f"{con.name}__lb"
+        name = row if math.isinf(con.ub) else f"{row}__lb"
         rows.append(f" {name}: {lhs} >= {_num(con.lb)}")
     return rows
 
@@ -58,10 +68,10 @@ def to_lp(model: LinearModel) -> str:
     for v in model.variables:
         lo = "-inf" if math.isinf(v.lb) else _num(v.lb)
         hi = "+inf" if math.isinf(v.ub) else _num(v.ub)
-        lines.append(f" {lo} <= {v.name} <= {hi}")
+        lines.append(f" {lo} <= {lp_name(v.name)} <= {hi}")
     if model.objective_offset:
         lines.append(" __offset = 1")
-    ints = [v.name for v in model.variables if v.is_integer]
+    ints = [lp_name(v.name) for v in model.variables if v.is_integer]
     if ints:
         lines.append("General")
         lines.extend(f" {name}" for name in ints)

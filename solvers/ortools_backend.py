@@ -14,7 +14,11 @@ _ENGINE_TYPES = {"scip": "GSCIP", "highs": "HIGHS", "cpsat": "CP_SAT"}
 
 
 class OrToolsBackend(SolverBackend):
-    """MILP through ``ortools.math_opt``. Engines: ``scip`` (default), ``highs``, ``cpsat``."""
+    """MILP through ``ortools.math_opt``. Engines: ``scip`` (default), ``highs``, ``cpsat``.
+
+    CP-SAT is exact on pure-integer models only: it scales continuous variables to integers, so on a model
+    with continuous variables its "optimal" is approximate and is reported as ``FEASIBLE`` (never ``OPTIMAL``).
+    """
 
     name: ClassVar[str] = "ortools"
     engines: ClassVar[tuple[str, ...]] = ("scip", "highs", "cpsat")
@@ -59,6 +63,8 @@ class OrToolsBackend(SolverBackend):
             return SolveResult(
                 status=status, solve_time_ms=0.0, backend=self.label, message=str(result.termination.detail)
             )
+        if status is SolveStatus.OPTIMAL and self.engine == "cpsat" and model.num_integer < len(model.variables):
+            status = SolveStatus.FEASIBLE
         values = result.variable_values()
         objective = float(result.objective_value())
         bound = _finite_or_none(result.best_objective_bound())

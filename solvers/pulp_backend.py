@@ -31,12 +31,15 @@ class PulpBackend(SolverBackend):
         pulp = self._pulp()
         sense = pulp.LpMaximize if model.maximize else pulp.LpMinimize
         prob = pulp.LpProblem(model.name, sense)
+        cat = {True: pulp.LpInteger, False: pulp.LpContinuous}
         xs = [
-            pulp.LpVariable(
+            _new_variable(
+                pulp,
+                prob,
                 v.name,
-                lowBound=None if math.isinf(v.lb) else v.lb,
-                upBound=None if math.isinf(v.ub) else v.ub,
-                cat=pulp.LpInteger if v.is_integer else pulp.LpContinuous,
+                None if math.isinf(v.lb) else v.lb,
+                None if math.isinf(v.ub) else v.ub,
+                cat[v.is_integer],
             )
             for v in model.variables
         ]
@@ -100,6 +103,13 @@ class PulpBackend(SolverBackend):
             values=values,
             backend=self.label,
         )
+
+
+def _new_variable(pulp: Any, prob: Any, name: str, lb: float | None, ub: float | None, cat: str) -> Any:
+    """A variable attached to ``prob`` (PuLP >= 3.3 API), or a free-standing one on older PuLP."""
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, lowBound=lb, upBound=ub, cat=cat)
+    return pulp.LpVariable(name, lowBound=lb, upBound=ub, cat=cat)
 
 
 def _status(pulp: Any, prob: Any) -> SolveStatus:

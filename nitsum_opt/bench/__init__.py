@@ -1,0 +1,1 @@
+"""Benchmarks shipped with the library (``nitsum bench ...``): random planning instances and solve timing."""

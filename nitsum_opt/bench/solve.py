@@ -1,0 +1,108 @@
+"""``nitsum bench solve``: planner speed and quality on seeded random instances.
+
+For each pool size, ``instances`` random inputs (3 tiers, TP {1,2,4,8} × 3 roles, half of them with a running
+plan so churn is priced) are planned by every planner. Times are wall-clock per ``plan()`` call, model build,
+placement and plan assembly included, after one warm-up call per planner (imports and solver start-up happen
+once per process in a real controller). Quality is each plan's objective divided by the greedy plan's.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from nitsum_opt.bench.instances import random_planning_input
+from nitsum_opt.planners import GreedyPlanner, MilpPlanner, Planner
+
+PLANNER_FACTORIES: dict[str, Callable[[float], Planner]] = {
+    "milp/ortools": lambda limit: MilpPlanner("ortools", time_limit_s=limit),
+    "milp/pulp": lambda limit: MilpPlanner("pulp", time_limit_s=limit),
+    "greedy": lambda limit: GreedyPlanner(),
+}
+
+
+class SolveBenchRow(BaseModel):
+    """Figures of one planner at one pool size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gpus: int
+    planner: str
+    instances: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_objective_vs_greedy: float
+    min_objective_vs_greedy: float
+    share_at_least_greedy: float
+    share_strictly_better: float
+    statuses: dict[str, int]
+
+
+class SolveBenchReport(BaseModel):
+    """All rows plus the machine they were measured on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    machine: str
+    python: str
+    seed: int
+    rows: list[SolveBenchRow]
+
+
+def _machine() -> str:
+    import os
+
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.platform(terse=True)}"
+
+
+def run_solve_bench(
+    gpus: Sequence[int],
+    instances: int,
+    planners: Sequence[str] = tuple(PLANNER_FACTORIES),
+    seed: int = 0,
+    time_limit_s: float = 10.0,
+    progress: Callable[[str], None] | None = None,
+) -> SolveBenchReport:
+    """Plan ``instances`` random inputs per size with every planner and summarise."""
+    unknown = [p for p in planners if p not in PLANNER_FACTORIES]
+    if unknown:
+        raise ValueError(f"unknown planners {unknown}; choose from {list(PLANNER_FACTORIES)}")
+    built = {name: PLANNER_FACTORIES[name](time_limit_s) for name in planners}
+    rows: list[SolveBenchRow] = []
+    for size in gpus:
+        rng = np.random.default_rng([seed, size])
+        inputs = [random_planning_input(rng, size) for _ in range(instances)]
+        greedy_obj = [GreedyPlanner().plan(inp).objective for inp in inputs]
+        for name, planner in built.items():
+            planner.plan(inputs[0])  # warm-up
+            times, ratios, statuses = [], [], {}
+            for inp, base in zip(inputs, greedy_obj, strict=True):
+                start = time.perf_counter()
+                plan = planner.plan(inp)
+                times.append((time.perf_counter() - start) * 1000.0)
+                ratios.append(plan.objective / base if base else 1.0)
+                statuses[plan.status.value] = statuses.get(plan.status.value, 0) + 1
+            r = np.array(ratios)
+            rows.append(
+                SolveBenchRow(
+                    gpus=size,
+                    planner=name,
+                    instances=instances,
+                    p50_ms=float(np.percentile(times, 50)),
+                    p99_ms=float(np.percentile(times, 99)),
+                    max_ms=float(np.max(times)),
+                    mean_objective_vs_greedy=float(r.mean()),
+                    min_objective_vs_greedy=float(r.min()),
+                    share_at_least_greedy=float(np.mean(r >= 1 - 1e-9)),
+                    share_strictly_better=float(np.mean(r > 1 + 1e-9)),
+                    statuses=statuses,
+                )
+            )
+            if progress:
+                progress(f"{size:>5} GPUs {name:<13} p50 {rows[-1].p50_ms:7.1f} ms  p99 {rows[-1].p99_ms:7.1f} ms")
+    return SolveBenchReport(machine=_machine(), python=platform.python_version(), seed=seed, rows=rows)
