@@ -113,7 +113,7 @@ def random_small_input(seed: int):
 
 @pytest.mark.parametrize("block", range(8))
 def test_milp_matches_brute_force(block: int) -> None:
-    planner = MilpPlanner()
+    planner = MilpPlanner(time_limit_s=60)
     for seed in range(block * 30, block * 30 + 30):
         inp = random_small_input(seed)
         expected = brute_force(inp)

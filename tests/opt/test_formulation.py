@@ -19,7 +19,7 @@ GOLDEN_DIR = Path(__file__).with_name("goldens")
 
 @pytest.fixture(params=["ortools/scip", "ortools/highs", "pulp/cbc", "pulp/highs"])
 def planner(request) -> MilpPlanner:
-    return MilpPlanner(solver=request.param)
+    return MilpPlanner(solver=request.param, time_limit_s=60)
 
 
 def test_tp_choice(planner: MilpPlanner) -> None:

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from nitsum_opt import GreedyPlanner, MilpPlanner, PlanStatus, check_plan, evaluate_plan
 from nitsum_opt.bench.instances import random_planning_input
 
-SCIP = MilpPlanner("ortools/scip")
-HIGHS = MilpPlanner("ortools/highs")
-CBC = MilpPlanner("pulp/cbc")
+SCIP = MilpPlanner("ortools/scip", time_limit_s=60)
+HIGHS = MilpPlanner("ortools/highs", time_limit_s=60)
+CBC = MilpPlanner("pulp/cbc", time_limit_s=60)
 GREEDY = GreedyPlanner()
 
 instances = st.builds(
