@@ -73,7 +73,7 @@ def _load_azure(
     max_rows: int | None,
     max_duration_s: float | None,
 ) -> LoadedTrace:
-    rows = RowCollector(path, fmt, skip_bad_rows=skip_bad_rows, time_typecode="q", time_unit_s=1e-9)
+    rows = RowCollector(path, fmt, skip_bad_rows=skip_bad_rows, time_typecode="q", ticks_per_s=1_000_000_000)
     parse_time = partial(parse_timestamp_ns, offset=offset)
     with open_text(path) as handle:
         reader = csv.reader(handle)

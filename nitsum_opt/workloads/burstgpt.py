@@ -51,7 +51,7 @@ def load_burstgpt(
 ) -> LoadedTrace:
     """Load a BurstGPT CSV. ``models`` / ``log_types`` keep only those values (e.g. ``{"ChatGPT"}``);
     rows filtered out and failed requests (0 response tokens) are counted in ``rows_dropped``."""
-    rows = RowCollector(path, "burstgpt", skip_bad_rows=skip_bad_rows, time_typecode="d", time_unit_s=1.0)
+    rows = RowCollector(path, "burstgpt", skip_bad_rows=skip_bad_rows, time_typecode="d", ticks_per_s=1)
     failures = filtered = 0
     with open_text(path) as handle:
         reader = csv.reader(handle)

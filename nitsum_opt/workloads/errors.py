@@ -100,16 +100,16 @@ class RowCollector:
     """Accumulates ``(time, input_tokens, output_tokens)`` rows in compact arrays and handles bad rows.
 
     ``time`` is stored as given in ``time_typecode`` (``'q'`` integer ticks, ``'d'`` float) and converted to
-    seconds relative to the earliest request with ``time_unit_s`` at the end.
+    seconds relative to the earliest request by dividing by ``ticks_per_s`` at the end.
     """
 
     def __init__(
-        self, path: str | Path, fmt: str, *, skip_bad_rows: bool, time_typecode: str, time_unit_s: float
+        self, path: str | Path, fmt: str, *, skip_bad_rows: bool, time_typecode: str, ticks_per_s: int
     ) -> None:
         self.path = str(path)
         self.fmt = fmt
         self.skip_bad_rows = skip_bad_rows
-        self.time_unit_s = time_unit_s
+        self.ticks_per_s = ticks_per_s
         self.times: array = array(time_typecode)
         self.first_raw_time = ""
         self.inputs: array = array("q")
@@ -159,13 +159,13 @@ class RowCollector:
             self._first_time = time
         if max_duration_s is None:
             return False
-        return (time - self._first_time) * self.time_unit_s >= max_duration_s
+        return (time - self._first_time) / self.ticks_per_s >= max_duration_s
 
     def finish(self, *, tier: str, source_name: str, max_duration_s: float | None = None) -> LoadedTrace:
         """Sort (stably), rebase to the earliest request and build the trace and report."""
         times = np.frombuffer(self.times, dtype=np.int64 if self.times.typecode == "q" else np.float64)
         out_of_order = int(np.count_nonzero(np.diff(times) < 0)) if times.size > 1 else 0
-        relative = (times - times.min()) * self.time_unit_s if times.size else times.astype(np.float64)
+        relative = (times - times.min()) / self.ticks_per_s if times.size else times.astype(np.float64)
         end_s = max_duration_s if self.stopped_early and max_duration_s is not None else None
         trace = RequestTrace.from_arrays(
             relative,

@@ -53,7 +53,7 @@ def load_mooncake(
     max_duration_s: float | None = None,
 ) -> LoadedTrace:
     """Load a Mooncake JSONL trace."""
-    rows = RowCollector(path, "mooncake", skip_bad_rows=skip_bad_rows, time_typecode="q", time_unit_s=1e-3)
+    rows = RowCollector(path, "mooncake", skip_bad_rows=skip_bad_rows, time_typecode="q", ticks_per_s=1000)
     with open_text(path) as handle:
         for line, text in enumerate(handle, start=1):
             if not text.strip():

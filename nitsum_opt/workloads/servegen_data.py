@@ -92,7 +92,7 @@ def _parse_window_row(row: list[str], idx: list[int]) -> tuple[int, int, float, 
 def read_servegen_windows(path: str | Path, *, skip_bad_rows: bool = False) -> ServeGenWindows:
     """Read and validate a ServeGen ``*_client_windows.csv[.gz]``; bad rows raise (file, line, column,
     value) or, with ``skip_bad_rows``, are skipped and counted."""
-    errors = RowCollector(path, "servegen", skip_bad_rows=skip_bad_rows, time_typecode="d", time_unit_s=1.0)
+    errors = RowCollector(path, "servegen", skip_bad_rows=skip_bad_rows, time_typecode="d", ticks_per_s=1)
     columns: list[list[float]] = [[] for _ in range(6)]
     with open_text(path) as handle:
         reader = csv.reader(handle)
@@ -257,11 +257,13 @@ def read_servegen_datasets(path: str | Path) -> ServeGenDatasets:
 
 
 def datasets_path_for(windows_path: str | Path) -> Path:
-    """``x_client_windows.csv[.gz]`` → ``x_client_datasets.json[.gz]`` in the same folder."""
+    """``x_client_windows.csv[.gz]`` → the existing ``x_client_datasets.json[.gz]`` in the same folder."""
     path = Path(windows_path)
     name = path.name.replace("_client_windows.csv", "_client_datasets.json")
     if name == path.name:
         raise ValueError(
             f"{path.name!r} is not named *_client_windows.csv[.gz]; pass datasets_path explicitly"
         )
-    return path.with_name(name)
+    stem = name.removesuffix(".gz")
+    candidates = [path.with_name(name), path.with_name(stem + ".gz"), path.with_name(stem)]
+    return next((c for c in candidates if c.is_file()), candidates[0])

@@ -26,7 +26,7 @@ VIDUR_COLUMNS = ("num_prefill_tokens", "num_decode_tokens")
 def load_length_table(path: str | Path, *, skip_bad_rows: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(input_tokens, output_tokens)`` of a Vidur-style CSV (``num_prefill_tokens``, ``num_decode_tokens``,
     optional ``num_total_tokens`` that must equal their sum). Bad rows raise with file and line."""
-    rows = RowCollector(path, "vidur", skip_bad_rows=skip_bad_rows, time_typecode="d", time_unit_s=1.0)
+    rows = RowCollector(path, "vidur", skip_bad_rows=skip_bad_rows, time_typecode="d", ticks_per_s=1)
     with open_text(path) as handle:
         reader = csv.reader(handle)
         header = next(reader, None)

@@ -132,6 +132,9 @@ class RequestTrace:
             if column.flags.writeable:
                 raise ValueError(f"RequestTrace.{name} must be read-only; build traces with from_arrays()")
         self._validate_names()
+        if n and not np.all(np.isfinite(self.arrival_s)):
+            bad = int(np.argmin(np.isfinite(self.arrival_s)))
+            raise ValueError(f"RequestTrace.arrival_s[{bad}] = {self.arrival_s[bad]} is non-finite")
         if not (np.isfinite(self.start_s) and np.isfinite(self.end_s)) or self.end_s < self.start_s:
             raise ValueError(
                 f"RequestTrace interval [{self.start_s}, {self.end_s}] must be finite and ordered"
@@ -159,10 +162,6 @@ class RequestTrace:
 
     def _validate_arrivals(self) -> None:
         arrival = self.arrival_s
-        if not np.all(np.isfinite(arrival)):
-            raise ValueError(
-                f"RequestTrace.arrival_s has a non-finite value at index {np.argmin(np.isfinite(arrival))}"
-            )
         if arrival[0] < 0:
             raise ValueError(
                 f"RequestTrace.arrival_s[0] = {arrival[0]} is negative; times start at 0 or later"
