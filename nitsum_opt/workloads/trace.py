@@ -261,6 +261,14 @@ class RequestTrace:
         part = self.take(slice(low, high))._replace(start_s=new_start, end_s=new_end)
         return part.shift(-new_start) if rebase else part
 
+    def thin(self, keep_fraction: float, seed: int = 0) -> RequestTrace:
+        """Keep each request independently with probability ``keep_fraction`` (seeded): scales every rate
+        down while keeping the timeline, unlike :meth:`compress_time`."""
+        if not 0 < keep_fraction <= 1:
+            raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]")
+        keep = np.random.default_rng(seed).random(len(self)) < keep_fraction
+        return self.take(keep)
+
     def select_tier(self, name: str) -> RequestTrace:
         """Only the requests of tier ``name`` (names and interval kept)."""
         return self.take(self.tier == self.tier_index(name))

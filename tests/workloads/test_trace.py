@@ -124,3 +124,12 @@ def test_empty_trace() -> None:
     assert empty.summary().input_tokens is None
     merged = RequestTrace.merge([empty, _trace([1.0], tier_names=("b",))])
     assert merged.tier_names == ("a", "b") and merged.tier.tolist() == [1]
+
+
+def test_thin_keeps_the_timeline_and_scales_the_rate() -> None:
+    trace = RequestTrace.from_arrays(np.linspace(0, 100, 10_000), [5] * 10_000, [1] * 10_000)
+    thinned = trace.thin(0.25, seed=1)
+    assert thinned.end_s == trace.end_s and abs(len(thinned) - 2500) < 150
+    assert thinned.equals(trace.thin(0.25, seed=1))
+    with pytest.raises(ValueError, match="keep_fraction"):
+        trace.thin(0.0)
