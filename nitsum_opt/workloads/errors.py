@@ -45,7 +45,8 @@ class TraceFormatError(ValueError):
         what = f" column {column!r}" if column is not None else ""
         text = repr(value)
         shown = f" value {text if len(text) <= 80 else text[:77] + '...'}" if value is not None else ""
-        super().__init__(f"{where}:{what}{shown}: {reason}")
+        detail = f"{what}{shown}".strip()
+        super().__init__(f"{where}: {detail}: {reason}" if detail else f"{where}: {reason}")
 
 
 class LoadReport(Frozen):
