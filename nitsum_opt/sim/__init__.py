@@ -1,0 +1,1 @@
+"""Request-level discrete-event simulator of multi-tier LLM serving (see :mod:`nitsum_opt.sim.core`)."""

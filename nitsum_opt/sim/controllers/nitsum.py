@@ -1,0 +1,192 @@
+"""The Nitsum controller: every epoch, forecast → capacity table → planner → stabilizer → deployment.
+
+Per epoch it sees the requests of the epoch that just ended and
+
+1. appends their per-tier arrival rate to its history and forecasts the next epoch (``forecaster``; EWMA with
+   headroom by default);
+2. takes each tier's length mix from the requests of the last ``mix_window_s`` seconds and rebuilds ``R[t,c]``
+   only when a tier's mean prompt or output length moved by more than ``mix_tolerance`` since the cached table
+   (the table comes from :func:`capacity_table` — INTERIM until the latency models' builder is on main);
+3. plans with the planner (``MilpPlanner``: ``nitsum``; ``GreedyPlanner``: ``nitsum-greedy``) against the running
+   plan (churn priced with the switch cost), gives GPUs the plan leaves idle to the most loaded tiers
+   (:func:`fill_idle_gpus`), and lets :func:`~nitsum_opt.planners.stabilize` decide between it and the running
+   plan (re-admitted for the new forecast);
+4. deploys the result with the multi-tier scheduler: admission at the plan's ``y_t``, tier priority, spill-over
+   and the central queue, SLO-safe capacity per instance from the iteration model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nitsum_opt.assemble import assemble_plan
+from nitsum_opt.evaluate import tier_capacity_rps
+from nitsum_opt.models.spec import CapacityTable, LengthMix, Role, ServingConfig
+from nitsum_opt.placement import PlacementError, place_instances
+from nitsum_opt.plan import Plan
+from nitsum_opt.planners import Planner, StabilizerSettings, StabilizerState, stabilize
+from nitsum_opt.sim.capacity import MixStats, interim_capacity_table, slo_safe_seqs
+from nitsum_opt.sim.controllers.base import ControlContext, Controller
+from nitsum_opt.sim.deployment import Deployment, deployment_from_plan
+from nitsum_opt.spec import ObjectiveSettings, PlanningInput, TierDemand
+from nitsum_opt.workloads.demand import length_mixes
+from nitsum_opt.workloads.forecast import EwmaForecaster, LastWindowForecaster
+from nitsum_opt.workloads.trace import RequestTrace
+
+FALLBACK_MIX = LengthMix.single(1024, 256)
+"""Length mix assumed for a tier that has not sent a request yet."""
+
+
+def capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> CapacityTable:
+    """``R[t,c]`` for the tiers' current mixes. INTERIM: replace with ``nitsum_opt.models.build_capacity_table``."""
+    tiers = {t.name: (t.slo, mixes.get(t.name, FALLBACK_MIX)) for t in ctx.tiers}
+    return interim_capacity_table(ctx.model, tiers, ctx.cluster.gpus_per_node, ctx.settings.engine)
+
+
+def slo_safe_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> dict[tuple[str, int, Role], int]:
+    """SLO-safe capacity of every (tier, tp, role) an instance can have."""
+    out = {}
+    for t in ctx.tiers:
+        mix = MixStats.of(mixes.get(t.name, FALLBACK_MIX))
+        for tp in (1, 2, 4, 8):
+            if tp > ctx.cluster.gpus_per_node:
+                continue
+            for role in Role:
+                out[t.name, tp, role] = slo_safe_seqs(ctx.model, tp, role, t.slo, mix, ctx.settings.engine)
+    return out
+
+
+def _weighted_load(inp: PlanningInput, counts: dict[tuple[str, ServingConfig], int], tier: str) -> float:
+    cap = min(tier_capacity_rps(inp, counts, tier))
+    return inp.tier(tier).weight * inp.demand_rps(tier) / max(cap, 1e-9)
+
+
+def fill_idle_gpus(inp: PlanningInput, plan: Plan) -> Plan:
+    """Give the GPUs ``plan`` leaves idle to the tiers, one instance at a time: the tier with the highest
+    weighted load (demand / capacity) gets its best per-GPU colocated config that still fits."""
+    counts = dict(plan.counts())
+    free = inp.cluster.total_gpus - plan.gpus_used
+    colocated = [c for c in inp.candidate_configs if c.role is Role.COLOCATED]
+    changed = False
+    while free > 0:
+        tier = max((t.name for t in inp.tiers), key=lambda name, c=counts: _weighted_load(inp, c, name))
+        options = sorted(
+            (c for c in colocated if c.gpus <= free and inp.capacity.rate_rps(tier, c) > 0),
+            key=lambda c: (-inp.capacity.rate_rps(tier, c) / c.gpus, c.tp),
+        )
+        placed = False
+        for c in options:
+            trial = {**counts, (tier, c): counts.get((tier, c), 0) + 1}
+            try:
+                place_instances(inp.cluster, trial)
+            except PlacementError:
+                continue
+            counts, free, placed, changed = trial, free - c.gpus, True, True
+            break
+        if not placed:
+            break
+    if not changed:
+        return plan
+    return assemble_plan(
+        inp,
+        counts,
+        status=plan.status,
+        planner=f"{plan.provenance.planner} + fill-idle",
+        solve_time_ms=plan.solve_time_ms,
+        message=plan.message,
+    )
+
+
+def _means(mix: LengthMix) -> tuple[float, float]:
+    return mix.mean_input_tokens, mix.mean_output_tokens
+
+
+class NitsumController(Controller):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        planner: Planner,
+        forecaster: EwmaForecaster | LastWindowForecaster | None = None,
+        stabilizer: StabilizerSettings | None = None,
+        mix_window_s: float = 300.0,
+        mix_tolerance: float = 0.15,
+        fill_idle: bool = True,
+    ) -> None:
+        self.name = name
+        self.planner = planner
+        self.forecaster = forecaster or EwmaForecaster(alpha=0.5, headroom=0.1)
+        self.stabilizer = stabilizer or StabilizerSettings()
+        self.mix_window_s = mix_window_s
+        self.mix_tolerance = mix_tolerance
+        self.fill_idle = fill_idle
+        self.history: list[np.ndarray] = []
+        self.windows: list[RequestTrace] = []
+        self.plan: Plan | None = None
+        self.state = StabilizerState()
+        self._capacity: tuple[dict[str, tuple[float, float]], CapacityTable] | None = None
+        self._mixes: dict[str, LengthMix] = {}
+        self.plans_made = 0
+        self.plan_time_ms = 0.0
+        self.capacity_builds = 0
+
+    def start(self, ctx: ControlContext, warmup: RequestTrace) -> Deployment:
+        return self._step(ctx, warmup.start_s, warmup)
+
+    def on_epoch(self, ctx: ControlContext, now_s: float, window: RequestTrace) -> Deployment | None:
+        return self._step(ctx, now_s, window)
+
+    # ------------------------------------------------------------------ one epoch
+    def _observe(self, window: RequestTrace) -> None:
+        span = max(window.duration_s, 1e-9)
+        self.history.append(np.bincount(window.tier, minlength=len(window.tier_names)) / span)
+        self.windows.append(window)
+        kept, covered = [], 0.0
+        for w in reversed(self.windows):
+            if covered >= self.mix_window_s:
+                break
+            kept.append(w)
+            covered += w.duration_s
+        self.windows = kept[::-1]
+        recent = RequestTrace.merge(self.windows, tier_names=window.tier_names) if len(self.windows) > 1 else window
+        self._mixes.update(length_mixes(recent))
+
+    def _capacity_for(self, ctx: ControlContext) -> CapacityTable:
+        means = {name: _means(mix) for name, mix in self._mixes.items()}
+        if self._capacity is not None:
+            old, table = self._capacity
+            if old.keys() == means.keys() and all(
+                abs(means[t][i] - old[t][i]) <= self.mix_tolerance * old[t][i] for t in means for i in (0, 1)
+            ):
+                return table
+        table = capacity_table(ctx, self._mixes)
+        self._capacity = (means, table)
+        self.capacity_builds += 1
+        return table
+
+    def _step(self, ctx: ControlContext, now_s: float, window: RequestTrace) -> Deployment:
+        self._observe(window)
+        forecast = self.forecaster.forecast(np.asarray(self.history))
+        if len(self.history) == 1:
+            forecast = self.history[0] * (1.0 + self.forecaster.headroom)
+        sw = ctx.settings.switch
+        inp = PlanningInput(
+            cluster=ctx.cluster,
+            tiers=ctx.tiers,
+            demand=tuple(TierDemand(tier=t.name, arrival_rate_rps=float(forecast[k])) for k, t in enumerate(ctx.tiers)),
+            capacity=self._capacity_for(ctx),
+            objective=ObjectiveSettings(switch_cost_s=sw.switch_s, plan_horizon_s=max(60.0, 2 * ctx.settings.epoch_s)),
+            current_plan=None if self.plan is None else self.plan.as_current(),
+            model=ctx.model_spec,
+        )
+        candidate = self.planner.plan(inp)
+        if self.fill_idle:
+            candidate = fill_idle_gpus(inp, candidate)
+        decision = stabilize(inp, candidate, now_s, self.state, self.stabilizer)
+        self.state = decision.state
+        self.plan = decision.plan
+        self.plans_made += 1
+        self.plan_time_ms += candidate.solve_time_ms
+        label = f"{self.name} ({decision.plan.status.value})"
+        return deployment_from_plan(decision.plan, slo_safe_table(ctx, self._mixes), label=label)

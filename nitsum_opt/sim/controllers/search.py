@@ -1,0 +1,174 @@
+"""Hindsight searches with the simulator: the best static deployment of a family, judged on the whole trace.
+
+:class:`StaticEvaluator` simulates a static deployment over the trace and remembers its goodput, so the searches of
+one load level (``vllm-priority``'s TP, ``distserve``'s placement, ``oracle-static``'s configuration) share runs.
+Every search maximises goodput (requests/s that meet both SLO targets of their tier).
+
+``oracle-static`` searches the union of every static family: all vLLM TP degrees with FCFS and with tier
+priority, every DistServe placement, the per-tier split, and tier-aware plans — the MILP's plan for hindsight
+statistics of the demand (mean and the 50/75/90/100th percentile of the per-epoch rates of each tier), with idle
+GPUs filled, run with the multi-tier scheduler (admission at the plan's capacity, and without admission control).
+Its goodput is therefore at least that of every other static system.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from nitsum_opt.models.spec import LengthMix, ModelSpec, Role
+from nitsum_opt.planners import MilpPlanner
+from nitsum_opt.sim.controllers.base import ControlContext, StaticController
+from nitsum_opt.sim.controllers.nitsum import capacity_table, fill_idle_gpus, slo_safe_table
+from nitsum_opt.sim.controllers.static import distserve, distserve_candidates, split, vllm_static
+from nitsum_opt.sim.deployment import Deployment, deployment_from_plan
+from nitsum_opt.sim.results import SimResult
+from nitsum_opt.sim.settings import SimSettings
+from nitsum_opt.sim.timing import IterationTimeModel
+from nitsum_opt.spec import ClusterSpec, PlanningInput, Tier, TierDemand
+from nitsum_opt.workloads.demand import epoch_demand, length_mixes
+from nitsum_opt.workloads.trace import RequestTrace
+
+HINDSIGHT_QUANTILES: tuple[float | str, ...] = ("mean", 50.0, 75.0, 90.0, 100.0)
+"""Demand statistics the oracle's tier-aware candidates are planned for."""
+
+
+class StaticEvaluator:
+    """Goodput of static deployments over one trace (memoised by deployment)."""
+
+    def __init__(
+        self,
+        trace: RequestTrace,
+        tiers: tuple[Tier, ...],
+        model: IterationTimeModel,
+        model_spec: ModelSpec,
+        cluster: ClusterSpec,
+        settings: SimSettings,
+        on_run: Callable[[str], None] | None = None,
+    ) -> None:
+        self.trace = trace
+        self.tiers = tiers
+        self.model = model
+        self.model_spec = model_spec
+        self.cluster = cluster
+        self.settings = settings
+        self.on_run = on_run
+        self.memo: dict[str, float] = {}
+        self.results: dict[str, SimResult] = {}
+        self.runs = 0
+
+    @property
+    def ctx(self) -> ControlContext:
+        """The control context of this evaluation."""
+        return ControlContext(self.cluster, self.tiers, self.model_spec, self.model, self.settings)
+
+    @staticmethod
+    def key(dep: Deployment) -> str:
+        """Identity of a deployment (its label left out)."""
+        return dep.model_dump_json(exclude={"label"})
+
+    def simulate(self, dep: Deployment) -> SimResult:
+        """Simulate ``dep`` (static) over the trace."""
+        from nitsum_opt.sim.core import Simulator
+
+        key = self.key(dep)
+        if key not in self.results:
+            sim = Simulator(
+                self.trace,
+                self.tiers,
+                self.model,
+                self.model_spec,
+                self.cluster,
+                StaticController("static", dep),
+                self.settings,
+            )
+            result = sim.run()
+            self.runs += 1
+            self.results[key] = result
+            self.memo[key] = float(result.slo_met(self.tiers).sum()) / max(self.trace.duration_s, 1e-9)
+            if self.on_run is not None:
+                self.on_run(dep.label)
+        return self.results[key]
+
+    def goodput(self, dep: Deployment) -> float:
+        """Requests/s meeting their tier's SLO over the trace."""
+        self.simulate(dep)
+        return self.memo[self.key(dep)]
+
+    def best(self, candidates: Iterable[Deployment]) -> tuple[Deployment, list[tuple[str, float]]]:
+        """The candidate with the highest goodput (first one on ties) and every candidate's score."""
+        scored = [(dep, self.goodput(dep)) for dep in candidates]
+        if not scored:
+            raise ValueError("no candidate deployment fits the cluster")
+        best = max(scored, key=lambda item: item[1])[0]
+        return best, [(dep.label, g) for dep, g in scored]
+
+
+def vllm_candidates(cluster: ClusterSpec, priority: bool, max_num_seqs: int) -> list[Deployment]:
+    """Colocated vLLM deployments at every TP that fits a node."""
+    return [vllm_static(cluster, tp, priority, max_num_seqs) for tp in (1, 2, 4, 8) if tp <= cluster.gpus_per_node]
+
+
+def distserve_deployments(cluster: ClusterSpec, max_num_seqs: int) -> list[Deployment]:
+    """Every DistServe placement that uses all GPUs."""
+    return [distserve(cluster, p, d, max_num_seqs) for p, d in distserve_candidates(cluster)]
+
+
+def hindsight_mixes(trace: RequestTrace) -> dict[str, LengthMix]:
+    """Each tier's length mix over the whole trace."""
+    return length_mixes(trace)
+
+
+def split_deployment(ev: StaticEvaluator) -> Deployment:
+    """The per-tier split sized to each tier's mean demand over the trace."""
+    mixes = hindsight_mixes(ev.trace)
+    counts = np.bincount(ev.trace.tier, minlength=len(ev.tiers))
+    mean = {t.name: float(counts[k]) / max(ev.trace.duration_s, 1e-9) for k, t in enumerate(ev.tiers)}
+    return split(ev.cluster, mean, capacity_table(ev.ctx, mixes), slo_safe_table(ev.ctx, mixes))
+
+
+def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
+    """Tier-aware static plans for hindsight demand statistics (see the module docstring), deduplicated."""
+    ctx = ev.ctx
+    mixes = hindsight_mixes(ev.trace)
+    capacity = capacity_table(ctx, mixes)
+    slo_safe = slo_safe_table(ctx, mixes)
+    rates = epoch_demand(ev.trace, ev.settings.epoch_s).rates_rps
+    planner = MilpPlanner()
+    out: dict[str, Deployment] = {}
+    for q in HINDSIGHT_QUANTILES:
+        level = rates.mean(axis=0) if q == "mean" else np.percentile(rates, q, axis=0)
+        inp = PlanningInput(
+            cluster=ev.cluster,
+            tiers=ev.tiers,
+            demand=tuple(TierDemand(tier=t.name, arrival_rate_rps=float(level[k])) for k, t in enumerate(ev.tiers)),
+            capacity=capacity,
+            model=ev.model_spec,
+        )
+        plan = fill_idle_gpus(inp, planner.plan(inp))
+        plan_caps = {a.tier: min(a.prefill_capacity_rps, a.decode_capacity_rps) for a in plan.tiers}
+        for admit in (True, False):
+            dep = deployment_from_plan(plan, slo_safe, label=f"tiered plan for {q} demand", admit=admit)
+            if admit:
+                dep = dep.model_copy(update={"admitted_rps": plan_caps})
+            dep = dep.model_copy(update={"label": f"{dep.label} ({'admission' if admit else 'no admission'})"})
+            out.setdefault(StaticEvaluator.key(dep), dep)
+    return list(out.values())
+
+
+def oracle_candidates(ev: StaticEvaluator) -> list[Deployment]:
+    """Every static deployment the oracle considers."""
+    seqs = ev.settings.engine.max_num_seqs
+    return [
+        *vllm_candidates(ev.cluster, False, seqs),
+        *vllm_candidates(ev.cluster, True, seqs),
+        *distserve_deployments(ev.cluster, seqs),
+        split_deployment(ev),
+        *tiered_candidates(ev),
+    ]
+
+
+def roles_of(dep: Deployment) -> set[Role]:
+    """Roles present in a deployment."""
+    return {i.role for i in dep.instances}

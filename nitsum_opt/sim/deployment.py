@@ -1,0 +1,102 @@
+"""What a controller hands the simulator: the instances to run and how requests are scheduled on them."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, model_validator
+
+from nitsum_opt.models.spec import Frozen, Role
+from nitsum_opt.plan import Plan
+
+
+class DeployedInstance(Frozen):
+    """One engine of a deployment."""
+
+    tier: str | None
+    """Tier it is dedicated to; ``None`` = it serves every tier."""
+    tp: int = Field(ge=1)
+    """Tensor-parallel degree."""
+    role: Role
+    """Prefill, decode or colocated."""
+    gpu_ids: tuple[int, ...] = Field(min_length=1)
+    """Global GPU ids it occupies (``tp`` of them)."""
+    slo_safe_seqs: int = Field(default=256, ge=1)
+    """Requests it holds at once while its tier's SLO holds (the scheduler's spare-capacity bound)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if len(self.gpu_ids) != self.tp:
+            raise ValueError(f"instance with tp={self.tp} lists {len(self.gpu_ids)} GPU ids {self.gpu_ids}")
+        return self
+
+    @property
+    def key(self) -> str:
+        """Identity across plans: the same GPUs, TP and role are the same engine (its tier may change)."""
+        return f"g{self.gpu_ids[0]}-tp{self.tp}-{self.role.value}"
+
+
+class Deployment(Frozen):
+    """Instances plus the scheduling policy over them."""
+
+    instances: tuple[DeployedInstance, ...]
+    """Every engine (their GPU sets must be disjoint)."""
+    admitted_rps: dict[str, float] | None = None
+    """Per-tier admitted rate ``y_t`` (token bucket); ``None`` = no admission control (every request feasible)."""
+    tier_priority: bool = False
+    """Engines order waiting requests by tier rank (else first come, first served)."""
+    spill_over: bool = False
+    """Best-effort requests may use spare capacity of other tiers' instances."""
+    central_queue: bool = False
+    """Best-effort requests without spare capacity wait in the scheduler instead of an engine."""
+    label: str = ""
+    """Short description for reports (e.g. ``4×tp2-colocated``)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        seen: set[int] = set()
+        for inst in self.instances:
+            clash = seen.intersection(inst.gpu_ids)
+            if clash:
+                raise ValueError(f"GPUs {sorted(clash)} are used by two instances of deployment {self.label!r}")
+            seen.update(inst.gpu_ids)
+        return self
+
+    @property
+    def gpus_used(self) -> int:
+        """GPUs held by instances."""
+        return sum(i.tp for i in self.instances)
+
+    def describe(self) -> str:
+        """Compact text, e.g. ``interactive:2×tp2-colocated standard:1×tp4-colocated``."""
+        groups: dict[tuple[str, str], int] = {}
+        for inst in self.instances:
+            k = (inst.tier or "*", f"tp{inst.tp}-{inst.role.value}")
+            groups[k] = groups.get(k, 0) + 1
+        return " ".join(f"{t}:{n}×{c}" for (t, c), n in sorted(groups.items()))
+
+
+def deployment_from_plan(
+    plan: Plan, slo_safe_seqs: dict[tuple[str, int, Role], int], label: str = "", admit: bool = True
+) -> Deployment:
+    """A tier-aware deployment running ``plan``: its instances, admission at the plan's ``y_t`` (``admit``),
+    tier priority, spill-over and the central queue. ``slo_safe_seqs[(tier, tp, role)]`` gives each instance's
+    SLO-safe capacity."""
+    instances = tuple(
+        DeployedInstance(
+            tier=i.tier,
+            tp=i.tp,
+            role=i.role,
+            gpu_ids=i.gpu_ids,
+            slo_safe_seqs=slo_safe_seqs[(i.tier, i.tp, i.role)],
+        )
+        for i in plan.instances
+    )
+    return Deployment(
+        instances=instances,
+        admitted_rps={a.tier: a.admitted_rps for a in plan.tiers} if admit else None,
+        tier_priority=True,
+        spill_over=True,
+        central_queue=True,
+        label=label,
+    )
