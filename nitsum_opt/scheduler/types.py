@@ -54,6 +54,8 @@ class TierPolicy(Frozen):
     """``y_t``: requests/s admitted as feasible (token bucket); ``None`` = admit everything (no admission control)."""
     ttft_slo_ms: float = Field(gt=0, allow_inf_nan=False)
     """TTFT target; a best-effort request waiting centrally longer than this is demoted to background."""
+    tpot_slo_ms: float = Field(gt=0, allow_inf_nan=False)
+    """TPOT target (with ``ttft_slo_ms`` it decides which tiers' instances are at least as strict)."""
     priority: int = Field(default=0, ge=0)
     """Rank in an engine's queue when tier priority is on (0 = first)."""
 

@@ -87,6 +87,24 @@ def slo_safe_seqs(
     return lo
 
 
+def slo_token_budget(model: IterationTimeModel, tp: int, tpot_slo_ms: float, mix: LengthMix | MixStats) -> int:
+    """Largest step token budget (a multiple of 256, at least 512) whose step — one prefill chunk of that many
+    tokens at the mix's mean prompt offset plus 16 decoding requests at the mean context — stays within
+    ``SAFETY`` of ``tpot_slo_ms``: the chunk size that keeps one prefill from breaking the tier's TPOT."""
+    mix = MixStats.of(mix)
+    ctx = int(16 * (mix.mean_input_tokens + mix.mean_output_tokens / 2.0))
+    offset = mix.mean_input_tokens / 2.0
+
+    def step_ms(tokens: int) -> float:
+        pairs = int(tokens * offset + tokens * (tokens + 1) / 2)
+        return model.predict_ms(tp, 1, tokens, pairs, 16, ctx)
+
+    budget = 512
+    while budget < 65536 and step_ms(budget + 256) <= SAFETY * tpot_slo_ms:
+        budget += 256
+    return budget
+
+
 def _rate(
     model: IterationTimeModel, tp: int, role: Role, slo: SloTarget, mix: MixStats, engine: EngineSettings
 ) -> float:
@@ -154,4 +172,4 @@ def interim_capacity_table(
     return CapacityTable(rates_rps=rates, source="interim mean-value estimate (nitsum_opt.sim.capacity)")
 
 
-__all__ = ["SAFETY", "colocated_step_ms", "interim_capacity_table", "slo_safe_seqs"]
+__all__ = ["SAFETY", "colocated_step_ms", "interim_capacity_table", "slo_safe_seqs", "slo_token_budget"]

@@ -49,6 +49,7 @@ class RequestState:
         "host",
         "inp",
         "klass",
+        "klass0",
         "migrations",
         "out",
         "outcome",
@@ -67,7 +68,8 @@ class RequestState:
         self.inp: list[int] = trace.input_tokens.tolist()
         self.out: list[int] = trace.output_tokens.tolist()
         self.tier: list[int] = trace.tier.tolist()
-        self.klass = [-1] * n
+        self.klass = [-1] * n  # current class (a held request may be demoted to background)
+        self.klass0 = [-1] * n  # class given at arrival
         self.prio = [0] * n
         self.first = [nan] * n
         self.finish = [nan] * n
@@ -284,7 +286,7 @@ class Simulator:
                     self.reject(r, t, None, int(RejectReason.OVER_MAX_MODEL_LEN))
                     continue
                 target, klass = self.sched.submit(t, r, tiers[r])  # type: ignore[union-attr]
-                req.klass[r] = klass
+                req.klass[r] = req.klass0[r] = klass
                 if target >= 0:
                     self.place(r, target, klass, t)
                 continue

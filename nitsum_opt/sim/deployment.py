@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Self
 
 from pydantic import Field, model_validator
@@ -21,8 +22,11 @@ class DeployedInstance(Frozen):
     """Prefill, decode or colocated."""
     gpu_ids: tuple[int, ...] = Field(min_length=1)
     """Global GPU ids it occupies (``tp`` of them)."""
-    slo_safe_seqs: int = Field(default=256, ge=1)
+    slo_safe_seqs: int = Field(default=1024, ge=1)
     """Requests it holds at once while its tier's SLO holds (the scheduler's spare-capacity bound)."""
+    max_num_batched_tokens: int | None = Field(default=None, ge=16)
+    """Its step token budget (``None`` = the engine default); a smaller budget bounds the time a prefill chunk adds
+    to a decode step (TPOT) at the cost of longer prefills."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -76,19 +80,21 @@ class Deployment(Frozen):
         return " ".join(f"{t}:{n}×{c}" for (t, c), n in sorted(groups.items()))
 
 
-def deployment_from_plan(
-    plan: Plan, slo_safe_seqs: dict[tuple[str, int, Role], int], label: str = "", admit: bool = True
-) -> Deployment:
-    """A tier-aware deployment running ``plan``: its instances, admission at the plan's ``y_t`` (``admit``),
-    tier priority, spill-over and the central queue. ``slo_safe_seqs[(tier, tp, role)]`` gives each instance's
-    SLO-safe capacity."""
+InstanceTuning = Mapping[tuple[str, int, Role], tuple[int, int | None]]
+"""``(tier, tp, role)`` → (SLO-safe requests, step token budget or ``None``) of an instance of that shape."""
+
+
+def deployment_from_plan(plan: Plan, tuning: InstanceTuning, label: str = "", admit: bool = True) -> Deployment:
+    """A tier-aware deployment running ``plan``: its instances (tuned per tier by ``tuning``), admission at the
+    plan's ``y_t`` (``admit``), tier priority, spill-over and the central queue."""
     instances = tuple(
         DeployedInstance(
             tier=i.tier,
             tp=i.tp,
             role=i.role,
             gpu_ids=i.gpu_ids,
-            slo_safe_seqs=slo_safe_seqs[(i.tier, i.tp, i.role)],
+            slo_safe_seqs=tuning[(i.tier, i.tp, i.role)][0],
+            max_num_batched_tokens=tuning[(i.tier, i.tp, i.role)][1],
         )
         for i in plan.instances
     )

@@ -114,7 +114,8 @@ class Engine:
         self.role = spec.role
         self.gpu_ids = spec.gpu_ids
         self.prefill_only = spec.role is Role.PREFILL
-        self.budget = engine.prefill_max_num_batched_tokens if self.prefill_only else engine.max_num_batched_tokens
+        default = engine.prefill_max_num_batched_tokens if self.prefill_only else engine.max_num_batched_tokens
+        self.budget = spec.max_num_batched_tokens or default
         self.max_seqs = engine.max_num_seqs
         self.kv_cap = kv_cap
         self.kv_limit = int(kv_cap * (1.0 - engine.kv_watermark))
@@ -136,6 +137,13 @@ class Engine:
         self.alive = True
         self.link_free_s = 0.0
         self.sidx = -1  # index in the current scheduler's instance list
+
+    def retune(self, spec: DeployedInstance, sim: Simulator) -> None:
+        """Take the new deployment's view of this engine (tier, token budget); nothing in flight changes."""
+        engine = sim.settings.engine
+        default = engine.prefill_max_num_batched_tokens if self.prefill_only else engine.max_num_batched_tokens
+        self.spec = spec
+        self.budget = spec.max_num_batched_tokens or default
 
     @property
     def outstanding(self) -> int:

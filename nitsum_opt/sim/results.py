@@ -118,7 +118,7 @@ class SimResult:
             input_tokens=np.array(req.inp, dtype=np.int64),
             output_tokens=out,
             tier=np.array(req.tier, dtype=np.int16),
-            request_class=np.array(req.klass, dtype=np.int8),
+            request_class=np.array(req.klass0, dtype=np.int8),
             outcome=outcome,
             reject_reason=np.array(req.reason, dtype=np.int8),
             ttft_s=first - arrival,

@@ -8,14 +8,16 @@ from nitsum_opt.models.spec import Frozen
 
 
 class EngineSettings(Frozen):
-    """vLLM-like engine knobs (the same on every instance)."""
+    """vLLM engine knobs (defaults: vLLM's own for its API server on a GPU with ≥ 70 GiB such as the H200,
+    ``EngineArgs.get_batch_defaults`` in ``vllm/engine/arg_utils.py``). An instance may override the token budget
+    (:attr:`~nitsum_opt.sim.deployment.DeployedInstance.max_num_batched_tokens`)."""
 
     max_num_batched_tokens: int = Field(default=8192, ge=16)
-    """Token budget of one step of a colocated engine: decode tokens first, then prefill chunks (chunked
+    """Token budget of one step of a colocated or decode engine: decode tokens first, then prefill chunks (chunked
     prefill)."""
-    prefill_max_num_batched_tokens: int = Field(default=16384, ge=16)
+    prefill_max_num_batched_tokens: int = Field(default=8192, ge=16)
     """Token budget of one step of a prefill-only engine."""
-    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_seqs: int = Field(default=1024, ge=1)
     """Most requests an engine runs at once (decoding plus being prefilled)."""
     kv_watermark: float = Field(default=0.01, ge=0, lt=1)
     """Share of the KV cache kept free when a new prompt is admitted (vLLM's watermark), so running requests

@@ -48,6 +48,7 @@ def scheduler_config(sim: Simulator, dep: Deployment) -> SchedulerConfig:
                 name=t.name,
                 admitted_rps=None if dep.admitted_rps is None else dep.admitted_rps[t.name],
                 ttft_slo_ms=t.ttft_slo_ms,
+                tpot_slo_ms=t.tpot_slo_ms,
                 priority=ranks[k],
             )
             for k, t in enumerate(sim.tiers)
@@ -93,7 +94,7 @@ def apply_deployment(sim: Simulator, dep: Deployment, now: float) -> None:
                 sim.switch_windows.append((engine.key, engine.gpu_ids, now, now + pause_s))
         else:
             kept.append(engine)
-        engine.spec = spec
+        engine.retune(spec, sim)
         engine.tier = -1 if spec.tier is None else tier_index[spec.tier]
         engine.sidx = sidx
         s2e.append(engine.idx)

@@ -12,7 +12,8 @@ Per epoch it sees the requests of the epoch that just ended and
    (:func:`fill_idle_gpus`), and lets :func:`~nitsum_opt.planners.stabilize` decide between it and the running
    plan (re-admitted for the new forecast);
 4. deploys the result with the multi-tier scheduler: admission at the plan's ``y_t``, tier priority, spill-over
-   and the central queue, SLO-safe capacity per instance from the iteration model.
+   and the central queue; each instance gets its tier's SLO-safe capacity and an SLO-aware step token budget
+   (the chunk size that keeps a prefill chunk from breaking the tier's TPOT), both from the iteration model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from nitsum_opt.models.spec import CapacityTable, LengthMix, Role, ServingConfig
 from nitsum_opt.placement import PlacementError, place_instances
 from nitsum_opt.plan import Plan
 from nitsum_opt.planners import Planner, StabilizerSettings, StabilizerState, stabilize
-from nitsum_opt.sim.capacity import MixStats, interim_capacity_table, slo_safe_seqs
+from nitsum_opt.sim.capacity import MixStats, interim_capacity_table, slo_safe_seqs, slo_token_budget
 from nitsum_opt.sim.controllers.base import ControlContext, Controller
 from nitsum_opt.sim.deployment import Deployment, deployment_from_plan
 from nitsum_opt.spec import ObjectiveSettings, PlanningInput, TierDemand
@@ -43,16 +44,23 @@ def capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> Capacity
     return interim_capacity_table(ctx.model, tiers, ctx.cluster.gpus_per_node, ctx.settings.engine)
 
 
-def slo_safe_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> dict[tuple[str, int, Role], int]:
-    """SLO-safe capacity of every (tier, tp, role) an instance can have."""
-    out = {}
+def tuning_table(
+    ctx: ControlContext, mixes: dict[str, LengthMix]
+) -> dict[tuple[str, int, Role], tuple[int, int | None]]:
+    """Per (tier, tp, role): the SLO-safe capacity and the SLO-aware step token budget of an instance serving the
+    tier (prefill-only instances keep the engine default: no decode step to protect)."""
+    out: dict[tuple[str, int, Role], tuple[int, int | None]] = {}
     for t in ctx.tiers:
         mix = MixStats.of(mixes.get(t.name, FALLBACK_MIX))
         for tp in (1, 2, 4, 8):
             if tp > ctx.cluster.gpus_per_node:
                 continue
+            budget = min(
+                ctx.settings.engine.max_num_batched_tokens, slo_token_budget(ctx.model, tp, t.tpot_slo_ms, mix)
+            )
             for role in Role:
-                out[t.name, tp, role] = slo_safe_seqs(ctx.model, tp, role, t.slo, mix, ctx.settings.engine)
+                seqs = slo_safe_seqs(ctx.model, tp, role, t.slo, mix, ctx.settings.engine)
+                out[t.name, tp, role] = (seqs, None if role is Role.PREFILL else budget)
     return out
 
 
@@ -189,4 +197,4 @@ class NitsumController(Controller):
         self.plans_made += 1
         self.plan_time_ms += candidate.solve_time_ms
         label = f"{self.name} ({decision.plan.status.value})"
-        return deployment_from_plan(decision.plan, slo_safe_table(ctx, self._mixes), label=label)
+        return deployment_from_plan(decision.plan, tuning_table(ctx, self._mixes), label=label)

@@ -6,7 +6,7 @@ name                   what it is
 ``nitsum``             MILP every epoch on forecast demand and length mixes + stabilizer + multi-tier scheduler
 ``nitsum-greedy``      the same controller with the paper's greedy allocator instead of the MILP
 ``vllm-static-tpN``    ``N`` ∈ {1,2,4,8}: every GPU in colocated TP-``N`` engines, FCFS, no tiers, no admission
-``vllm-priority``      the best static TP (searched with the simulator) with vLLM's tier-priority scheduling
+``vllm-priority``      the best static TP and step budget (searched) with vLLM's tier-priority scheduling
 ``distserve``          the best static prefill/decode placement (searched over the whole trace), FCFS, no tiers
 ``split``              one static FCFS cluster per tier, sized to the tier's mean demand
 ``oracle-static``      the best static configuration in hindsight (searched over every static family, see
@@ -76,7 +76,7 @@ def _vllm_tp(tp: int) -> Callable[[StaticEvaluator, ControllerOptions], Controll
 
 
 def _vllm_priority(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
-    best, _ = ev.best(vllm_candidates(ev.cluster, True, ev.settings.engine.max_num_seqs))
+    best, _ = ev.best(vllm_candidates(ev, priority=True, tuned=True))
     return StaticController("vllm-priority", best)
 
 

@@ -4,10 +4,13 @@
 one load level (``vllm-priority``'s TP, ``distserve``'s placement, ``oracle-static``'s configuration) share runs.
 Every search maximises goodput (requests/s that meet both SLO targets of their tier).
 
+``vllm-priority`` searches every TP degree with tier priority, with vLLM's default step token budget and with the
+SLO-aware budget of the strictest tier (an operator tuning ``max_num_batched_tokens`` for the tightest TPOT).
 ``oracle-static`` searches the union of every static family: all vLLM TP degrees with FCFS and with tier
-priority, every DistServe placement, the per-tier split, and tier-aware plans — the MILP's plan for hindsight
-statistics of the demand (mean and the 50/75/90/100th percentile of the per-epoch rates of each tier), with idle
-GPUs filled, run with the multi-tier scheduler (admission at the plan's capacity, and without admission control).
+priority, each with both budgets, every DistServe placement, the per-tier split (both budgets), and tier-aware
+plans — the MILP's plan for hindsight statistics of the demand (mean and the 50/75/90/100th percentile of the
+per-epoch rates of each tier), with idle GPUs filled, run with the multi-tier scheduler (admission at the plan's
+capacity, and without admission control).
 Its goodput is therefore at least that of every other static system.
 """
 
@@ -17,10 +20,11 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from nitsum_opt.models.spec import LengthMix, ModelSpec, Role
+from nitsum_opt.models.spec import LengthMix, ModelSpec
 from nitsum_opt.planners import MilpPlanner
+from nitsum_opt.sim.capacity import slo_token_budget
 from nitsum_opt.sim.controllers.base import ControlContext, StaticController
-from nitsum_opt.sim.controllers.nitsum import capacity_table, fill_idle_gpus, slo_safe_table
+from nitsum_opt.sim.controllers.nitsum import FALLBACK_MIX, capacity_table, fill_idle_gpus, tuning_table
 from nitsum_opt.sim.controllers.static import distserve, distserve_candidates, split, vllm_static
 from nitsum_opt.sim.deployment import Deployment, deployment_from_plan
 from nitsum_opt.sim.results import SimResult
@@ -105,9 +109,26 @@ class StaticEvaluator:
         return best, [(dep.label, g) for dep, g in scored]
 
 
-def vllm_candidates(cluster: ClusterSpec, priority: bool, max_num_seqs: int) -> list[Deployment]:
-    """Colocated vLLM deployments at every TP that fits a node."""
-    return [vllm_static(cluster, tp, priority, max_num_seqs) for tp in (1, 2, 4, 8) if tp <= cluster.gpus_per_node]
+def strictest_budget(ev: StaticEvaluator, tp: int) -> int:
+    """SLO-aware step token budget of an untiered TP-``tp`` engine: the one the strictest TPOT tier needs."""
+    mixes = hindsight_mixes(ev.trace)
+    tier = min(ev.tiers, key=lambda t: t.tpot_slo_ms)
+    mix = mixes.get(tier.name, FALLBACK_MIX)
+    return min(ev.settings.engine.max_num_batched_tokens, slo_token_budget(ev.model, tp, tier.tpot_slo_ms, mix))
+
+
+def vllm_candidates(ev: StaticEvaluator, priority: bool, tuned: bool) -> list[Deployment]:
+    """Colocated vLLM deployments at every TP that fits a node, with the engine's default step budget and (when
+    ``tuned``) also with the SLO-aware budget of the strictest tier."""
+    seqs = ev.settings.engine.max_num_seqs
+    out = []
+    for tp in (1, 2, 4, 8):
+        if tp > ev.cluster.gpus_per_node:
+            continue
+        out.append(vllm_static(ev.cluster, tp, priority, seqs))
+        if tuned:
+            out.append(vllm_static(ev.cluster, tp, priority, seqs, strictest_budget(ev, tp)))
+    return out
 
 
 def distserve_deployments(cluster: ClusterSpec, max_num_seqs: int) -> list[Deployment]:
@@ -120,12 +141,17 @@ def hindsight_mixes(trace: RequestTrace) -> dict[str, LengthMix]:
     return length_mixes(trace)
 
 
-def split_deployment(ev: StaticEvaluator) -> Deployment:
-    """The per-tier split sized to each tier's mean demand over the trace."""
+def split_deployment(ev: StaticEvaluator, tuned: bool = False) -> Deployment:
+    """The per-tier split sized to each tier's mean demand over the trace; engine defaults, or (``tuned``) each
+    tier's SLO-aware step budget."""
     mixes = hindsight_mixes(ev.trace)
     counts = np.bincount(ev.trace.tier, minlength=len(ev.tiers))
     mean = {t.name: float(counts[k]) / max(ev.trace.duration_s, 1e-9) for k, t in enumerate(ev.tiers)}
-    return split(ev.cluster, mean, capacity_table(ev.ctx, mixes), slo_safe_table(ev.ctx, mixes))
+    table = tuning_table(ev.ctx, mixes)
+    seqs = ev.settings.engine.max_num_seqs
+    tuning = {k: (seqs, v[1] if tuned else None) for k, v in table.items()}
+    label = "split (SLO-aware steps)" if tuned else "split"
+    return split(ev.cluster, mean, capacity_table(ev.ctx, mixes), tuning, label=label)
 
 
 def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
@@ -133,7 +159,7 @@ def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
     ctx = ev.ctx
     mixes = hindsight_mixes(ev.trace)
     capacity = capacity_table(ctx, mixes)
-    slo_safe = slo_safe_table(ctx, mixes)
+    tuning = tuning_table(ctx, mixes)
     rates = epoch_demand(ev.trace, ev.settings.epoch_s).rates_rps
     planner = MilpPlanner()
     out: dict[str, Deployment] = {}
@@ -149,26 +175,20 @@ def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
         plan = fill_idle_gpus(inp, planner.plan(inp))
         plan_caps = {a.tier: min(a.prefill_capacity_rps, a.decode_capacity_rps) for a in plan.tiers}
         for admit in (True, False):
-            dep = deployment_from_plan(plan, slo_safe, label=f"tiered plan for {q} demand", admit=admit)
-            if admit:
-                dep = dep.model_copy(update={"admitted_rps": plan_caps})
-            dep = dep.model_copy(update={"label": f"{dep.label} ({'admission' if admit else 'no admission'})"})
+            dep = deployment_from_plan(plan, tuning, admit=admit)
+            label = f"tiered plan for {q} demand ({'admission' if admit else 'no admission'}): {dep.describe()}"
+            dep = dep.model_copy(update={"label": label, "admitted_rps": plan_caps if admit else None})
             out.setdefault(StaticEvaluator.key(dep), dep)
     return list(out.values())
 
 
 def oracle_candidates(ev: StaticEvaluator) -> list[Deployment]:
     """Every static deployment the oracle considers."""
-    seqs = ev.settings.engine.max_num_seqs
     return [
-        *vllm_candidates(ev.cluster, False, seqs),
-        *vllm_candidates(ev.cluster, True, seqs),
-        *distserve_deployments(ev.cluster, seqs),
+        *vllm_candidates(ev, priority=False, tuned=True),
+        *vllm_candidates(ev, priority=True, tuned=True),
+        *distserve_deployments(ev.cluster, ev.settings.engine.max_num_seqs),
         split_deployment(ev),
+        split_deployment(ev, tuned=True),
         *tiered_candidates(ev),
     ]
-
-
-def roles_of(dep: Deployment) -> set[Role]:
-    """Roles present in a deployment."""
-    return {i.role for i in dep.instances}

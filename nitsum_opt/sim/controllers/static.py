@@ -21,40 +21,50 @@ UNTIERED = "*"
 """Placeholder tier name for engines that serve every tier."""
 
 
+Tuning = Mapping[tuple[str, int, Role], tuple[int, int | None]]
+"""``(tier, tp, role)`` → (SLO-safe requests, step token budget or ``None`` for the engine default)."""
+
+
 def place(
-    cluster: ClusterSpec, counts: Mapping[tuple[str, ServingConfig], int], slo_safe: Mapping[tuple[str, int, Role], int]
+    cluster: ClusterSpec, counts: Mapping[tuple[str, ServingConfig], int], tuning: Tuning
 ) -> tuple[DeployedInstance, ...]:
-    """Engines for ``counts`` (tier ``UNTIERED`` = every tier) on aligned GPU groups."""
-    return tuple(
-        DeployedInstance(
-            tier=None if i.tier == UNTIERED else i.tier,
-            tp=i.tp,
-            role=i.role,
-            gpu_ids=i.gpu_ids,
-            slo_safe_seqs=slo_safe.get((i.tier, i.tp, i.role), 256),
+    """Engines for ``counts`` (tier ``UNTIERED`` = every tier) on aligned GPU groups, tuned by ``tuning``."""
+    out = []
+    for i in place_instances(cluster, {k: v for k, v in counts.items() if v > 0}):
+        seqs, budget = tuning[(i.tier, i.tp, i.role)]
+        out.append(
+            DeployedInstance(
+                tier=None if i.tier == UNTIERED else i.tier,
+                tp=i.tp,
+                role=i.role,
+                gpu_ids=i.gpu_ids,
+                slo_safe_seqs=seqs,
+                max_num_batched_tokens=budget,
+            )
         )
-        for i in place_instances(cluster, {k: v for k, v in counts.items() if v > 0})
-    )
+    return tuple(out)
 
 
-def vllm_static(cluster: ClusterSpec, tp: int, priority: bool = False, max_num_seqs: int = 256) -> Deployment:
-    """All GPUs as colocated TP-``tp`` engines for every tier (FCFS, or tier priority)."""
+def vllm_static(
+    cluster: ClusterSpec, tp: int, priority: bool = False, max_num_seqs: int = 1024, budget: int | None = None
+) -> Deployment:
+    """All GPUs as colocated TP-``tp`` engines for every tier (FCFS, or tier priority); ``budget`` overrides the
+    engines' step token budget."""
     if tp > cluster.gpus_per_node:
         raise ValueError(f"tp={tp} does not fit nodes of {cluster.gpus_per_node} GPUs")
     config = ServingConfig(tp=tp, role=Role.COLOCATED)
     count = cluster.num_nodes * (cluster.gpus_per_node // tp)
-    if count == 0:
-        raise ValueError(f"no TP-{tp} engine fits the cluster ({cluster.total_gpus} GPUs)")
-    slo = {(UNTIERED, tp, Role.COLOCATED): max_num_seqs}
+    tuning = {(UNTIERED, tp, Role.COLOCATED): (max_num_seqs, budget)}
+    label = f"{count}×tp{tp}-colocated" + (" (tier priority)" if priority else "")
     return Deployment(
-        instances=place(cluster, {(UNTIERED, config): count}, slo),
+        instances=place(cluster, {(UNTIERED, config): count}, tuning),
         tier_priority=priority,
-        label=f"{count}×tp{tp}-colocated" + (" (tier priority)" if priority else ""),
+        label=label + ("" if budget is None else f" ({budget}-token steps)"),
     )
 
 
 def distserve(
-    cluster: ClusterSpec, prefill: tuple[int, int], decode: tuple[int, int], max_num_seqs: int = 256
+    cluster: ClusterSpec, prefill: tuple[int, int], decode: tuple[int, int], max_num_seqs: int = 1024
 ) -> Deployment:
     """``prefill = (tp_p, n_p)`` prefill engines and ``decode = (tp_d, n_d)`` decode engines for every tier."""
     (tp_p, n_p), (tp_d, n_d) = prefill, decode
@@ -62,9 +72,12 @@ def distserve(
         (UNTIERED, ServingConfig(tp=tp_p, role=Role.PREFILL)): n_p,
         (UNTIERED, ServingConfig(tp=tp_d, role=Role.DECODE)): n_d,
     }
-    slo = {(UNTIERED, tp_p, Role.PREFILL): max_num_seqs, (UNTIERED, tp_d, Role.DECODE): max_num_seqs}
+    tuning = {
+        (UNTIERED, tp_p, Role.PREFILL): (max_num_seqs, None),
+        (UNTIERED, tp_d, Role.DECODE): (max_num_seqs, None),
+    }
     return Deployment(
-        instances=place(cluster, counts, slo),
+        instances=place(cluster, counts, tuning),
         label=f"{n_p}×tp{tp_p}-prefill + {n_d}×tp{tp_d}-decode",
     )
 
@@ -129,17 +142,18 @@ def split(
     cluster: ClusterSpec,
     mean_rps: Mapping[str, float],
     capacity: CapacityTable,
-    slo_safe: Mapping[tuple[str, int, Role], int],
+    tuning: Tuning,
+    label: str = "split",
 ) -> Deployment:
     """One FCFS colocated cluster per tier (see :func:`split_counts`); falls back to TP-1 engines when the
     chosen TP sizes do not pack into the nodes."""
     counts = split_counts(cluster, mean_rps, capacity)
     try:
-        instances = place(cluster, counts, slo_safe)
+        instances = place(cluster, counts, tuning)
     except PlacementError:
         flat: dict[tuple[str, ServingConfig], int] = {}
         for (t, c), n in counts.items():
             one = ServingConfig(tp=1, role=Role.COLOCATED)
             flat[t, one] = flat.get((t, one), 0) + n * c.gpus
-        instances = place(cluster, flat, slo_safe)
-    return Deployment(instances=instances, label="split: " + Deployment(instances=instances).describe())
+        instances = place(cluster, flat, tuning)
+    return Deployment(instances=instances, label=f"{label}: " + Deployment(instances=instances).describe())
