@@ -102,9 +102,20 @@ class SweepResult(Frozen):
     """One per load level, ascending."""
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.system()
+
+
 def machine_label() -> str:
     """Short description of this machine."""
-    cpu = platform.processor() or platform.system()
+    cpu = _cpu_model()
     return f"{platform.machine()} {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
