@@ -43,13 +43,14 @@ Held = tuple[int, int, int, int]
 
 
 class TokenBucket:
-    """Admits ``rate_rps`` requests/s on average with bursts of up to ``depth`` requests (starts full)."""
+    """Admits ``rate_rps`` requests/s on average with bursts of up to ``depth = max(1, rate_rps · burst_s)``
+    requests (starts full); a rate of 0 admits nothing."""
 
     __slots__ = ("depth", "last_s", "level", "rate_rps")
 
     def __init__(self, rate_rps: float, burst_s: float, now_s: float = 0.0) -> None:
         self.rate_rps = rate_rps
-        self.depth = max(1.0, rate_rps * burst_s)
+        self.depth = max(1.0, rate_rps * burst_s) if rate_rps > 0 else 0.0
         self.level = self.depth
         self.last_s = now_s
 

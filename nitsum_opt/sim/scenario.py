@@ -67,7 +67,10 @@ class Scenario(Frozen):
     @classmethod
     def _known_model(cls, value: str | ModelSpec) -> str | ModelSpec:
         if isinstance(value, str):
-            model_preset(value)
+            try:
+                model_preset(value)
+            except KeyError as exc:
+                raise ValueError(str(exc).strip('"')) from None
         return value
 
     @field_validator("systems")

@@ -2,8 +2,9 @@
 
 Per epoch it sees the requests of the epoch that just ended and
 
-1. appends their per-tier arrival rate to its history and forecasts the next epoch (``forecaster``; EWMA with
-   headroom by default);
+1. appends their per-tier arrival rate to its history and forecasts the next epoch: the ``forecaster`` (EWMA with
+   headroom by default), but never below the last epoch's rate with headroom (``follow_rises``: a rise is
+   followed at once, a fall is smoothed);
 2. takes each tier's length mix from the requests of the last ``mix_window_s`` seconds and rebuilds ``R[t,c]``
    only when a tier's mean prompt or output length moved by more than ``mix_tolerance`` since the cached table
    (the table comes from :func:`capacity_table` — INTERIM until the latency models' builder is on main);
@@ -121,6 +122,7 @@ class NitsumController(Controller):
         mix_window_s: float = 300.0,
         mix_tolerance: float = 0.15,
         fill_idle: bool = True,
+        follow_rises: bool = True,
     ) -> None:
         self.name = name
         self.planner = planner
@@ -129,6 +131,7 @@ class NitsumController(Controller):
         self.mix_window_s = mix_window_s
         self.mix_tolerance = mix_tolerance
         self.fill_idle = fill_idle
+        self.follow_rises = follow_rises
         self.history: list[np.ndarray] = []
         self.windows: list[RequestTrace] = []
         self.plan: Plan | None = None
@@ -176,8 +179,8 @@ class NitsumController(Controller):
     def _step(self, ctx: ControlContext, now_s: float, window: RequestTrace) -> Deployment:
         self._observe(window)
         forecast = self.forecaster.forecast(np.asarray(self.history))
-        if len(self.history) == 1:
-            forecast = self.history[0] * (1.0 + self.forecaster.headroom)
+        if self.follow_rises or len(self.history) == 1:
+            forecast = np.maximum(forecast, self.history[-1] * (1.0 + self.forecaster.headroom))
         sw = ctx.settings.switch
         inp = PlanningInput(
             cluster=ctx.cluster,

@@ -1,0 +1,97 @@
+"""Controllers: the registry, Nitsum following a burst, the oracle dominating every static family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nitsum_opt.sim.controllers.nitsum import fill_idle_gpus
+from nitsum_opt.sim.controllers.registry import SYSTEMS, make_controller
+from nitsum_opt.sim.controllers.search import StaticEvaluator, oracle_candidates
+from nitsum_opt.sim.core import Simulator
+from nitsum_opt.sim.settings import SimSettings
+from nitsum_opt.spec import ClusterSpec
+from nitsum_opt.workloads.trace import RequestTrace
+
+from sim_factories import LLAMA, ROOFLINE, TIERS, poisson_trace
+
+
+def _burst_trace(seed: int = 1) -> RequestTrace:
+    """chat at 25 req/s throughout; batch at 1 req/s, 30 req/s in the middle third."""
+    rng = np.random.default_rng(seed)
+    parts = [poisson_trace(25.0, 90.0, seed, tiers=("chat", "batch")).select_tier("chat")]
+    for start, rate in ((0.0, 1.0), (30.0, 30.0), (60.0, 1.0)):
+        n = rng.poisson(rate * 30.0)
+        parts.append(
+            RequestTrace.from_arrays(
+                np.sort(rng.uniform(start, start + 30.0, n)),
+                rng.integers(1000, 3000, n),
+                rng.integers(100, 400, n),
+                tier=1,
+                tier_names=("chat", "batch"),
+            )
+        )
+    return RequestTrace.merge(parts, tier_names=("chat", "batch")).with_interval(0.0, 90.0)
+
+
+def _evaluator(trace: RequestTrace, gpus: int) -> StaticEvaluator:
+    settings = SimSettings(epoch_s=10.0, drain_s=60.0)
+    return StaticEvaluator(trace, TIERS, ROOFLINE, LLAMA, ClusterSpec.with_gpus(gpus), settings)
+
+
+def test_unknown_system_lists_the_valid_ones() -> None:
+    with pytest.raises(KeyError, match="valid systems: nitsum, nitsum-greedy"):
+        make_controller("vllm", _evaluator(poisson_trace(1.0, 5.0), 2))
+
+
+def test_tp8_does_not_fit_a_four_gpu_node() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        make_controller("vllm-static-tp8", _evaluator(poisson_trace(1.0, 5.0), 4))
+
+
+def test_nitsum_moves_gpus_to_the_bursting_tier() -> None:
+    ev = _evaluator(_burst_trace(), 8)
+    controller = make_controller("nitsum", ev)
+    res = Simulator(ev.trace, TIERS, ROOFLINE, LLAMA, ev.cluster, controller, ev.settings).run()
+
+    def batch_gpus(t: float) -> int:
+        dep = [d for start, d in res.timeline if start <= t][-1]
+        assert dep.gpus_used <= 8 and dep.admitted_rps is not None
+        return sum(i.tp for i in dep.instances if i.tier == "batch")
+
+    assert batch_gpus(45.0) > batch_gpus(15.0)
+    assert res.slo_met(TIERS).mean() > 0.85
+
+
+def test_every_system_runs_and_the_oracle_dominates_the_static_ones() -> None:
+    ev = _evaluator(poisson_trace(30.0, 40.0, seed=4), 4)
+    goodput = {}
+    for name in SYSTEMS:
+        if name == "vllm-static-tp8":
+            continue
+        controller = make_controller(name, ev)
+        res = Simulator(ev.trace, TIERS, ROOFLINE, LLAMA, ev.cluster, controller, ev.settings).run()
+        goodput[name] = res.slo_met(TIERS).sum()
+    static = [n for n in goodput if n not in ("nitsum", "nitsum-greedy")]
+    assert goodput["oracle-static"] == max(goodput[n] for n in static)
+    assert len(oracle_candidates(ev)) > 20
+
+
+def test_fill_idle_gpus_uses_the_whole_cluster() -> None:
+    from nitsum_opt.planners import MilpPlanner
+    from nitsum_opt.sim.controllers.nitsum import capacity_table
+    from nitsum_opt.spec import PlanningInput, TierDemand
+    from nitsum_opt.workloads.demand import length_mixes
+
+    ev = _evaluator(poisson_trace(5.0, 30.0), 8)
+    inp = PlanningInput(
+        cluster=ev.cluster,
+        tiers=TIERS,
+        demand=(TierDemand(tier="chat", arrival_rate_rps=3.0), TierDemand(tier="batch", arrival_rate_rps=1.0)),
+        capacity=capacity_table(ev.ctx, length_mixes(ev.trace)),
+    )
+    plan = MilpPlanner().plan(inp)
+    assert plan.gpus_used < 8
+    filled = fill_idle_gpus(inp, plan)
+    assert filled.gpus_used == 8
+    assert all(a.admitted_rps == pytest.approx(a.demand_rps) for a in filled.tiers)
