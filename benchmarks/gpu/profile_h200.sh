@@ -8,14 +8,14 @@
 # into OUT/parts.tgz after each engine, so a run cut off by a time limit keeps what it measured.
 #
 # Needs: vLLM 0.26.0 importable (benchmarks/gpu/install_vllm.sh) and this project installed (`nitsum` on PATH).
-# Usage: benchmarks/gpu/profile_h200.sh OUT [DEADLINE_S=510] [MODELS] [TPS] [BUDGETS]
+# Usage: benchmarks/gpu/profile_h200.sh OUT [DEADLINE_S=420] [MODELS] [TPS] [BUDGETS=1=90,2=60,4=45]
 # Writes (8 files at most): OUT/launch.log, OUT/parts.tgz, OUT/profiles/<model>.{csv.gz,meta.json,details.json}
 set -uo pipefail
 out=${1:?usage: profile_h200.sh OUT [DEADLINE_S] [MODELS] [TPS] [BUDGETS]}
-deadline=${2:-510}
+deadline=${2:-420}
 models=${3:-llama-3.1-8b,qwen2.5-14b}
 tps=${4:-1,2,4}
-budgets=${5:-1=110,2=80,4=60}
+budgets=${5:-1=90,2=60,4=45}
 parts=${PARTS:-/tmp/nitsum-parts}
 # NVLink multicast stays off in NCCL, PyTorch and NVSHMEM, here and in every child process.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
