@@ -224,17 +224,21 @@ class _Run:
         if isinstance(a, MoveRequests):
             return self._move(a, engine)
         if isinstance(a, Route):
-            for old in a.replaces:
-                self.pool.unroute(old)
-                for rid in self.pool.requests_of(old):
-                    self.pool.owner[rid] = a.instance_id
+            for (
+                old
+            ) in a.replaces:  # same engine, new id / tier / role; the old id may now name another engine
+                if self.pool.routes.get(old) is engine:
+                    for rid in self.pool.requests_of(old):
+                        self.pool.owner[rid] = a.instance_id
+                    self.pool.unroute(old)
             self.pool.route(a.instance_id, engine, a.tier)
             for rid in self.moved_to.get(a.instance_id, []):
                 self.pool.owner[rid] = a.instance_id
             return ""
         if isinstance(a, Sleep):
             engine.drop_requests(self.moved_from.get(a.instance_id, []))
-            self.pool.unroute(a.instance_id)
+            if self.pool.routes.get(a.instance_id) is engine:  # the id may already name a target instance
+                self.pool.unroute(a.instance_id)
             engine.sleep()
             return ""
         if isinstance(a, Resume):

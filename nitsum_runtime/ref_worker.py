@@ -199,6 +199,26 @@ class RankWorker:
     def cmd_fingerprint(self) -> torch.Tensor:
         return self.store.fingerprint().cpu()
 
+    def cmd_warmup(self) -> float:
+        """Create every communicator now (one all-reduce per TP group, one exchange per pair of ranks, in the
+        same order on every rank) so that no switch pays for lazy NCCL initialisation; returns seconds."""
+        t0 = time.perf_counter()
+        x = torch.ones(16, device=self.device)
+        for ranks, group in self.groups.items():
+            if self.rank in ranks:
+                dist.all_reduce(x, group=group)
+        for a in range(self.cfg.world_size):
+            for b in range(a + 1, self.cfg.world_size):
+                if self.rank in (a, b):
+                    peer = b if self.rank == a else a
+                    y = torch.empty_like(x)
+                    ops = [dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, y, peer)]
+                    for w in dist.batch_isend_irecv(ops):
+                        w.wait()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     def cmd_set_memory_budget(self, budget_bytes: int | None) -> None:
         """Change the engine memory budget of this rank (None: unlimited)."""
         self.memory_budget_bytes = budget_bytes

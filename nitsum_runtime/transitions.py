@@ -151,7 +151,9 @@ def diff_plans(current: Plan | None, target: Plan) -> list[Action]:
     for i in removed:
         to, spread = _preference(i, target.instances)
         actions.append(MoveRequests(**_base(i), to_instances=to, spread=spread))
-    actions += routes
+    actions += sorted(
+        routes, key=lambda r: not r.replaces
+    )  # renames first: a new instance may reuse an old id
     actions += [Sleep(**_base(i)) for i in removed]
     actions += [Resume(**_base(i)) for i in added]
     return actions

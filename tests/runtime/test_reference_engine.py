@@ -111,6 +111,18 @@ def test_switch_loop_loses_no_request(make_pool: Callable[..., EnginePool]) -> N
     assert res.migrated > 0
 
 
+def test_instance_ids_reused_across_plans_route_correctly(make_pool: Callable[..., EnginePool]) -> None:
+    # pinned plans number instances per plan: "chat/tp1-colocated/0" is GPU 1 in the first layout and GPU 0 in
+    # the second, where GPU 1's instance is renamed "/1" while its requests keep decoding.
+    pool = make_pool(64, "ren-")
+    ex = TransitionExecutor(pool, TINY)
+    layouts = (((1,),), ((0,), (1,)), ((0,),))
+    res = run_switch_loop(
+        pool, ex, TINY, switches=6, layouts=layouts, in_flight=3, prompt_len=5, max_tokens=3
+    )
+    assert res.lost == 0 and res.completed == res.submitted
+
+
 def test_wake_failure_rolls_back_without_losing_requests(
     cluster: RankCluster, make_pool: Callable[..., EnginePool]
 ) -> None:
