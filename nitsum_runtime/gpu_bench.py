@@ -39,7 +39,11 @@ def _spec(name: str) -> ModelSpec:
 
 
 def _plot_kv(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the GPU image may lack it: the CSV and the report still carry every number
+        path.with_suffix(".txt").write_text("matplotlib is not installed here; plot from kv_migration.csv\n")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,6 +13,7 @@ import os
 import queue
 import signal
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -22,6 +23,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+def watch_parent(interval_s: float = 1.0) -> None:
+    """Exit this process as soon as its parent dies (a daemon thread polls the parent pid): rank processes
+    lead their own sessions, so nothing else would end a rank stuck in a collective after the controller is
+    killed."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="nitsum-parent-watch", daemon=True).start()
 
 
 class RankFailure(RuntimeError):
@@ -65,6 +81,7 @@ def _entry(
     out: Any,
 ) -> None:
     os.setsid()
+    watch_parent()
     torch.set_num_threads(1)
     try:
         device = init_rank(rank, world_size, init_file, backend, timeout_s)

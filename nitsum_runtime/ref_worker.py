@@ -11,7 +11,6 @@ is allocated.
 from __future__ import annotations
 
 import os
-import queue
 import time
 import traceback
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from nitsum_runtime.kv_migration import (
     migrate_kv,
     torch_dtype,
 )
-from nitsum_runtime.procs import init_rank
+from nitsum_runtime.procs import init_rank, watch_parent
 from nitsum_runtime.ref_model import BatchInput, RefModelConfig, TopK, TpComm, forward
 from nitsum_runtime.sharding import shard_plan
 from nitsum_runtime.weights import FillReport, ResidentWeightStore, fill_shard
@@ -242,6 +241,7 @@ def _build_store(cfg: ClusterConfig, device: torch.device) -> ResidentWeightStor
 def worker_main(rank: int, cfg: ClusterConfig, init_file: str, inbox: Any, outbox: Any) -> None:
     """Entry of a rank process: own session, join the process group, build the store, serve commands."""
     os.setsid()
+    watch_parent()
     if cfg.backend == "gloo":
         torch.set_num_threads(1)
     try:
@@ -256,14 +256,8 @@ def worker_main(rank: int, cfg: ClusterConfig, init_file: str, inbox: Any, outbo
     except BaseException:
         outbox.put((rank, -1, False, traceback.format_exc()))
         return
-    parent = os.getppid()
     while True:
-        try:
-            seq, name, kwargs = inbox.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:  # the controller died: nobody will send "stop"
-                break
-            continue
+        seq, name, kwargs = inbox.get()
         if name == "stop":
             outbox.put((rank, seq, True, None))
             break

@@ -13,6 +13,8 @@ import time
 import traceback
 from typing import Any
 
+from nitsum_runtime.procs import watch_parent
+
 
 def _top(logprobs: dict[int, Any] | None, k: int) -> list[list[float]]:
     """``[[token ids...], [logprobs...]]`` of the k most likely entries of one vLLM logprob dict."""
@@ -86,6 +88,7 @@ def engine_process(conn: Any, gpu_ids: list[int], model_dir: str, llm_kwargs: di
     """Entry of an engine process: build the ``LLM`` on ``gpu_ids`` and serve ``(command, kwargs)`` pairs
     from ``conn`` until ``stop``; every answer is ``(ok, value or traceback)``."""
     os.setsid()
+    watch_parent()
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
     try:
         t0 = time.perf_counter()
@@ -118,7 +121,10 @@ def engine_process(conn: Any, gpu_ids: list[int], model_dir: str, llm_kwargs: di
     while True:
         name, kwargs = conn.recv()
         if name == "stop":
-            conn.send((True, None))
+            try:  # end vLLM's engine-core and worker processes before this one exits
+                llm.llm_engine.engine_core.shutdown()
+            finally:
+                conn.send((True, None))
             break
         try:
             conn.send((True, commands[name](**kwargs)))
