@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nitsum_opt.models.spec import MODEL_PRESETS
+
 from nitsum_runtime.bench_kv import run_kv_bandwidth
 from nitsum_runtime.executor import TransitionExecutor
 from nitsum_runtime.ref_cluster import RankCluster
@@ -44,21 +44,33 @@ def test_fill_shard_on_gpu_matches_slices_and_is_fast() -> None:
 
 @needs
 def test_kv_migration_over_nccl_is_exact(tmp_path: Path) -> None:
-    s = run_kv_bandwidth(tmp_path, SHORT, 4, "nccl", tokens_list=[1000, 4096], p2p_sizes=[64 << 20],
-                         chunk_sweep=(4 << 20,), chunk_bytes=4 << 20, iters=2)
+    s = run_kv_bandwidth(
+        tmp_path,
+        SHORT,
+        4,
+        "nccl",
+        tokens_list=[1000, 4096],
+        p2p_sizes=[64 << 20],
+        chunk_sweep=(4 << 20,),
+        chunk_bytes=4 << 20,
+        iters=2,
+    )
     assert s["all_exact"]
     assert s["p2p_gb_per_s"] > 50
 
 
 @needs
 def test_reference_round_trip_on_nccl() -> None:
-    cfg = ClusterConfig(spec=SHORT, world_size=4, backend="nccl", dtype="bfloat16", groups=reference_groups(4))
+    cfg = ClusterConfig(
+        spec=SHORT, world_size=4, backend="nccl", dtype="bfloat16", groups=reference_groups(4)
+    )
     with RankCluster(cfg, call_timeout_s=120) as cluster:
         cluster.call([0, 1, 2, 3], "warmup")
         pool = build_reference_pool(cluster, num_blocks=256)
         ex = TransitionExecutor(pool, SHORT, policy="migrate")
-        res = run_round_trip(pool, ex, SHORT, live=3, prompt_len=64, max_tokens=16, steps_between=3,
-                             tolerance=0.15)
+        res = run_round_trip(
+            pool, ex, SHORT, live=3, prompt_len=64, max_tokens=16, steps_between=3, tolerance=0.15
+        )
         pool.sleep_all()
     assert res.probe_bit_identical and res.ledger_ok
     assert res.max_logprob_diff <= 0.15, res.max_logprob_diff_by_engine
@@ -75,9 +87,17 @@ def test_vllm_refill_matches_vllm_loaders(tmp_path: Path) -> None:
     handles = tmp_path / "handles.json"
     publish_store(stores, handles)
     write_model_dir(spec, tmp_path / "model")
-    engine = EngineHandle("tp2", (0, 1), str(tmp_path / "model"),
-                          {"gpu_memory_utilization": 0.25, "max_model_len": 2048, "enforce_eager": True,
-                           "enable_prefix_caching": False})
+    engine = EngineHandle(
+        "tp2",
+        (0, 1),
+        str(tmp_path / "model"),
+        {
+            "gpu_memory_utilization": 0.25,
+            "max_model_len": 2048,
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+        },
+    )
     try:
         engine.start(300)
         engine.call("rpc", method="nitsum_attach_store", args=(spec.model_dump_json(), str(handles)))

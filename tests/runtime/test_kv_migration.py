@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,7 +19,8 @@ from nitsum_runtime.kv_migration import (
     scatter_kv,
     token_slots,
 )
-from nitsum_runtime.procs import run_ranks
+from nitsum_runtime.ref_cluster import RankCluster
+from nitsum_runtime.ref_worker import RankWorker
 
 
 def _heads_of(num_kv: int, tp: int, rank: int) -> range:
@@ -117,9 +117,11 @@ def _full_kv(num_kv: int) -> torch.Tensor:
     )
 
 
-def _migration_rank(rank: int, world: int, device: torch.device, chunk_bytes: int) -> list[bool]:
+def _migration_rank(worker: RankWorker, chunk_sizes: list[int]) -> list[bool]:
+    """On a cluster rank: every scenario at every chunk size; True for each check that holds."""
+    rank, device = worker.rank, worker.device
     ok = []
-    for src_ranks, dst_ranks, num_kv in SCENARIOS:
+    for chunk_bytes, (src_ranks, dst_ranks, num_kv) in itertools.product(chunk_sizes, SCENARIOS):
         lay = LAYOUT.model_copy(update={"num_kv_heads": num_kv})
         full = _full_kv(num_kv)
         src_slots = torch.tensor([s for n, b, _ in REQUESTS for s in token_slots(b, n, 4)])
@@ -135,16 +137,16 @@ def _migration_rank(rank: int, world: int, device: torch.device, chunk_bytes: in
         stats = migrate_kv(rank, plan, src, dst, src_slots, dst_slots, chunk_bytes=chunk_bytes)
         if dst is not None:
             heads = _heads_of(num_kv, len(dst_ranks), dst_ranks.index(rank))
-            ok.append(
-                torch.equal(gather_kv(dst, dst_slots, 0, len(heads)), full[:, :, heads.start : heads.stop])
-            )
+            got = gather_kv(dst, dst_slots, 0, len(heads))
+            ok.append(torch.equal(got, full[:, :, heads.start : heads.stop]))
             ok.append(stats.bytes_received + stats.bytes_local == full[:, :, : len(heads)].numel() * 4)
+            ok.append(stats.chunks > 4 if chunk_bytes < 1000 else stats.chunks == 1)
     return ok
 
 
-@pytest.mark.parametrize("chunk_bytes", [96, 1 << 20])  # many chunks (tokens split) / one chunk
-def test_migration_over_gloo_lands_exact_target_kv(chunk_bytes: int) -> None:
-    results = run_ranks(_migration_rank, 4, args=(chunk_bytes,), timeout_s=120)
+def test_migration_over_gloo_lands_exact_target_kv(cluster: RankCluster) -> None:
+    chunk_sizes = [96, 1 << 20]  # many chunks (tokens split, both buffers reused) / one chunk
+    results = cluster.call([0, 1, 2, 3], "call", fn=_migration_rank, kwargs={"chunk_sizes": chunk_sizes})
     checks = [c for r in results for c in r]
-    assert len(checks) == 2 * sum(len(d) for _, d, _ in SCENARIOS)
+    assert len(checks) == 3 * len(chunk_sizes) * sum(len(d) for _, d, _ in SCENARIOS)
     assert all(checks)

@@ -14,34 +14,14 @@ from nitsum_runtime.engine import EngineError, GenerationRequest
 from nitsum_runtime.executor import TransitionExecutor
 from nitsum_runtime.pool import EnginePool
 from nitsum_runtime.ref_cluster import RankCluster
-from nitsum_runtime.ref_worker import ClusterConfig
 from nitsum_runtime.reference_engine import ReferenceEngine
 from nitsum_runtime.scenarios import (
     TIER,
     build_reference_pool,
     pinned_plan,
-    reference_groups,
     run_round_trip,
     run_switch_loop,
 )
-
-TINY = ModelSpec(
-    name="tiny",
-    num_layers=2,
-    hidden_size=32,
-    num_attention_heads=8,
-    num_kv_heads=2,
-    intermediate_size=48,
-    vocab_size=100,
-    max_model_len=256,
-)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RankCluster]:
-    cfg = ClusterConfig(spec=TINY, world_size=4, groups=reference_groups(4), block_size=4, seed=7)
-    with RankCluster(cfg, call_timeout_s=60, start_timeout_s=120) as c:
-        yield c
 
 
 @pytest.fixture
@@ -61,11 +41,13 @@ def make_pool(cluster: RankCluster) -> Iterator[Callable[..., EnginePool]]:
         p.sleep_all()
 
 
-def test_round_trip_tp1_tp2_tp4_tp1_with_migration(make_pool: Callable[..., EnginePool]) -> None:
+def test_round_trip_tp1_tp2_tp4_tp1_with_migration(
+    make_pool: Callable[..., EnginePool], tiny: ModelSpec
+) -> None:
     pool = make_pool(128, "rt-")
-    ex = TransitionExecutor(pool, TINY, policy="migrate")
+    ex = TransitionExecutor(pool, tiny, policy="migrate")
     res = run_round_trip(
-        pool, ex, TINY, live=3, prompt_len=10, max_tokens=10, steps_between=2, tolerance=1e-4
+        pool, ex, tiny, live=3, prompt_len=10, max_tokens=10, steps_between=2, tolerance=1e-4
     )
     assert res.probe_bit_identical
     assert res.ledger_ok
@@ -80,9 +62,11 @@ def test_round_trip_tp1_tp2_tp4_tp1_with_migration(make_pool: Callable[..., Engi
     assert res.passed
 
 
-def test_migrated_kv_equals_what_the_target_tp_computes(make_pool: Callable[..., EnginePool]) -> None:
+def test_migrated_kv_equals_what_the_target_tp_computes(
+    make_pool: Callable[..., EnginePool], tiny: ModelSpec
+) -> None:
     pool = make_pool(64, "kv-")
-    ex = TransitionExecutor(pool, TINY, policy="migrate")
+    ex = TransitionExecutor(pool, tiny, policy="migrate")
     ex.execute(None, pinned_plan([(0,)]))
     req = GenerationRequest(request_id="a", prompt_token_ids=tuple(range(3, 17)), max_tokens=6)
     pool.submit(TIER, req)
@@ -103,31 +87,33 @@ def test_migrated_kv_equals_what_the_target_tp_computes(make_pool: Callable[...,
         assert torch.allclose(m, d, atol=1e-5)
 
 
-def test_switch_loop_loses_no_request(make_pool: Callable[..., EnginePool]) -> None:
+def test_switch_loop_loses_no_request(make_pool: Callable[..., EnginePool], tiny: ModelSpec) -> None:
     pool = make_pool(128, "loop-")
-    ex = TransitionExecutor(pool, TINY)
-    res = run_switch_loop(pool, ex, TINY, switches=20, in_flight=3, prompt_len=6, max_tokens=4)
+    ex = TransitionExecutor(pool, tiny)
+    res = run_switch_loop(pool, ex, tiny, switches=20, in_flight=3, prompt_len=6, max_tokens=4)
     assert res.switches == 20 and res.lost == 0 and res.completed == res.submitted >= 10
     assert res.migrated > 0
 
 
-def test_instance_ids_reused_across_plans_route_correctly(make_pool: Callable[..., EnginePool]) -> None:
+def test_instance_ids_reused_across_plans_route_correctly(
+    make_pool: Callable[..., EnginePool], tiny: ModelSpec
+) -> None:
     # pinned plans number instances per plan: "chat/tp1-colocated/0" is GPU 1 in the first layout and GPU 0 in
     # the second, where GPU 1's instance is renamed "/1" while its requests keep decoding.
     pool = make_pool(64, "ren-")
-    ex = TransitionExecutor(pool, TINY)
+    ex = TransitionExecutor(pool, tiny)
     layouts = (((1,),), ((0,), (1,)), ((0,),))
     res = run_switch_loop(
-        pool, ex, TINY, switches=6, layouts=layouts, in_flight=3, prompt_len=5, max_tokens=3
+        pool, ex, tiny, switches=6, layouts=layouts, in_flight=3, prompt_len=5, max_tokens=3
     )
     assert res.lost == 0 and res.completed == res.submitted
 
 
 def test_wake_failure_rolls_back_without_losing_requests(
-    cluster: RankCluster, make_pool: Callable[..., EnginePool]
+    cluster: RankCluster, make_pool: Callable[..., EnginePool], tiny: ModelSpec
 ) -> None:
     pool = make_pool(32, "fail-")
-    ex = TransitionExecutor(pool, TINY, policy="migrate")
+    ex = TransitionExecutor(pool, tiny, policy="migrate")
     two_tp1 = pinned_plan([(0,), (1,)])
     assert ex.execute(None, two_tp1).ok
     reqs = [
@@ -165,14 +151,16 @@ def test_wake_failure_rolls_back_without_losing_requests(
         ]
 
 
-def test_import_failure_midway_rolls_back(cluster: RankCluster, make_pool: Callable[..., EnginePool]) -> None:
+def test_import_failure_midway_rolls_back(
+    cluster: RankCluster, make_pool: Callable[..., EnginePool], tiny: ModelSpec
+) -> None:
     engines = [
         ReferenceEngine(cluster, (0, 1), 32, engine_id="cap-tp2"),
         ReferenceEngine(cluster, (0,), 32, engine_id="cap-tp1-g0"),
         ReferenceEngine(cluster, (1,), 4, engine_id="cap-tp1-g1"),
     ]
     pool = make_pool(0, "", engines)
-    ex = TransitionExecutor(pool, TINY, policy="migrate")
+    ex = TransitionExecutor(pool, tiny, policy="migrate")
     assert ex.execute(None, pinned_plan([(0, 1)])).ok
     for i in range(3):
         pool.submit(
@@ -194,9 +182,9 @@ def test_import_failure_midway_rolls_back(cluster: RankCluster, make_pool: Calla
     assert all(len(pool.outputs[f"c{i}"]) == 8 for i in range(3))
 
 
-def test_sleep_refuses_an_engine_with_requests(make_pool: Callable[..., EnginePool]) -> None:
+def test_sleep_refuses_an_engine_with_requests(make_pool: Callable[..., EnginePool], tiny: ModelSpec) -> None:
     pool = make_pool(16, "slp-")
-    ex = TransitionExecutor(pool, TINY)
+    ex = TransitionExecutor(pool, tiny)
     ex.execute(None, pinned_plan([(2,)]))
     pool.submit(TIER, GenerationRequest(request_id="s", prompt_token_ids=(1, 2), max_tokens=3))
     with pytest.raises(EngineError, match="still holds requests"):
