@@ -16,7 +16,7 @@ from typing import Any
 
 from nitsum_opt.models.spec import ModelSpec
 
-from nitsum_runtime.executor import TransitionExecutor
+from nitsum_runtime.executor import TransitionExecutor, TransitionReport
 from nitsum_runtime.ref_cluster import RankCluster
 from nitsum_runtime.ref_worker import ClusterConfig
 from nitsum_runtime.scenarios import (
@@ -140,23 +140,24 @@ def run_reference_switch(
         )
         pool.sleep_all()
         loop_rows: list[dict[str, Any]] = []
-        ex_auto = TransitionExecutor(pool, spec, policy="auto")
-        loop = run_switch_loop(
-            pool,
-            ex_auto,
-            spec,
-            loop_switches,
-            layouts=_loop_layouts(world),
-            on_switch=lambda k, r: loop_rows.append(
+        ex_loop = TransitionExecutor(pool, spec, policy="migrate")
+
+        def on_loop_switch(k: int, r: TransitionReport) -> None:
+            loop_rows.append(
                 {
                     "switch": k,
+                    "policy": ex_loop.policy,
                     "pause_to_resume_s": r.pause_to_resume_s,
                     "migrated": r.migrated,
                     "reprefilled": r.reprefilled,
                     "kv_bytes": r.kv_bytes_moved,
                     "ok": r.ok,
                 }
-            ),
+            )
+            ex_loop.policy = "reprefill" if ex_loop.policy == "migrate" else "migrate"  # exercise both paths
+
+        loop = run_switch_loop(
+            pool, ex_loop, spec, loop_switches, layouts=_loop_layouts(world), on_switch=on_loop_switch
         )
         _write(out_dir / "switch_loop.csv", loop_rows)
         log(f"switch loop: {loop.switches} switches, {loop.submitted} requests, lost {loop.lost}")

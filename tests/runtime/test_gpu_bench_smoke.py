@@ -26,6 +26,7 @@ def test_switch_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert main(["switch", "--out", str(tmp_path), *SMOKE, "--tolerance", "1e-3"]) == 0
     summary = json.loads((tmp_path / "switch" / "summary.json").read_text())
     assert summary["round_trip"]["passed"] and summary["loop"]["lost"] == 0
+    assert summary["loop"]["migrated"] > 0 and summary["loop"]["reprefilled"] > 0
     assert summary["same_weights_on_all_gpus"]
     steps = list(csv.DictReader((tmp_path / "switch" / "transitions.csv").open()))
     assert {"pause", "wake", "fill_weights", "move_requests", "route", "sleep", "resume"} <= {

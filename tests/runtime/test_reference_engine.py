@@ -62,6 +62,21 @@ def test_round_trip_tp1_tp2_tp4_tp1_with_migration(
     assert res.passed
 
 
+def test_round_trip_with_reprefill_instead_of_migration(
+    make_pool: Callable[..., EnginePool], tiny: ModelSpec
+) -> None:
+    pool = make_pool(128, "rp-")
+    ex = TransitionExecutor(pool, tiny, policy="reprefill")
+    res = run_round_trip(
+        pool, ex, tiny, live=3, prompt_len=10, max_tokens=10, steps_between=2, tolerance=1e-4
+    )
+    assert res.passed, res
+    live = [t.report for t in res.transitions if t.in_flight]
+    assert len(live) == 3 and all(
+        r.reprefilled == 3 and r.migrated == 0 and r.kv_bytes_moved == 0 for r in live
+    )
+
+
 def test_migrated_kv_equals_what_the_target_tp_computes(
     make_pool: Callable[..., EnginePool], tiny: ModelSpec
 ) -> None:
