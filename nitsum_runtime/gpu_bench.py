@@ -77,7 +77,8 @@ def _report_kv(s: dict[str, Any], args: argparse.Namespace) -> tuple[str, bool]:
         f"# (a) KV migration vs NCCL point-to-point ({args.model}, {args.backend}, {args.world} ranks)",
         "",
         f"{args.backend} p2p GPU0->GPU1 best: **{s['p2p_gb_per_s']:.1f} GB/s**; largest remote migration "
-        f"(tp1->tp1 gpu0->gpu1): **{s['largest_remote_ratio']:.2f} x p2p** (target >= 0.70); every "
+        f"(tp1->tp1 gpu0->gpu1, best chunk {s['largest_remote_best_chunk_bytes'] >> 10} KiB): "
+        f"**{s['largest_remote_ratio']:.2f} x p2p** (target >= 0.70); every "
         f"migration bit-exact: **{s['all_exact']}**",
         "",
         "| case | tokens | chunk MiB | link MB | time ms | link GB/s | x p2p | exact |",
@@ -178,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
                 args.backend,
                 tokens,
                 sizes,
-                chunk_sweep=(4096, 1 << 20) if args.quick else (8 << 20, 32 << 20, 128 << 20),
-                chunk_bytes=1 << 20 if args.quick else 32 << 20,
+                chunk_sweep=(4096, 1 << 20) if args.quick else (16 << 20, 64 << 20, 256 << 20),
+                chunk_bytes=1 << 20 if args.quick else 64 << 20,
                 iters=1 if args.quick else 5,
                 dtype=args.dtype,
             )

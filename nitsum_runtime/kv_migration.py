@@ -226,7 +226,7 @@ def migrate_kv(
     dst_caches: Sequence[torch.Tensor] | None,
     src_slots: torch.Tensor,
     dst_slots: torch.Tensor,
-    chunk_bytes: int = 32 << 20,
+    chunk_bytes: int = 64 << 20,
     group: dist.ProcessGroup | None = None,
 ) -> MigrationStats:
     """Run world rank ``rank``'s part of ``plan``: every rank of the source and target engines calls it with

@@ -56,7 +56,7 @@ class ReferenceEngine:
         gpu_ids: Sequence[int],
         num_blocks: int,
         max_batch_tokens: int = 4096,
-        chunk_bytes: int = 32 << 20,
+        chunk_bytes: int = 64 << 20,
         engine_id: str | None = None,
     ) -> None:
         self.cluster = cluster

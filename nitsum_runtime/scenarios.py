@@ -67,7 +67,7 @@ def build_reference_pool(
     num_blocks: int,
     tps: Sequence[int] = (1, 2, 4),
     max_batch_tokens: int = 4096,
-    chunk_bytes: int = 32 << 20,
+    chunk_bytes: int = 64 << 20,
     prefix: str = "",
 ) -> EnginePool:
     """One (asleep) reference engine per candidate group of the cluster's GPUs; ``prefix`` keeps the engine

@@ -190,17 +190,37 @@ class NitsumWorkerExtension:
             )
         return caches
 
-    def nitsum_read_kv(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-        """This rank's KV of a request's blocks: ``[layers, tokens, heads_local, 2*head_dim]`` on CPU."""
+    def nitsum_read_kv(self, block_ids: list[int], num_tokens: int) -> dict[str, Any]:
+        """This rank's KV of a request's blocks, ``[layers, tokens, heads_local, 2*head_dim]``, as
+        :func:`kv_to_wire` (``collective_rpc`` results must be plain values unless vLLM runs with insecure
+        serialization)."""
         caches = self._nitsum_nhd()
         slots = torch.tensor(token_slots(block_ids, num_tokens, caches[0].shape[1]), device=caches[0].device)
-        return gather_kv(caches, slots, 0, caches[0].shape[2]).cpu()
+        return kv_to_wire(gather_kv(caches, slots, 0, caches[0].shape[2]))
 
-    def nitsum_write_kv(self, block_ids: list[int], num_tokens: int, data: torch.Tensor) -> float:
-        """Write ``data`` (as returned by :meth:`nitsum_read_kv`) into a request's blocks; returns seconds."""
+    def nitsum_write_kv(self, block_ids: list[int], num_tokens: int, wire: dict[str, Any]) -> float:
+        """Write KV (as returned by :meth:`nitsum_read_kv`) into a request's blocks; returns seconds."""
         t0 = time.perf_counter()
         caches = self._nitsum_nhd()
         slots = torch.tensor(token_slots(block_ids, num_tokens, caches[0].shape[1]), device=caches[0].device)
-        scatter_kv(caches, slots, 0, data.to(caches[0].device))
+        scatter_kv(caches, slots, 0, kv_from_wire(wire).to(caches[0].device))
         torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+
+def kv_to_wire(t: torch.Tensor) -> dict[str, Any]:
+    """A tensor as plain values (shape, dtype name, raw bytes) that any RPC layer carries."""
+    cpu = t.detach().contiguous().cpu()
+    return {
+        "shape": list(cpu.shape),
+        "dtype": str(cpu.dtype).removeprefix("torch."),
+        "data": cpu.view(torch.uint8).numpy().tobytes(),
+    }
+
+
+def kv_from_wire(wire: dict[str, Any]) -> torch.Tensor:
+    """Inverse of :func:`kv_to_wire` (CPU tensor)."""
+    dtype = getattr(torch, wire["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {wire['dtype']!r} in KV wire data")
+    return torch.frombuffer(bytearray(wire["data"]), dtype=dtype).view(wire["shape"])

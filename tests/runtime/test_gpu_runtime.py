@@ -14,12 +14,14 @@ import torch
 from nitsum_opt.models.spec import MODEL_PRESETS
 
 from nitsum_runtime.bench_kv import run_kv_bandwidth
+from nitsum_runtime.bench_vllm import EngineHandle, write_model_dir
 from nitsum_runtime.executor import TransitionExecutor
 from nitsum_runtime.ref_cluster import RankCluster
 from nitsum_runtime.ref_worker import ClusterConfig
 from nitsum_runtime.scenarios import build_reference_pool, reference_groups, run_round_trip
 from nitsum_runtime.sharding import shard_plan, slice_shard
 from nitsum_runtime.weights import ResidentWeightStore, fill_shard
+from nitsum_runtime.worker_ext import kv_from_wire, kv_to_wire, publish_store
 
 pytestmark = pytest.mark.gpu
 
@@ -79,9 +81,6 @@ def test_reference_round_trip_on_nccl() -> None:
 
 @pytest.mark.skipif(GPUS < 2 or importlib.util.find_spec("vllm") is None, reason="needs 2 GPUs and vLLM")
 def test_vllm_refill_matches_vllm_loaders(tmp_path: Path) -> None:
-    from nitsum_runtime.bench_vllm import EngineHandle, write_model_dir
-    from nitsum_runtime.worker_ext import publish_store
-
     spec = SHORT.model_copy(update={"num_layers": 2, "name": "llama-8b-2l"})
     stores = [ResidentWeightStore.dummy(spec, 3, torch.device("cuda", g)) for g in range(2)]
     handles = tmp_path / "handles.json"
@@ -104,11 +103,11 @@ def test_vllm_refill_matches_vllm_loaders(tmp_path: Path) -> None:
         fills = engine.call("rpc", method="nitsum_fill_weights")
         checks = engine.call("rpc", method="nitsum_check_fill")
         info = engine.call("rpc", method="nitsum_kv_info")
-        data = engine.call("rpc", method="nitsum_read_kv", args=([3, 5], 20))
-        assert data[0].shape == (2, 20, 4, 256)
-        new = torch.arange(data[0].numel(), dtype=torch.float32).view(data[0].shape).to(torch.bfloat16)
-        engine.call("rpc", method="nitsum_write_kv", args=([3, 5], 20, new))
-        back = engine.call("rpc", method="nitsum_read_kv", args=([3, 5], 20))
+        data = kv_from_wire(engine.call("rpc", method="nitsum_read_kv", args=([3, 5], 20))[0])
+        assert data.shape == (2, 20, 4, 256)
+        new = torch.arange(data.numel(), dtype=torch.float32).view(data.shape).to(torch.bfloat16)
+        engine.call("rpc", method="nitsum_write_kv", args=([3, 5], 20, kv_to_wire(new)))
+        back = [kv_from_wire(w) for w in engine.call("rpc", method="nitsum_read_kv", args=([3, 5], 20))]
         engine.call("sleep")
         engine.call("wake_weights")
         engine.call("rpc", method="nitsum_fill_weights")
