@@ -182,7 +182,7 @@ def run_vllm_switch(
     seed: int = 0,
     gpu_memory_utilization: float = 0.3,
     max_model_len: int = 4096,
-    start_timeout_s: float = 300.0,
+    start_timeout_s: float = 150.0,
     tolerance: float = 0.15,
     log: Any = print,
 ) -> dict[str, Any]:

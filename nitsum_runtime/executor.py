@@ -281,8 +281,8 @@ class _Run:
                 can_migrate=dst.can_migrate_from(src),
             )
             method = cost.choice if self.ex.policy == "auto" else self.ex.policy
-            if method == "migrate" and not dst.can_migrate_from(src):
-                method = "reprefill"
+            if method == "migrate" and (snap.kv is None or not dst.can_migrate_from(src)):
+                method = "reprefill"  # nothing cached yet, or no KV path between the engines
             plan.setdefault(to, []).append((snap, cost, method))
         moved = 0
         for to, items in plan.items():

@@ -144,3 +144,49 @@ def kv_switch_cost(
         reprefill_s=reprefill_s,
         choice=choice,
     )
+
+
+class InstanceSwitchCost(Frozen):
+    """Predicted cost of changing one instance's TP with requests in flight (what the planner prices)."""
+
+    pause_s: float = Field(ge=0)
+    """Pause -> resume: fixed overhead + weight refill + KV migrations (re-prefills run after resume)."""
+    fill_s: float = Field(ge=0)
+    """Weight refill from the resident copies (ranks in parallel)."""
+    migrate_s: float = Field(ge=0)
+    """KV migration of the requests that migrate, batched in one transfer."""
+    reprefill_s: float = Field(ge=0)
+    """Prefill time added after resume for the requests that re-prefill."""
+    requests: tuple[KvSwitchCost, ...]
+    """Per-request prices and choices."""
+
+
+def instance_switch_cost(
+    spec: ModelSpec,
+    src_tp: int,
+    dst_tp: int,
+    inflight_tokens: tuple[int, ...] | list[int],
+    link_gb_per_s: float,
+    prefill_model: PrefillTimeModel,
+    fill_gb_per_s: float = 1500.0,
+    fixed_s: float = 0.02,
+) -> InstanceSwitchCost:
+    """Price a TP change of one instance holding requests with ``inflight_tokens`` cached tokens each.
+
+    ``fill_gb_per_s``: device-to-device copy speed of the refill (each GPU copies its shard, ``weight_bytes /
+    dst_tp``); ``fixed_s``: pause/wake/route bookkeeping. Measured values replace both defaults
+    (``benchmarks/gpu/run_runtime_h200.sh``)."""
+    per_request = tuple(
+        kv_switch_cost(spec, t, src_tp, dst_tp, link_gb_per_s, prefill_model) for t in inflight_tokens
+    )
+    migrating = sum(c.tokens for c in per_request if c.choice == "migrate")
+    migrate_s = migration_cost(spec, migrating, src_tp, dst_tp, link_gb_per_s)[0]
+    reprefill_s = sum(c.reprefill_s for c in per_request if c.choice == "reprefill")
+    fill_s = spec.weight_bytes / dst_tp / (fill_gb_per_s * 1e9)
+    return InstanceSwitchCost(
+        pause_s=fixed_s + fill_s + migrate_s,
+        fill_s=fill_s,
+        migrate_s=migrate_s,
+        reprefill_s=reprefill_s,
+        requests=per_request,
+    )

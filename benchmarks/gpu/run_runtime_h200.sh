@@ -2,8 +2,8 @@
 # Runtime checks and benchmarks on a 4x H200 machine (issue 5). Writes CSV/JSON/PNG + markdown under $OUT.
 #
 #   bash benchmarks/gpu/run_runtime_h200.sh core    # GPU tests (no vLLM) + (a) KV bandwidth + (b) reference switch
-#   bash benchmarks/gpu/run_runtime_h200.sh vllm    # vLLM GPU test + (c) vLLM engines switching (needs /tmp/site)
-#   bash benchmarks/gpu/run_runtime_h200.sh kv|switch|tests
+#   bash benchmarks/gpu/run_runtime_h200.sh vllm    # (c) vLLM engines switching TP (needs vLLM in /tmp/site)
+#   bash benchmarks/gpu/run_runtime_h200.sh vllm-test|kv|switch|tests   # single steps
 #
 # CPU dry run of the same steps (what CI-like checks use): NITSUM_MIN_GPUS=0
 #   NITSUM_BENCH_ARGS="--model tiny --backend gloo --world 2 --quick --dtype float32 --tolerance 1e-3"
@@ -69,16 +69,16 @@ pytest_gpu() {  # pytest_gpu NAME TIMEOUT -k EXPR
 case $part in
   tests)  pytest_gpu gpu_tests 240 "not vllm" ;;
   kv)     step kv 240 python3 -m nitsum_runtime.gpu_bench kv --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
-  switch) step switch 300 python3 -m nitsum_runtime.gpu_bench switch --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
+  switch) step switch 400 python3 -m nitsum_runtime.gpu_bench switch --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
   core)
-    pytest_gpu gpu_tests 180 "not vllm"
+    pytest_gpu gpu_tests 150 "not vllm"
     step kv 150 python3 -m nitsum_runtime.gpu_bench kv --out "$OUT" ${NITSUM_BENCH_ARGS:-}
-    step switch 240 python3 -m nitsum_runtime.gpu_bench switch --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
-  vllm)
-    python3 -c "import vllm" 2>/dev/null || { say "FATAL: vLLM not importable; install the bundles into /tmp/site"; exit 2; }
-    pytest_gpu gpu_vllm_test 150 "vllm"
-    step vllm 330 python3 -m nitsum_runtime.gpu_bench vllm --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
-  *) say "unknown part $part (core|vllm|tests|kv|switch)"; exit 2 ;;
+    step switch 270 python3 -m nitsum_runtime.gpu_bench switch --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
+  vllm|vllm-test)
+    python3 -c "import vllm" >>"$log" 2>&1 || { say "FATAL: vLLM not importable; install the bundles into /tmp/site"; exit 2; }
+    if [ "$part" = vllm-test ]; then pytest_gpu gpu_vllm_test 240 "vllm"
+    else step vllm 540 python3 -m nitsum_runtime.gpu_bench vllm --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
+  *) say "unknown part $part (core|vllm|vllm-test|tests|kv|switch)"; exit 2 ;;
 esac
 nvidia-smi --query-gpu=index,memory.used --format=csv 2>&1 | tee -a "$log"
 { echo "# Runtime on H200 ($part), status $status"; echo; for f in "$OUT"/*/report.md; do [ -f "$f" ] && cat "$f" && echo; done; } > "$OUT/REPORT_$part.md"

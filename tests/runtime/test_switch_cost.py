@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 from nitsum_opt.models.spec import MODEL_PRESETS
 
-from nitsum_runtime.switch_cost import RooflinePrefillModel, kv_switch_cost, migration_cost
+from nitsum_runtime.switch_cost import (
+    RooflinePrefillModel,
+    instance_switch_cost,
+    kv_switch_cost,
+    migration_cost,
+)
 
 LLAMA = MODEL_PRESETS["llama-3.1-8b"]
 
@@ -41,3 +46,14 @@ def test_roofline_prefill_scales_with_tp_and_tokens() -> None:
 def test_bad_bandwidth_is_rejected() -> None:
     with pytest.raises(ValueError, match="bandwidths must be > 0"):
         migration_cost(LLAMA, 10, 1, 2, link_gb_per_s=0.0)
+
+
+def test_instance_switch_cost_adds_refill_and_batched_migration() -> None:
+    prefill = RooflinePrefillModel(spec=LLAMA)
+    cost = instance_switch_cost(LLAMA, 1, 2, [4000, 2000], 370.0, prefill, fill_gb_per_s=1000.0, fixed_s=0.01)
+    assert cost.fill_s == pytest.approx(LLAMA.weight_bytes / 2 / 1e12)
+    assert cost.migrate_s == pytest.approx(migration_cost(LLAMA, 6000, 1, 2, 370.0)[0])
+    assert cost.pause_s == pytest.approx(0.01 + cost.fill_s + cost.migrate_s)
+    assert [c.choice for c in cost.requests] == ["migrate", "migrate"] and cost.reprefill_s == 0
+    idle = instance_switch_cost(LLAMA, 1, 2, [], 370.0, prefill)
+    assert idle.migrate_s == 0 and idle.pause_s == pytest.approx(0.02 + idle.fill_s)
