@@ -196,6 +196,8 @@ def run_vllm_switch(
         "seed": seed,
         "dtype": "bfloat16",
         "max_num_seqs": 16,
+        "async_scheduling": False,  # one step() = one executed batch: in-flight token counts are exact
+        "disable_log_stats": True,
         "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16]},
     }
     summary: dict[str, Any] = {"engines": {}, "checks": {}}

@@ -14,7 +14,7 @@ from nitsum_runtime.scenarios import reference_groups
 
 
 @pytest.fixture(scope="session")
-def tiny() -> ModelSpec:
+def tiny_llama() -> ModelSpec:
     """2 layers, 8 query heads, 2 KV heads (replicated at TP4), vocabulary padded from 100 to 128."""
     return ModelSpec(
         name="tiny",
@@ -29,8 +29,8 @@ def tiny() -> ModelSpec:
 
 
 @pytest.fixture(scope="session")
-def cluster(tiny: ModelSpec) -> Iterator[RankCluster]:
+def rank_cluster(tiny_llama: ModelSpec) -> Iterator[RankCluster]:
     """Four gloo rank processes (TP groups {0,1}, {2,3}, {0..3}) with float32 resident weights."""
-    cfg = ClusterConfig(spec=tiny, world_size=4, groups=reference_groups(4), block_size=4, seed=7)
+    cfg = ClusterConfig(spec=tiny_llama, world_size=4, groups=reference_groups(4), block_size=4, seed=7)
     with RankCluster(cfg, call_timeout_s=60, start_timeout_s=120) as c:
         yield c

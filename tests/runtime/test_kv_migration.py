@@ -118,7 +118,7 @@ def _full_kv(num_kv: int) -> torch.Tensor:
 
 
 def _migration_rank(worker: RankWorker, chunk_sizes: list[int]) -> list[bool]:
-    """On a cluster rank: every scenario at every chunk size; True for each check that holds."""
+    """On a rank_cluster rank: every scenario at every chunk size; True for each check that holds."""
     rank, device = worker.rank, worker.device
     ok = []
     for chunk_bytes, (src_ranks, dst_ranks, num_kv) in itertools.product(chunk_sizes, SCENARIOS):
@@ -144,9 +144,9 @@ def _migration_rank(worker: RankWorker, chunk_sizes: list[int]) -> list[bool]:
     return ok
 
 
-def test_migration_over_gloo_lands_exact_target_kv(cluster: RankCluster) -> None:
+def test_migration_over_gloo_lands_exact_target_kv(rank_cluster: RankCluster) -> None:
     chunk_sizes = [96, 1 << 20]  # many chunks (tokens split, both buffers reused) / one chunk
-    results = cluster.call([0, 1, 2, 3], "call", fn=_migration_rank, kwargs={"chunk_sizes": chunk_sizes})
+    results = rank_cluster.call([0, 1, 2, 3], "call", fn=_migration_rank, kwargs={"chunk_sizes": chunk_sizes})
     checks = [c for r in results for c in r]
     assert len(checks) == 3 * len(chunk_sizes) * sum(len(d) for _, d, _ in SCENARIOS)
     assert all(checks)

@@ -25,15 +25,15 @@ from nitsum_runtime.scenarios import (
 
 
 @pytest.fixture
-def make_pool(cluster: RankCluster) -> Iterator[Callable[..., EnginePool]]:
-    """Pools on the shared cluster, put to sleep after the test so that tests do not share memory."""
+def make_pool(rank_cluster: RankCluster) -> Iterator[Callable[..., EnginePool]]:
+    """Pools on the shared rank_cluster, put to sleep after the test so that tests do not share memory."""
     pools: list[EnginePool] = []
 
     def make(num_blocks: int, prefix: str, engines: list[ReferenceEngine] | None = None) -> EnginePool:
         if engines is not None:
             pools.append(EnginePool(engines, gpus_per_node=4))
         else:
-            pools.append(build_reference_pool(cluster, num_blocks=num_blocks, prefix=prefix))
+            pools.append(build_reference_pool(rank_cluster, num_blocks=num_blocks, prefix=prefix))
         return pools[-1]
 
     yield make
@@ -42,12 +42,12 @@ def make_pool(cluster: RankCluster) -> Iterator[Callable[..., EnginePool]]:
 
 
 def test_round_trip_tp1_tp2_tp4_tp1_with_migration(
-    make_pool: Callable[..., EnginePool], tiny: ModelSpec
+    make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec
 ) -> None:
     pool = make_pool(128, "rt-")
-    ex = TransitionExecutor(pool, tiny, policy="migrate")
+    ex = TransitionExecutor(pool, tiny_llama, policy="migrate")
     res = run_round_trip(
-        pool, ex, tiny, live=3, prompt_len=10, max_tokens=10, steps_between=2, tolerance=1e-4
+        pool, ex, tiny_llama, live=3, prompt_len=10, max_tokens=10, steps_between=2, tolerance=1e-4
     )
     assert res.probe_bit_identical
     assert res.ledger_ok
@@ -63,12 +63,12 @@ def test_round_trip_tp1_tp2_tp4_tp1_with_migration(
 
 
 def test_round_trip_with_reprefill_instead_of_migration(
-    make_pool: Callable[..., EnginePool], tiny: ModelSpec
+    make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec
 ) -> None:
     pool = make_pool(128, "rp-")
-    ex = TransitionExecutor(pool, tiny, policy="reprefill")
+    ex = TransitionExecutor(pool, tiny_llama, policy="reprefill")
     res = run_round_trip(
-        pool, ex, tiny, live=3, prompt_len=10, max_tokens=10, steps_between=2, tolerance=1e-4
+        pool, ex, tiny_llama, live=3, prompt_len=10, max_tokens=10, steps_between=2, tolerance=1e-4
     )
     assert res.passed, res
     live = [t.report for t in res.transitions if t.in_flight]
@@ -78,10 +78,10 @@ def test_round_trip_with_reprefill_instead_of_migration(
 
 
 def test_migrated_kv_equals_what_the_target_tp_computes(
-    make_pool: Callable[..., EnginePool], tiny: ModelSpec
+    make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec
 ) -> None:
     pool = make_pool(64, "kv-")
-    ex = TransitionExecutor(pool, tiny, policy="migrate")
+    ex = TransitionExecutor(pool, tiny_llama, policy="migrate")
     ex.execute(None, pinned_plan([(0,)]))
     req = GenerationRequest(request_id="a", prompt_token_ids=tuple(range(3, 17)), max_tokens=6)
     pool.submit(TIER, req)
@@ -102,33 +102,33 @@ def test_migrated_kv_equals_what_the_target_tp_computes(
         assert torch.allclose(m, d, atol=1e-5)
 
 
-def test_switch_loop_loses_no_request(make_pool: Callable[..., EnginePool], tiny: ModelSpec) -> None:
+def test_switch_loop_loses_no_request(make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec) -> None:
     pool = make_pool(128, "loop-")
-    ex = TransitionExecutor(pool, tiny)
-    res = run_switch_loop(pool, ex, tiny, switches=20, in_flight=3, prompt_len=6, max_tokens=4)
+    ex = TransitionExecutor(pool, tiny_llama)
+    res = run_switch_loop(pool, ex, tiny_llama, switches=20, in_flight=3, prompt_len=6, max_tokens=4)
     assert res.switches == 20 and res.lost == 0 and res.completed == res.submitted >= 10
     assert res.migrated > 0
 
 
 def test_instance_ids_reused_across_plans_route_correctly(
-    make_pool: Callable[..., EnginePool], tiny: ModelSpec
+    make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec
 ) -> None:
     # pinned plans number instances per plan: "chat/tp1-colocated/0" is GPU 1 in the first layout and GPU 0 in
     # the second, where GPU 1's instance is renamed "/1" while its requests keep decoding.
     pool = make_pool(64, "ren-")
-    ex = TransitionExecutor(pool, tiny)
+    ex = TransitionExecutor(pool, tiny_llama)
     layouts = (((1,),), ((0,), (1,)), ((0,),))
     res = run_switch_loop(
-        pool, ex, tiny, switches=6, layouts=layouts, in_flight=3, prompt_len=5, max_tokens=3
+        pool, ex, tiny_llama, switches=6, layouts=layouts, in_flight=3, prompt_len=5, max_tokens=3
     )
     assert res.lost == 0 and res.completed == res.submitted
 
 
 def test_wake_failure_rolls_back_without_losing_requests(
-    cluster: RankCluster, make_pool: Callable[..., EnginePool], tiny: ModelSpec
+    rank_cluster: RankCluster, make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec
 ) -> None:
     pool = make_pool(32, "fail-")
-    ex = TransitionExecutor(pool, tiny, policy="migrate")
+    ex = TransitionExecutor(pool, tiny_llama, policy="migrate")
     two_tp1 = pinned_plan([(0,), (1,)])
     assert ex.execute(None, two_tp1).ok
     reqs = [
@@ -137,12 +137,14 @@ def test_wake_failure_rolls_back_without_losing_requests(
     for r in reqs:
         pool.submit(TIER, r)
     pool.step()
-    per_rank = cluster.call([0], "memory")[0]["fail-tp1-g0"]
-    cluster.call([0, 1], "set_memory_budget", budget_bytes=int(per_rank * 1.3))  # no room for a TP2 shard too
+    per_rank = rank_cluster.call([0], "memory")[0]["fail-tp1-g0"]
+    rank_cluster.call(
+        [0, 1], "set_memory_budget", budget_bytes=int(per_rank * 1.3)
+    )  # no room for a TP2 shard too
     try:
         report = ex.execute(two_tp1, pinned_plan([(0, 1)]))
     finally:
-        cluster.call([0, 1], "set_memory_budget", budget_bytes=None)
+        rank_cluster.call([0, 1], "set_memory_budget", budget_bytes=None)
     assert not report.ok and report.rolled_back
     assert "MemoryError" in report.error and "wake" in report.error
     assert [s.kind for s in report.steps if s.kind.startswith("undo")] == [
@@ -151,7 +153,7 @@ def test_wake_failure_rolls_back_without_losing_requests(
         "undo:pause",
     ]
     assert pool.engine((0, 1)).state.value == "asleep"
-    assert cluster.call([0, 1], "memory") == [{"fail-tp1-g0": per_rank}, {"fail-tp1-g1": per_rank}]
+    assert rank_cluster.call([0, 1], "memory") == [{"fail-tp1-g0": per_rank}, {"fail-tp1-g1": per_rank}]
     while pool.unfinished():
         pool.step()
     # Never moved: same tokens as an undisturbed run of the same batch on the same engines.
@@ -167,15 +169,15 @@ def test_wake_failure_rolls_back_without_losing_requests(
 
 
 def test_import_failure_midway_rolls_back(
-    cluster: RankCluster, make_pool: Callable[..., EnginePool], tiny: ModelSpec
+    rank_cluster: RankCluster, make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec
 ) -> None:
     engines = [
-        ReferenceEngine(cluster, (0, 1), 32, engine_id="cap-tp2"),
-        ReferenceEngine(cluster, (0,), 32, engine_id="cap-tp1-g0"),
-        ReferenceEngine(cluster, (1,), 4, engine_id="cap-tp1-g1"),
+        ReferenceEngine(rank_cluster, (0, 1), 32, engine_id="cap-tp2"),
+        ReferenceEngine(rank_cluster, (0,), 32, engine_id="cap-tp1-g0"),
+        ReferenceEngine(rank_cluster, (1,), 4, engine_id="cap-tp1-g1"),
     ]
     pool = make_pool(0, "", engines)
-    ex = TransitionExecutor(pool, tiny, policy="migrate")
+    ex = TransitionExecutor(pool, tiny_llama, policy="migrate")
     assert ex.execute(None, pinned_plan([(0, 1)])).ok
     for i in range(3):
         pool.submit(
@@ -197,9 +199,11 @@ def test_import_failure_midway_rolls_back(
     assert all(len(pool.outputs[f"c{i}"]) == 8 for i in range(3))
 
 
-def test_sleep_refuses_an_engine_with_requests(make_pool: Callable[..., EnginePool], tiny: ModelSpec) -> None:
+def test_sleep_refuses_an_engine_with_requests(
+    make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec
+) -> None:
     pool = make_pool(16, "slp-")
-    ex = TransitionExecutor(pool, tiny)
+    ex = TransitionExecutor(pool, tiny_llama)
     ex.execute(None, pinned_plan([(2,)]))
     pool.submit(TIER, GenerationRequest(request_id="s", prompt_token_ids=(1, 2), max_tokens=3))
     with pytest.raises(EngineError, match="still holds requests"):

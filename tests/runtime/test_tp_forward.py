@@ -1,5 +1,5 @@
 """A TP-n forward of the reference Llama (vLLM-layout shards + gloo all-reduce on n processes) equals TP 1
-(run on the shared 4-rank cluster of conftest.py)."""
+(run on the shared 4-rank rank_cluster of conftest.py)."""
 
 from __future__ import annotations
 
@@ -47,29 +47,29 @@ def _run(
 
 
 def _rank_fn(worker: RankWorker, spec: ModelSpec) -> dict[int, tuple[list[TopK], list[torch.Tensor]]]:
-    """On a cluster rank: TP4 on all four ranks, then TP2 on {0, 1} or {2, 3}."""
+    """On a rank_cluster rank: TP4 on all four ranks, then TP2 on {0, 1} or {2, 3}."""
     r = worker.rank
     pair = (0, 1) if r < 2 else (2, 3)
     return {4: _run(spec, r, 4, worker.groups[(0, 1, 2, 3)]), 2: _run(spec, r % 2, 2, worker.groups[pair])}
 
 
 @pytest.fixture(scope="module")
-def tp1(tiny: ModelSpec) -> tuple[list[TopK], list[torch.Tensor]]:
-    return _run(tiny, 0, 1, None)
+def tp1(tiny_llama: ModelSpec) -> tuple[list[TopK], list[torch.Tensor]]:
+    return _run(tiny_llama, 0, 1, None)
 
 
 @pytest.fixture(scope="module")
 def tp_results(
-    cluster: RankCluster, tiny: ModelSpec
+    rank_cluster: RankCluster, tiny_llama: ModelSpec
 ) -> list[dict[int, tuple[list[TopK], list[torch.Tensor]]]]:
-    return cluster.call([0, 1, 2, 3], "call", fn=_rank_fn, kwargs={"spec": tiny})
+    return rank_cluster.call([0, 1, 2, 3], "call", fn=_rank_fn, kwargs={"spec": tiny_llama})
 
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_forward_equals_tp1(
     tp1: tuple[list[TopK], list[torch.Tensor]],
     tp_results: list[dict[int, tuple[list[TopK], list[torch.Tensor]]]],
-    tiny: ModelSpec,
+    tiny_llama: ModelSpec,
     tp: int,
 ) -> None:
     ref_rows, ref_caches = tp1
@@ -80,7 +80,7 @@ def test_tp_forward_equals_tp1(
         for got, ref in zip(rows, ref_rows, strict=True):
             assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-4)
             assert got.token_ids[0] == ref.token_ids[0]
-    lay = TpLayout.of(tiny, tp)
+    lay = TpLayout.of(tiny_llama, tp)
     for rank, (_, caches) in enumerate(results):
         heads = lay.kv_heads_of(rank % tp)
         for got, ref in zip(caches, ref_caches, strict=True):
