@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
+from functools import cached_property, lru_cache
 from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -57,7 +58,7 @@ class ServingConfig(Frozen):
             raise ValueError(f"tp={tp} is not supported; use one of {list(SUPPORTED_TP)}")
         return tp
 
-    @property
+    @cached_property
     def key(self) -> str:
         """Stable text key, e.g. ``tp4-decode``; used in capacity tables and solver names."""
         return f"tp{self.tp}-{self.role.value}"
@@ -84,8 +85,12 @@ class ServingConfig(Frozen):
 
 def all_configs(max_tp: int = 8, roles: Iterable[Role] = tuple(Role)) -> tuple[ServingConfig, ...]:
     """Every supported ``(tp, role)`` with ``tp <= max_tp``, in a stable order (tp, then role)."""
-    role_list = list(roles)
-    return tuple(ServingConfig(tp=tp, role=role) for tp in SUPPORTED_TP if tp <= max_tp for role in role_list)
+    return _all_configs(max_tp, tuple(Role(r) for r in roles))
+
+
+@lru_cache(maxsize=64)
+def _all_configs(max_tp: int, roles: tuple[Role, ...]) -> tuple[ServingConfig, ...]:
+    return tuple(ServingConfig(tp=tp, role=role) for tp in SUPPORTED_TP if tp <= max_tp for role in roles)
 
 
 class ModelSpec(Frozen):

@@ -7,6 +7,7 @@ check and normalise values (no I/O, no side effects); their errors name the fiel
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Self
 
 from pydantic import Field, field_validator, model_validator
@@ -170,7 +171,7 @@ class PlanningInput(Frozen):
                 "SLO, allow larger TP, or drop the tier"
             )
 
-    @property
+    @cached_property
     def candidate_configs(self) -> tuple[ServingConfig, ...]:
         """The configs the planner may use (explicit list, or every supported one that fits a node)."""
         return self.configs or all_configs(max_tp=self.cluster.gpus_per_node)
@@ -190,8 +191,19 @@ class PlanningInput(Frozen):
         obj = self.objective
         if self.current_plan is None or obj.switch_cost_s == 0:
             return 0.0
-        best_per_gpu = max(self.capacity.rate_rps(tier, c) / c.gpus for c in self.candidate_configs)
-        return self.tier(tier).weight * config.gpus * best_per_gpu * obj.switch_cost_s / obj.plan_horizon_s
+        per_gpu = self._churn_price_per_gpu[tier]
+        return config.gpus * per_gpu
+
+    @cached_property
+    def _churn_price_per_gpu(self) -> dict[str, float]:
+        obj = self.objective
+        return {
+            t.name: t.weight
+            * max(self.capacity.rate_rps(t.name, c) / c.gpus for c in self.candidate_configs)
+            * obj.switch_cost_s
+            / obj.plan_horizon_s
+            for t in self.tiers
+        }
 
     def tier(self, name: str) -> Tier:
         """The tier called ``name``."""

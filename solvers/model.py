@@ -122,7 +122,7 @@ class LinearModel:
         return sum(v.is_integer for v in self.variables)
 
     def _claim(self, name: str) -> None:
-        if not name or any(ch.isspace() for ch in name):
+        if not name or len(name.split()) != 1 or name.split()[0] != name:
             raise ModelError(f"name {name!r} must be non-empty and contain no whitespace")
         if name in self._names:
             raise ModelError(f"name {name!r} is used twice in model {self.name!r}")

@@ -3,7 +3,9 @@
 For each pool size, ``instances`` random inputs (3 tiers, TP {1,2,4,8} × 3 roles, half of them with a running
 plan so churn is priced) are planned by every planner. Times are wall-clock per ``plan()`` call, model build,
 placement and plan assembly included, after one warm-up call per planner (imports and solver start-up happen
-once per process in a real controller). Quality is each plan's objective divided by the greedy plan's.
+once per process in a real controller); CPU time of the calling process is reported beside it, because wall time
+on a shared 2-core machine also measures the neighbours (PuLP's CBC runs in a subprocess, so its CPU time is
+not counted there). Quality is each plan's objective divided by the greedy plan's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class SolveBenchRow(BaseModel):
     p50_ms: float
     p99_ms: float
     max_ms: float
+    cpu_p50_ms: float
+    cpu_p99_ms: float
     mean_objective_vs_greedy: float
     min_objective_vs_greedy: float
     share_at_least_greedy: float
@@ -80,11 +84,12 @@ def run_solve_bench(
         greedy_obj = [GreedyPlanner().plan(inp).objective for inp in inputs]
         for name, planner in built.items():
             planner.plan(inputs[0])  # warm-up
-            times, ratios, statuses = [], [], {}
+            times, cpu_times, ratios, statuses = [], [], [], {}
             for inp, base in zip(inputs, greedy_obj, strict=True):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 plan = planner.plan(inp)
                 times.append((time.perf_counter() - start) * 1000.0)
+                cpu_times.append((time.process_time() - cpu_start) * 1000.0)
                 ratios.append(plan.objective / base if base else 1.0)
                 statuses[plan.status.value] = statuses.get(plan.status.value, 0) + 1
             r = np.array(ratios)
@@ -96,6 +101,8 @@ def run_solve_bench(
                     p50_ms=float(np.percentile(times, 50)),
                     p99_ms=float(np.percentile(times, 99)),
                     max_ms=float(np.max(times)),
+                    cpu_p50_ms=float(np.percentile(cpu_times, 50)),
+                    cpu_p99_ms=float(np.percentile(cpu_times, 99)),
                     mean_objective_vs_greedy=float(r.mean()),
                     min_objective_vs_greedy=float(r.min()),
                     share_at_least_greedy=float(np.mean(r >= 1 - 1e-9)),

@@ -13,9 +13,8 @@ nothing fits. Ties break on tier order, then config order, so the result is dete
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nitsum_opt.assemble import assemble_plan
 from nitsum_opt.models.spec import Role, ServingConfig
@@ -44,7 +43,6 @@ class _Budget:
     """GPUs left, tracked with the same aggregate rows the formulation uses (exact for aligned packing)."""
 
     rows: list[tuple[int, int]]  # (min size s, room left for instances of size >= s)
-    used: dict[int, int] = field(default_factory=dict)
 
     def fits(self, sizes: tuple[int, ...]) -> bool:
         return all(sum(s for s in sizes if s >= lo) <= room for lo, room in self.rows)
@@ -64,30 +62,31 @@ def _budget(inp: PlanningInput) -> _Budget:
 class _Move:
     configs: tuple[ServingConfig, ...]
     rates: tuple[float, ...]
+    sizes: tuple[int, ...] = ()
+    gpus: int = 0
+    deltas: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(c.gpus for c in self.configs)
-
-    def deltas(self) -> tuple[float, float, float]:
+    @classmethod
+    def of(cls, configs: tuple[ServingConfig, ...], rates: tuple[float, ...]) -> _Move:
         dp = dd = dc = 0.0
-        for c, r in zip(self.configs, self.rates, strict=True):
+        for c, r in zip(configs, rates, strict=True):
             if c.role is Role.PREFILL:
                 dp += r
             elif c.role is Role.DECODE:
                 dd += r
             else:
                 dc += r
-        return dp, dd, dc
+        sizes = tuple(c.gpus for c in configs)
+        return cls(configs, rates, sizes, sum(sizes), (dp, dd, dc))
 
 
 def _moves(inp: PlanningInput, tier: str) -> list[_Move]:
     rated = [(c, inp.capacity.rate_rps(tier, c)) for c in inp.candidate_configs]
     rated = [(c, r) for c, r in rated if r > 0]
-    singles = [_Move((c,), (r,)) for c, r in rated]
+    singles = [_Move.of((c,), (r,)) for c, r in rated]
     prefill = [(c, r) for c, r in rated if c.role is Role.PREFILL]
     decode = [(c, r) for c, r in rated if c.role is Role.DECODE]
-    pairs = [_Move((p, d), (rp, rd)) for p, rp in prefill for d, rd in decode]
+    pairs = [_Move.of((p, d), (rp, rd)) for p, rp in prefill for d, rd in decode]
     return singles + pairs
 
 
@@ -118,35 +117,40 @@ class GreedyPlanner(Planner):
         moves = {t.name: _moves(inp, t.name) for t in inp.tiers}
         budget = _budget(inp)
         counts: dict[tuple[str, ServingConfig], int] = {}
+        best = {tier: self._tier_best(st, moves[tier], budget) for tier, st in states.items()}
         while True:
-            choice = self._best_move(states, moves, budget)
+            choice = None
+            for tier, cand in best.items():  # tier order breaks ties
+                if cand is not None and (choice is None or cand[0] > choice[0] + 1e-12):
+                    choice = (cand[0], tier, cand[1])
             if choice is None:
                 return counts
-            tier, move = choice
+            _, tier, move = choice
             budget.take(move.sizes)
-            dp, dd, dc = move.deltas()
+            dp, dd, dc = move.deltas
             st = states[tier]
             st.prefill, st.decode, st.colocated = st.prefill + dp, st.decode + dd, st.colocated + dc
             for c in move.configs:
                 counts[tier, c] = counts.get((tier, c), 0) + 1
+            # Only the served tier's scores changed; other tiers keep their best unless it no longer fits.
+            for other, cand in best.items():
+                if other == tier or (cand is not None and not budget.fits(cand[1].sizes)):
+                    best[other] = self._tier_best(states[other], moves[other], budget)
 
     @staticmethod
-    def _best_move(
-        states: dict[str, _TierState], moves: dict[str, list[_Move]], budget: _Budget
-    ) -> tuple[str, _Move] | None:
-        best: tuple[float, str, _Move] | None = None
-        for tier, st in states.items():
-            served = st.served()
-            if served >= st.demand:
+    def _tier_best(st: _TierState, moves: list[_Move], budget: _Budget) -> tuple[float, _Move] | None:
+        """Highest-scoring move of one tier that fits (first in config order on ties)."""
+        served = st.served()
+        if served >= st.demand:
+            return None
+        starvation = st.demand / served if served > 0 else 1e12
+        boost = _MIN_ADMISSION_BOOST if served < st.min_rate else 1.0
+        best: tuple[float, _Move] | None = None
+        for move in moves:
+            gain = st.served(*move.deltas) - served
+            if gain <= 1e-12:
                 continue
-            starvation = st.demand / served if served > 0 else math.inf
-            boost = _MIN_ADMISSION_BOOST if served < st.min_rate else 1.0
-            for move in moves[tier]:
-                gain = st.served(*move.deltas()) - served
-                if gain <= 1e-12 or not budget.fits(move.sizes):
-                    continue
-                per_gpu = st.weight * gain / sum(move.sizes) * boost
-                score = per_gpu * (starvation if math.isfinite(starvation) else 1e12)
-                if best is None or score > best[0] + 1e-12:
-                    best = (score, tier, move)
-        return None if best is None else (best[1], best[2])
+            score = st.weight * gain / move.gpus * boost * starvation
+            if (best is None or score > best[0] + 1e-12) and budget.fits(move.sizes):
+                best = (score, move)
+        return best

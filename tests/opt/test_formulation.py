@@ -97,6 +97,8 @@ def test_solver_visible_names_follow_the_math() -> None:
     names = {v.name for v in model.variables} | {c.name for c in model.constraints}
     for expected in (
         "n[chat,tp2-colocated]",
+        "b[chat]",
+        "tier_gpus[chat]",
         "y[chat]",
         "up[chat,tp4-colocated]",
         "down[chat,tp4-colocated]",

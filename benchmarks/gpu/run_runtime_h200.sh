@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Runtime checks and benchmarks on a 4x H200 machine (issue 5). Writes CSV/JSON/PNG + markdown under $OUT.
+#
+#   bash benchmarks/gpu/run_runtime_h200.sh core    # GPU tests (no vLLM) + (a) KV bandwidth + (b) reference switch
+#   bash benchmarks/gpu/run_runtime_h200.sh vllm    # (c) vLLM engines switching TP (needs vLLM in /tmp/site)
+#   bash benchmarks/gpu/run_runtime_h200.sh vllm-test|kv|switch|tests   # single steps
+#
+# CPU dry run of the same steps (what CI-like checks use): NITSUM_MIN_GPUS=0
+#   NITSUM_BENCH_ARGS="--model tiny --backend gloo --world 2 --quick --dtype float32 --tolerance 1e-3"
+#
+# Each step runs in its own session (setsid) under a timeout; rank and engine processes lead their own
+# sessions and exit when their parent dies. Exit status: 0 all passed, 1 a check failed, 2 could not run.
+set -uo pipefail
+part=${1:-core}
+OUT=${OUT:?set OUT to the results folder}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export CUBLAS_WORKSPACE_CONFIG=:4096:8 PYTHONUNBUFFERED=1
+unset PYTORCH_CUDA_ALLOC_CONF  # expandable segments break vLLM sleep mode
+
+# Import this tree without installing it: models/ and solvers/ map into nitsum_opt (see pyproject).
+PP=$(mktemp -d /tmp/nitsum_pp.XXXXXX)
+trap 'rm -rf "$PP"' EXIT
+mkdir -p "$PP/nitsum_opt"
+for f in "$ROOT"/nitsum_opt/*; do ln -s "$f" "$PP/nitsum_opt/"; done
+ln -s "$ROOT/models" "$PP/nitsum_opt/models"
+ln -s "$ROOT/solvers" "$PP/nitsum_opt/solvers"
+ln -s "$ROOT/nitsum_runtime" "$PP/nitsum_runtime"
+export PYTHONPATH="$PP${PYTHONPATH:+:$PYTHONPATH}"
+[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+cd "$PP" || exit 2   # never run from $ROOT: ./nitsum_opt there lacks the models mapping
+
+log="$OUT/run_runtime_h200.log"
+say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$log"; }
+say "part=$part root=$ROOT out=$OUT"
+nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv 2>&1 | tee -a "$log"
+if ! python3 - >>"$log" 2>&1 <<'PY'
+import sys, torch, pydantic, nitsum_runtime.gpu_bench  # noqa: F401
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "gpus", torch.cuda.device_count(), "pydantic", pydantic.__version__)
+import os
+if torch.cuda.device_count() < int(os.environ.get("NITSUM_MIN_GPUS", "4")):
+    sys.exit("need 4 GPUs for the runtime benchmarks")
+PY
+then
+  tail -5 "$log"; say "FATAL: python environment check failed (torch, pydantic, 4 GPUs, this tree importable)"; exit 2
+fi
+tail -1 "$log"
+
+status=0
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 t=$2; shift 2
+  say "== $name (timeout ${t}s): $*"
+  local start=$SECONDS
+  timeout -k 15 "$t" setsid -w "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  say "== $name rc=$rc in $((SECONDS - start)) s"
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then say "!! $name timed out"; rc=2; fi
+  [ "$rc" -gt "$status" ] && status=$rc
+  return 0
+}
+pytest_gpu() {  # pytest_gpu NAME TIMEOUT -k EXPR
+  step "$1" "$2" python3 -m pytest -q -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" \
+    -o addopts="--import-mode=importlib" -m gpu "$ROOT/tests/runtime/test_gpu_runtime.py" -k "$3" \
+    --junitxml "$OUT/$1.xml"
+}
+case $part in
+  tests)  pytest_gpu gpu_tests 240 "not vllm" ;;
+  kv)     step kv 240 python3 -m nitsum_runtime.gpu_bench kv --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
+  switch) step switch 400 python3 -m nitsum_runtime.gpu_bench switch --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
+  core)
+    pytest_gpu gpu_tests 150 "not vllm"
+    step kv 150 python3 -m nitsum_runtime.gpu_bench kv --out "$OUT" ${NITSUM_BENCH_ARGS:-}
+    step switch 270 python3 -m nitsum_runtime.gpu_bench switch --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
+  vllm|vllm-test)
+    python3 -c "import vllm" >>"$log" 2>&1 || { say "FATAL: vLLM not importable; install the bundles into /tmp/site"; exit 2; }
+    if [ "$part" = vllm-test ]; then pytest_gpu gpu_vllm_test 240 "vllm"
+    else step vllm 540 python3 -m nitsum_runtime.gpu_bench vllm --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
+  *) say "unknown part $part (core|vllm|vllm-test|tests|kv|switch)"; exit 2 ;;
+esac
+nvidia-smi --query-gpu=index,memory.used --format=csv 2>&1 | tee -a "$log"
+{ echo "# Runtime on H200 ($part), status $status"; echo; for f in "$OUT"/*/report.md; do [ -f "$f" ] && cat "$f" && echo; done; } > "$OUT/REPORT_$part.md"
+say "done: status=$status; report $OUT/REPORT_$part.md"
+exit $status

@@ -1,0 +1,36 @@
+"""Shared fixtures of the runtime tests: a tiny Llama shape and one 4-rank gloo cluster for the session
+(starting rank processes is the slow part of these tests, so they share one)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from nitsum_opt.models.spec import ModelSpec
+
+from nitsum_runtime.ref_cluster import RankCluster
+from nitsum_runtime.ref_worker import ClusterConfig
+from nitsum_runtime.scenarios import reference_groups
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> ModelSpec:
+    """2 layers, 8 query heads, 2 KV heads (replicated at TP4), vocabulary padded from 100 to 128."""
+    return ModelSpec(
+        name="tiny",
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=8,
+        num_kv_heads=2,
+        intermediate_size=48,
+        vocab_size=100,
+        max_model_len=256,
+    )
+
+
+@pytest.fixture(scope="session")
+def rank_cluster(tiny_llama: ModelSpec) -> Iterator[RankCluster]:
+    """Four gloo rank processes (TP groups {0,1}, {2,3}, {0..3}) with float32 resident weights."""
+    cfg = ClusterConfig(spec=tiny_llama, world_size=4, groups=reference_groups(4), block_size=4, seed=7)
+    with RankCluster(cfg, call_timeout_s=60, start_timeout_s=120) as c:
+        yield c

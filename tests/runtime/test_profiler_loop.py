@@ -1,0 +1,164 @@
+"""The profiler's experiment loop, run against a small engine that schedules like vLLM's v1 scheduler.
+
+``ToyEngine`` below is not a mock of vLLM: it implements the scheduling policy the profiler relies on
+(running requests first, one token per decode; then waiting requests first-come-first-served; a token budget
+per step; an optional per-request prompt chunk cap; a request finishes after ``max_tokens`` sampled tokens)
+and reports what it scheduled the way ``VllmEngine.step`` does. That lets CI check the labels, repeats and
+compositions the profiler records, and that its plan agrees with such a scheduler.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from nitsum_runtime.composition import ScheduledRequest
+from nitsum_runtime.profile_grid import EngineLimits, build_grid
+from nitsum_runtime.profile_schema import ExperimentKind, ProfileRow
+from nitsum_runtime.profiler import Profiler
+from nitsum_runtime.vllm_engine import StepResult
+
+
+@dataclass
+class _Req:
+    rid: str
+    prompt: int
+    max_tokens: int
+    computed: int = 0
+    generated: int = 0
+
+
+@dataclass
+class ToyEngine:
+    budget: int = 16384
+    max_seqs: int = 512
+    chunk_cap: int = 0
+    waiting: list[_Req] = field(default_factory=list)
+    running: list[_Req] = field(default_factory=list)
+    n: int = 0
+
+    def add_request(self, prompt_token_ids: list[int], max_tokens: int) -> str:
+        self.n += 1
+        self.waiting.append(_Req(f"q{self.n}", len(prompt_token_ids), max_tokens))
+        return f"q{self.n}"
+
+    def abort(self, request_ids: list[str]) -> None:
+        gone = set(request_ids)
+        self.running = [r for r in self.running if r.rid not in gone]
+        self.waiting = [r for r in self.waiting if r.rid not in gone]
+
+    def set_prefill_chunk_limit(self, tokens: int | None) -> None:
+        self.chunk_cap = tokens or 0
+
+    def _want(self, r: _Req, budget: int) -> int:
+        new = r.prompt + r.generated - r.computed
+        if 0 < self.chunk_cap < new:
+            new = self.chunk_cap
+        return min(new, budget)
+
+    def step(self) -> StepResult:
+        budget, plan = self.budget, []
+        for r in self.running:
+            if budget <= 0:
+                break
+            k = self._want(r, budget)
+            plan.append((r, k))
+            budget -= k
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            r = self.waiting.pop(0)
+            self.running.append(r)
+            k = self._want(r, budget)
+            plan.append((r, k))
+            budget -= k
+        scheduled = tuple(ScheduledRequest(r.rid, k, r.computed) for r, k in plan)
+        finished = set()
+        for r, k in plan:
+            r.computed += k
+            if r.computed >= r.prompt + r.generated:
+                r.generated += 1
+                if r.generated >= r.max_tokens:
+                    finished.add(r.rid)
+        self.running = [r for r in self.running if r.rid not in finished]
+        tokens = sum(k for _, k in plan)
+        return StepResult(1e-3 + tokens * 1e-7, scheduled, frozenset(finished))
+
+
+def _run(smoke: bool, kv: int, deadline: float = float("inf")) -> tuple[Profiler, list[ProfileRow]]:
+    limits = EngineLimits(max_model_len=8192, max_num_batched_tokens=16384, max_num_seqs=512, kv_cache_tokens=kv)
+    rows: list[ProfileRow] = []
+    prof = Profiler(
+        engine=ToyEngine(),
+        grid=build_grid(limits, smoke=smoke),
+        sink=rows.append,
+        model="toy",
+        gpu="CPU",
+        tp=1,
+        vocab_size=1000,
+        max_model_len=8192,
+        deadline=deadline,
+    )
+    prof.run()
+    return prof, rows
+
+
+def test_smoke_grid_plan_matches_the_schedule_and_rows_are_labelled() -> None:
+    prof, rows = _run(smoke=True, kv=200_000)
+    assert prof.mismatches == []
+    assert prof.skipped == []
+    assert prof.rows == len(rows) > 0
+    assert {r.experiment for r in rows} == set(ExperimentKind)
+    assert not any(r.config_id == "warmup" for r in rows)
+    for r in rows:
+        if m := re.fullmatch(r"prefill-n(\d+)-l(\d+)", r.config_id):
+            n, length = map(int, m.groups())
+            assert (r.num_prefill_seqs, r.prefill_tokens, r.num_decode_seqs) == (n, n * length, 0)
+            assert r.prefill_attention_pairs == n * length * (length + 1) // 2
+        elif m := re.fullmatch(r"decode-c(\d+)-b(\d+)", r.config_id):
+            ctx, b = map(int, m.groups())
+            assert r.experiment is ExperimentKind.DECODE and r.num_decode_seqs == b
+            # every sequence attends at least its prompt and one generated token
+            assert r.decode_context_tokens >= b * (ctx + 1)
+        elif m := re.fullmatch(r"mixed-c(\d+)-b(\d+)-p(\d+)-k(\d+)-i(\d+)", r.config_id):
+            _ctx, b, p, k, i = map(int, m.groups())
+            assert r.experiment is ExperimentKind.MIXED and r.num_decode_seqs == b
+            assert r.prefill_context_tokens == i * k
+            assert r.prefill_tokens == min(k, p - i * k)
+        elif m := re.fullmatch(r"chunked-p(\d+)-k(\d+)-i(\d+)", r.config_id):
+            p, k, i = map(int, m.groups())
+            assert r.experiment is ExperimentKind.PREFILL and r.prefill_context_tokens == i * k
+    decode_ids = {r.config_id for r in rows if r.config_id.startswith("decode-")}
+    assert decode_ids == {
+        "decode-c128-b8",
+        "decode-c128-b4",
+        "decode-c128-b2",
+        "decode-c128-b1",
+        "decode-c1024-b4",
+        "decode-c1024-b2",
+        "decode-c1024-b1",
+    }
+    repeats = {r.repeat for r in rows if r.config_id == "decode-c128-b8"}
+    assert repeats == {0, 1, 2, 3}
+
+
+def test_full_grid_runs_without_a_single_mismatch() -> None:
+    prof, rows = _run(smoke=False, kv=800_000)
+    assert prof.mismatches == []
+    assert prof.skipped == []
+    decode = [r for r in rows if r.config_id == "decode-c128-b512"]
+    assert len(decode) == 10 and all(r.num_decode_seqs == 512 for r in decode)
+
+
+def test_deadline_skips_configurations_and_says_which() -> None:
+    prof, rows = _run(smoke=True, kv=200_000, deadline=time.monotonic() - 1)
+    assert rows == []
+    assert "prefill-n1-l16" in prof.skipped
+    assert any(s.startswith("decode-c128") for s in prof.skipped)
+
+
+@pytest.mark.parametrize("kv", [20_000])
+def test_small_cache_never_preempts(kv: int) -> None:
+    prof, _rows = _run(smoke=False, kv=kv)
+    assert prof.mismatches == []
