@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from nitsum_opt.models.spec import CapacityTable, LengthMix, Role, SloTarget, all_configs
+from nitsum_opt.models.spec import CapacityTable, LengthMix, Role, ServingConfig, SloTarget
 from nitsum_opt.sim.settings import EngineSettings
 from nitsum_opt.sim.timing import IterationTimeModel
 
@@ -156,7 +156,7 @@ def _colocated_rate(
 def interim_capacity_table(
     model: IterationTimeModel,
     tiers: dict[str, tuple[SloTarget, LengthMix]],
-    max_tp: int,
+    configs: tuple[ServingConfig, ...],
     engine: EngineSettings,
 ) -> CapacityTable:
     """``R[t,c]`` (INTERIM, see the module docstring): decode/colocated from Little's law at the SLO-safe batch,
@@ -165,7 +165,7 @@ def interim_capacity_table(
     for name, (slo, length_mix) in tiers.items():
         mix = MixStats.of(length_mix)
         row = {}
-        for c in all_configs(max_tp=max_tp):
+        for c in configs:
             r = _rate(model, c.tp, c.role, slo, mix, engine)
             row[c.key] = r if math.isfinite(r) else 0.0
         rates[name] = row

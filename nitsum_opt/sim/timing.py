@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 from pydantic import Field
 
-from nitsum_opt.models.spec import Frozen, ModelSpec
+from nitsum_opt.models.spec import SUPPORTED_TP, Frozen, ModelSpec
 
 GIB = 1024**3
 
@@ -51,6 +52,11 @@ class IterationTimeModel(Protocol):
     def kv_cache_tokens(self, tp: int) -> int:
         """KV-cache capacity of one engine of TP ``tp``, in tokens."""
         ...
+
+
+def model_tps(model: IterationTimeModel) -> tuple[int, ...]:
+    """TP degrees ``model`` can time (a fitted model covers the profiled ones; the roofline every supported one)."""
+    return tuple(int(tp) for tp in getattr(model, "tps", SUPPORTED_TP))
 
 
 class GpuSpec(Frozen):
@@ -138,6 +144,14 @@ class RooflineIterationModel:
         seqs = num_prefill_seqs + num_decode_seqs
         overhead_ms = self.gpu.step_overhead_ms + self.gpu.per_seq_overhead_ms * seqs
         return overhead_ms + 1000.0 * (gemm_s + attn_s + kv_s + ar_s)
+
+    def predict_batch_ms(self, composition: np.ndarray, validate: bool = True) -> np.ndarray:
+        """:meth:`predict_ms` of every row of a composition matrix (columns ``tp, num_prefill_seqs, prefill_tokens,
+        prefill_attention_pairs, num_decode_seqs, decode_context_tokens``), for capacity builders."""
+        rows = np.atleast_2d(np.asarray(composition, dtype=float))
+        if validate and (rows.shape[1] != 6 or not np.all(np.isfinite(rows)) or (rows < 0).any()):
+            raise ValueError(f"composition must be finite, non-negative and have 6 columns; got shape {rows.shape}")
+        return np.array([self.predict_ms(int(r[0]), *(float(v) for v in r[1:])) for r in rows])  # type: ignore[arg-type]
 
     def kv_cache_tokens(self, tp: int) -> int:
         """vLLM's sizing: ``utilization · memory − weights/tp − reserve`` per GPU, over KV bytes per token per GPU."""

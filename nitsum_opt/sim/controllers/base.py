@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from nitsum_opt.models.spec import ModelSpec
 from nitsum_opt.sim.deployment import Deployment
 from nitsum_opt.sim.settings import SimSettings
-from nitsum_opt.sim.timing import IterationTimeModel
+from nitsum_opt.sim.timing import IterationTimeModel, model_tps
 from nitsum_opt.spec import ClusterSpec, Tier
 from nitsum_opt.workloads.trace import RequestTrace
 
@@ -27,6 +27,11 @@ class ControlContext:
     """Its iteration-time model (controllers may use it for capacity estimates)."""
     settings: SimSettings
     """Engine and switch-cost settings."""
+
+    @property
+    def tps(self) -> tuple[int, ...]:
+        """TP degrees an instance may use: those the iteration model covers that fit a node."""
+        return tuple(tp for tp in model_tps(self.model) if tp <= self.cluster.gpus_per_node)
 
 
 class Controller(ABC):

@@ -39,10 +39,28 @@ FALLBACK_MIX = LengthMix.single(1024, 256)
 """Length mix assumed for a tier that has not sent a request yet."""
 
 
+def candidate_configs(ctx: ControlContext) -> tuple[ServingConfig, ...]:
+    """Every (tp, role) the planner may use: TP degrees the iteration model covers that fit a node."""
+    return tuple(ServingConfig(tp=tp, role=role) for tp in ctx.tps for role in Role)
+
+
 def capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> CapacityTable:
-    """``R[t,c]`` for the tiers' current mixes. INTERIM: replace with ``nitsum_opt.models.build_capacity_table``."""
-    tiers = {t.name: (t.slo, mixes.get(t.name, FALLBACK_MIX)) for t in ctx.tiers}
-    return interim_capacity_table(ctx.model, tiers, ctx.cluster.gpus_per_node, ctx.settings.engine)
+    """``R[t,c]`` for the tiers' current mixes: ``nitsum_opt.models.capacity.build_capacity_table`` (the latency
+    models' queueing-based builder) when it is installed, else the INTERIM estimate of
+    :func:`nitsum_opt.sim.capacity.interim_capacity_table`."""
+    try:
+        from nitsum_opt.models.capacity import CapacityOptions, TierWorkload, build_capacity_table  # type: ignore[import-not-found]
+    except ImportError:
+        tiers = {t.name: (t.slo, mixes.get(t.name, FALLBACK_MIX)) for t in ctx.tiers}
+        return interim_capacity_table(ctx.model, tiers, candidate_configs(ctx), ctx.settings.engine)
+    engine = ctx.settings.engine
+    return build_capacity_table(
+        ctx.model,  # type: ignore[arg-type]
+        [TierWorkload(name=t.name, slo=t.slo, length_mix=mixes.get(t.name, FALLBACK_MIX)) for t in ctx.tiers],
+        configs=candidate_configs(ctx),
+        options=CapacityOptions(max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs),
+        source_label="nitsum_opt.models.capacity",
+    )
 
 
 def tuning_table(
@@ -53,9 +71,7 @@ def tuning_table(
     out: dict[tuple[str, int, Role], tuple[int, int | None]] = {}
     for t in ctx.tiers:
         mix = MixStats.of(mixes.get(t.name, FALLBACK_MIX))
-        for tp in (1, 2, 4, 8):
-            if tp > ctx.cluster.gpus_per_node:
-                continue
+        for tp in ctx.tps:
             budget = min(
                 ctx.settings.engine.max_num_batched_tokens, slo_token_budget(ctx.model, tp, t.tpot_slo_ms, mix)
             )
@@ -187,6 +203,7 @@ class NitsumController(Controller):
             tiers=ctx.tiers,
             demand=tuple(TierDemand(tier=t.name, arrival_rate_rps=float(forecast[k])) for k, t in enumerate(ctx.tiers)),
             capacity=self._capacity_for(ctx),
+            configs=candidate_configs(ctx),
             objective=ObjectiveSettings(switch_cost_s=sw.switch_s, plan_horizon_s=max(60.0, 2 * ctx.settings.epoch_s)),
             current_plan=None if self.plan is None else self.plan.as_current(),
             model=ctx.model_spec,

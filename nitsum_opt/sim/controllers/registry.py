@@ -30,6 +30,7 @@ from nitsum_opt.sim.controllers.search import (
     vllm_candidates,
 )
 from nitsum_opt.sim.controllers.static import vllm_static
+from nitsum_opt.sim.timing import model_tps
 from nitsum_opt.workloads.forecast import EwmaForecaster, LastWindowForecaster
 
 
@@ -68,6 +69,8 @@ def _nitsum_greedy(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
 
 def _vllm_tp(tp: int) -> Callable[[StaticEvaluator, ControllerOptions], Controller]:
     def make(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
+        if tp not in model_tps(ev.model):
+            raise ValueError(f"tp={tp} is not covered by the iteration model (it covers tp {model_tps(ev.model)})")
         return StaticController(
             f"vllm-static-tp{tp}", vllm_static(ev.cluster, tp, False, ev.settings.engine.max_num_seqs)
         )
@@ -81,7 +84,7 @@ def _vllm_priority(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
 
 
 def _distserve(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
-    best, _ = ev.best(distserve_deployments(ev.cluster, ev.settings.engine.max_num_seqs))
+    best, _ = ev.best(distserve_deployments(ev))
     return StaticController("distserve", best)
 
 

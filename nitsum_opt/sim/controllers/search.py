@@ -24,7 +24,13 @@ from nitsum_opt.models.spec import LengthMix, ModelSpec
 from nitsum_opt.planners import MilpPlanner
 from nitsum_opt.sim.capacity import slo_token_budget
 from nitsum_opt.sim.controllers.base import ControlContext, StaticController
-from nitsum_opt.sim.controllers.nitsum import FALLBACK_MIX, capacity_table, fill_idle_gpus, tuning_table
+from nitsum_opt.sim.controllers.nitsum import (
+    FALLBACK_MIX,
+    candidate_configs,
+    capacity_table,
+    fill_idle_gpus,
+    tuning_table,
+)
 from nitsum_opt.sim.controllers.static import distserve, distserve_candidates, split, vllm_static
 from nitsum_opt.sim.deployment import Deployment, deployment_from_plan
 from nitsum_opt.sim.results import SimResult
@@ -122,18 +128,17 @@ def vllm_candidates(ev: StaticEvaluator, priority: bool, tuned: bool) -> list[De
     ``tuned``) also with the SLO-aware budget of the strictest tier."""
     seqs = ev.settings.engine.max_num_seqs
     out = []
-    for tp in (1, 2, 4, 8):
-        if tp > ev.cluster.gpus_per_node:
-            continue
+    for tp in ev.ctx.tps:
         out.append(vllm_static(ev.cluster, tp, priority, seqs))
         if tuned:
             out.append(vllm_static(ev.cluster, tp, priority, seqs, strictest_budget(ev, tp)))
     return out
 
 
-def distserve_deployments(cluster: ClusterSpec, max_num_seqs: int) -> list[Deployment]:
-    """Every DistServe placement that uses all GPUs."""
-    return [distserve(cluster, p, d, max_num_seqs) for p, d in distserve_candidates(cluster)]
+def distserve_deployments(ev: StaticEvaluator) -> list[Deployment]:
+    """Every DistServe placement that uses all GPUs (TP degrees the iteration model covers)."""
+    seqs = ev.settings.engine.max_num_seqs
+    return [distserve(ev.cluster, p, d, seqs) for p, d in distserve_candidates(ev.cluster, ev.ctx.tps)]
 
 
 def hindsight_mixes(trace: RequestTrace) -> dict[str, LengthMix]:
@@ -151,7 +156,7 @@ def split_deployment(ev: StaticEvaluator, tuned: bool = False) -> Deployment:
     seqs = ev.settings.engine.max_num_seqs
     tuning = {k: (seqs, v[1] if tuned else None) for k, v in table.items()}
     label = "split (SLO-aware steps)" if tuned else "split"
-    return split(ev.cluster, mean, capacity_table(ev.ctx, mixes), tuning, label=label)
+    return split(ev.cluster, mean, capacity_table(ev.ctx, mixes), tuning, ev.ctx.tps, label=label)
 
 
 def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
@@ -170,6 +175,7 @@ def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
             tiers=ev.tiers,
             demand=tuple(TierDemand(tier=t.name, arrival_rate_rps=float(level[k])) for k, t in enumerate(ev.tiers)),
             capacity=capacity,
+            configs=candidate_configs(ctx),
             model=ev.model_spec,
         )
         plan = fill_idle_gpus(inp, planner.plan(inp))
@@ -187,7 +193,7 @@ def oracle_candidates(ev: StaticEvaluator) -> list[Deployment]:
     return [
         *vllm_candidates(ev, priority=False, tuned=True),
         *vllm_candidates(ev, priority=True, tuned=True),
-        *distserve_deployments(ev.cluster, ev.settings.engine.max_num_seqs),
+        *distserve_deployments(ev),
         split_deployment(ev),
         split_deployment(ev, tuned=True),
         *tiered_candidates(ev),

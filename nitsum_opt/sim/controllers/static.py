@@ -82,10 +82,13 @@ def distserve(
     )
 
 
-def distserve_candidates(cluster: ClusterSpec) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """Every ``((tp_p, n_p), (tp_d, n_d))`` that uses all GPUs and packs into the nodes."""
+def distserve_candidates(
+    cluster: ClusterSpec, tps: tuple[int, ...] = (1, 2, 4, 8)
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Every ``((tp_p, n_p), (tp_d, n_d))`` with TP degrees from ``tps`` that uses all GPUs and packs into the
+    nodes."""
     out = []
-    tps = [tp for tp in (1, 2, 4, 8) if tp <= cluster.gpus_per_node]
+    tps = tuple(tp for tp in tps if tp <= cluster.gpus_per_node)
     g = cluster.total_gpus
     for tp_p in tps:
         for tp_d in tps:
@@ -106,12 +109,12 @@ def distserve_candidates(cluster: ClusterSpec) -> list[tuple[tuple[int, int], tu
 
 
 def split_counts(
-    cluster: ClusterSpec, mean_rps: Mapping[str, float], capacity: CapacityTable
+    cluster: ClusterSpec, mean_rps: Mapping[str, float], capacity: CapacityTable, tps: tuple[int, ...] = (1, 2, 4, 8)
 ) -> dict[tuple[str, ServingConfig], int]:
     """GPUs per tier ∝ mean demand / best colocated per-GPU rate (largest remainder, at least one GPU for a tier
     with demand), each share filled with the tier's best per-GPU colocated config that fits it."""
     tiers = [t for t, r in mean_rps.items() if r > 0] or list(mean_rps)
-    configs = [ServingConfig(tp=tp, role=Role.COLOCATED) for tp in (1, 2, 4, 8) if tp <= cluster.gpus_per_node]
+    configs = [ServingConfig(tp=tp, role=Role.COLOCATED) for tp in tps if tp <= cluster.gpus_per_node]
 
     def per_gpu(tier: str, c: ServingConfig) -> float:
         return capacity.rate_rps(tier, c) / c.gpus
@@ -143,11 +146,12 @@ def split(
     mean_rps: Mapping[str, float],
     capacity: CapacityTable,
     tuning: Tuning,
+    tps: tuple[int, ...] = (1, 2, 4, 8),
     label: str = "split",
 ) -> Deployment:
     """One FCFS colocated cluster per tier (see :func:`split_counts`); falls back to TP-1 engines when the
     chosen TP sizes do not pack into the nodes."""
-    counts = split_counts(cluster, mean_rps, capacity)
+    counts = split_counts(cluster, mean_rps, capacity, tps)
     try:
         instances = place(cluster, counts, tuning)
     except PlacementError:
