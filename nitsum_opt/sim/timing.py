@@ -147,11 +147,23 @@ class RooflineIterationModel:
 
     def predict_batch_ms(self, composition: np.ndarray, validate: bool = True) -> np.ndarray:
         """:meth:`predict_ms` of every row of a composition matrix (columns ``tp, num_prefill_seqs, prefill_tokens,
-        prefill_attention_pairs, num_decode_seqs, decode_context_tokens``), for capacity builders."""
+        prefill_attention_pairs, num_decode_seqs, decode_context_tokens``), vectorised, for capacity builders."""
         rows = np.atleast_2d(np.asarray(composition, dtype=float))
         if validate and (rows.shape[1] != 6 or not np.all(np.isfinite(rows)) or (rows < 0).any()):
             raise ValueError(f"composition must be finite, non-negative and have 6 columns; got shape {rows.shape}")
-        return np.array([self.predict_ms(int(r[0]), *(float(v) for v in r[1:])) for r in rows])  # type: ignore[arg-type]
+        tp, n_pre, tok_pre, pairs, n_dec, ctx = (rows[:, i] for i in range(6))
+        m, g = self.model, self.gpu
+        tokens = tok_pre + n_dec
+        gemm_s = np.maximum(
+            2.0 * self._params * tokens / tp / self._gemm_rate, self._weight_bytes / tp / self._mem_rate
+        )
+        attn_s = pairs * self._attn_flops_per_pair / tp / self._attn_rate
+        heads = np.where(tp <= m.num_kv_heads, np.maximum(1, m.num_kv_heads // tp), 1)
+        kv_s = ctx * 2.0 * m.num_layers * heads * m.head_dim * m.dtype_bytes / self._mem_rate
+        per_ar = g.allreduce_latency_us * 1e-6 + 2.0 * (tp - 1) / tp * tokens * self._ar_bytes_per_token / self._ar_rate
+        ar_s = np.where(tp > 1, self._num_ar * per_ar, 0.0)
+        overhead_ms = g.step_overhead_ms + g.per_seq_overhead_ms * (n_pre + n_dec)
+        return overhead_ms + 1000.0 * (gemm_s + attn_s + kv_s + ar_s)
 
     def kv_cache_tokens(self, tp: int) -> int:
         """vLLM's sizing: ``utilization · memory − weights/tp − reserve`` per GPU, over KV bytes per token per GPU."""

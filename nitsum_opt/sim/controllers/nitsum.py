@@ -4,7 +4,8 @@ Per epoch it sees the requests of the epoch that just ended and
 
 1. appends their per-tier arrival rate to its history and forecasts the next epoch: the ``forecaster`` (EWMA with
    headroom by default), but never below the last epoch's rate with headroom (``follow_rises``: a rise is
-   followed at once, a fall is smoothed);
+   followed at once, a fall is smoothed), times the tier's *burst factor* (how much burstier than Poisson its
+   recent arrivals are at the time scale of its TTFT target; the capacity table assumes Poisson arrivals);
 2. takes each tier's length mix from the requests of the last ``mix_window_s`` seconds and rebuilds ``R[t,c]``
    only when a tier's mean prompt or output length moved by more than ``mix_tolerance`` since the cached table
    (the table comes from :func:`capacity_table` — INTERIM until the latency models' builder is on main);
@@ -18,6 +19,10 @@ Per epoch it sees the requests of the epoch that just ended and
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
 
 import numpy as np
 
@@ -44,10 +49,39 @@ def candidate_configs(ctx: ControlContext) -> tuple[ServingConfig, ...]:
     return tuple(ServingConfig(tp=tp, role=role) for tp in ctx.tps for role in Role)
 
 
+_TABLES: OrderedDict[str, tuple[object, CapacityTable]] = OrderedDict()
+_TABLES_MAX = 64
+
+
 def capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> CapacityTable:
     """``R[t,c]`` for the tiers' current mixes: ``nitsum_opt.models.capacity.build_capacity_table`` (the latency
     models' queueing-based builder) when it is installed, else the INTERIM estimate of
-    :func:`nitsum_opt.sim.capacity.interim_capacity_table`."""
+    :func:`nitsum_opt.sim.capacity.interim_capacity_table`. Tables are memoised per process (least recently used,
+    keyed by the model object, tiers, mixes, configs and engine knobs), so systems that see the same mixes share
+    them."""
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                [t.model_dump(mode="json") for t in ctx.tiers],
+                {k: v.model_dump(mode="json") for k, v in sorted(mixes.items())},
+                [c.key for c in candidate_configs(ctx)],
+                ctx.settings.engine.model_dump(mode="json"),
+            ],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is ctx.model:
+        _TABLES.move_to_end(key)
+        return hit[1]
+    table = _build_table(ctx, mixes)
+    _TABLES[key] = (ctx.model, table)
+    while len(_TABLES) > _TABLES_MAX:
+        _TABLES.popitem(last=False)
+    return table
+
+
+def _build_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> CapacityTable:
     try:
         from nitsum_opt.models.capacity import CapacityOptions, TierWorkload, build_capacity_table  # type: ignore[import-not-found]
     except ImportError:
@@ -122,6 +156,41 @@ def fill_idle_gpus(inp: PlanningInput, plan: Plan) -> Plan:
     )
 
 
+def _erfinv(y: float) -> float:
+    """Inverse error function (Giles' single-precision approximation, |error| < 4e-7 on (-1, 1))."""
+    w = -np.log((1.0 - y) * (1.0 + y))
+    if w < 5.0:
+        w -= 2.5
+        coeffs = (
+            2.81022636e-08,
+            3.43273939e-07,
+            -3.5233877e-06,
+            -4.39150654e-06,
+            0.00021858087,
+            -0.00125372503,
+            -0.00417768164,
+            0.246640727,
+            1.50140941,
+        )
+    else:
+        w = np.sqrt(w) - 3.0
+        coeffs = (
+            -0.000200214257,
+            0.000100950558,
+            0.00134934322,
+            -0.00367342844,
+            0.00573950773,
+            -0.0076224613,
+            0.00943887047,
+            1.00167406,
+            2.83297682,
+        )
+    p = coeffs[0]
+    for c in coeffs[1:]:
+        p = c + p * w
+    return float(p * y)
+
+
 def _means(mix: LengthMix) -> tuple[float, float]:
     return mix.mean_input_tokens, mix.mean_output_tokens
 
@@ -139,6 +208,8 @@ class NitsumController(Controller):
         mix_tolerance: float = 0.15,
         fill_idle: bool = True,
         follow_rises: bool = True,
+        burst_quantile: float | None = 0.9,
+        max_burst_factor: float = 2.0,
     ) -> None:
         self.name = name
         self.planner = planner
@@ -148,6 +219,10 @@ class NitsumController(Controller):
         self.mix_tolerance = mix_tolerance
         self.fill_idle = fill_idle
         self.follow_rises = follow_rises
+        self.burst_quantile = burst_quantile
+        self.max_burst_factor = max_burst_factor
+        self._burst = np.ones(0)
+        self._ttft_s: list[float] = []
         self.history: list[np.ndarray] = []
         self.windows: list[RequestTrace] = []
         self.plan: Plan | None = None
@@ -178,6 +253,28 @@ class NitsumController(Controller):
         self.windows = kept[::-1]
         recent = RequestTrace.merge(self.windows, tier_names=window.tier_names) if len(self.windows) > 1 else window
         self._mixes.update(length_mixes(recent))
+        self._burst = self._burst_factors(recent, window.tier_names)
+
+    def _burst_factors(self, recent: RequestTrace, tier_names: tuple[str, ...]) -> np.ndarray:
+        """Per tier, how much burstier than Poisson the recent arrivals are: the ``burst_quantile`` of the counts
+        in windows of ``max(5 s, 4 × TTFT target)`` over the same quantile of a Poisson count with their mean
+        (normal approximation), in ``[1, max_burst_factor]``. The capacity table assumes Poisson arrivals; this
+        factor is the headroom a burstier tier needs."""
+        out = np.ones(len(tier_names))
+        if self.burst_quantile is None or recent.duration_s <= 0:
+            return out
+        z = float(np.sqrt(2.0) * _erfinv(2.0 * self.burst_quantile - 1.0))
+        for k in range(len(tier_names)):
+            arrivals = recent.arrival_s[recent.tier == k]
+            window = max(5.0, 4.0 * self._ttft_s[k]) if k < len(self._ttft_s) else 5.0
+            bins = int(recent.duration_s // window)
+            if bins < 4 or arrivals.size == 0:
+                continue
+            counts = np.bincount(((arrivals - recent.start_s) // window).astype(int).clip(0, bins - 1), minlength=bins)
+            mean = counts.mean()
+            poisson_q = mean + z * np.sqrt(mean)
+            out[k] = min(self.max_burst_factor, max(1.0, float(np.quantile(counts, self.burst_quantile)) / poisson_q))
+        return out
 
     def _capacity_for(self, ctx: ControlContext) -> CapacityTable:
         means = {name: _means(mix) for name, mix in self._mixes.items()}
@@ -193,10 +290,12 @@ class NitsumController(Controller):
         return table
 
     def _step(self, ctx: ControlContext, now_s: float, window: RequestTrace) -> Deployment:
+        self._ttft_s = [t.ttft_slo_ms / 1000.0 for t in ctx.tiers]
         self._observe(window)
         forecast = self.forecaster.forecast(np.asarray(self.history))
         if self.follow_rises or len(self.history) == 1:
             forecast = np.maximum(forecast, self.history[-1] * (1.0 + self.forecaster.headroom))
+        forecast = forecast * self._burst
         sw = ctx.settings.switch
         inp = PlanningInput(
             cluster=ctx.cluster,
