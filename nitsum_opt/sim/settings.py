@@ -60,6 +60,10 @@ class SimSettings(Frozen):
     """Seconds simulated after the last arrival; requests still running then are reported unfinished."""
     epoch_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     """Seconds between two controller decisions (a controller that never changes its plan ignores it)."""
+    capacity_percentile: float | None = Field(default=97.0, gt=0, lt=100)
+    """SLO percentile the controllers build capacity tables for when it is above a tier's own (``None``: the tier's).
+    ``R[t,c]`` is the rate at which exactly that share of requests meets the SLO; planning at a higher share
+    leaves the headroom that keeps admitted traffic above the tier's percentile under real (bursty) arrivals."""
     max_jump_steps: int = Field(default=1_000_000, ge=1)
     """Most decode steps one fast-forward jump covers (bounds the secant approximation for models that are
     not affine in the decode context)."""

@@ -28,14 +28,14 @@ import numpy as np
 
 from nitsum_opt.assemble import assemble_plan
 from nitsum_opt.evaluate import tier_capacity_rps
-from nitsum_opt.models.spec import CapacityTable, LengthMix, Role, ServingConfig
+from nitsum_opt.models.spec import CapacityTable, LengthMix, Role, ServingConfig, SloTarget
 from nitsum_opt.placement import PlacementError, place_instances
 from nitsum_opt.plan import Plan
 from nitsum_opt.planners import Planner, StabilizerSettings, StabilizerState, stabilize
 from nitsum_opt.sim.capacity import MixStats, interim_capacity_table, slo_safe_seqs, slo_token_budget
 from nitsum_opt.sim.controllers.base import ControlContext, Controller
 from nitsum_opt.sim.deployment import Deployment, deployment_from_plan
-from nitsum_opt.spec import ObjectiveSettings, PlanningInput, TierDemand
+from nitsum_opt.spec import ObjectiveSettings, PlanningInput, Tier, TierDemand
 from nitsum_opt.workloads.demand import length_mixes
 from nitsum_opt.workloads.forecast import EwmaForecaster, LastWindowForecaster
 from nitsum_opt.workloads.trace import RequestTrace
@@ -66,6 +66,7 @@ def capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> Capacity
                 {k: v.model_dump(mode="json") for k, v in sorted(mixes.items())},
                 [c.key for c in candidate_configs(ctx)],
                 ctx.settings.engine.model_dump(mode="json"),
+                ctx.settings.capacity_percentile,
             ],
             sort_keys=True,
         ).encode()
@@ -81,16 +82,27 @@ def capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> Capacity
     return table
 
 
+def planning_slo(ctx: ControlContext, tier: Tier) -> SloTarget:
+    """The tier's SLO with the percentile raised to ``settings.capacity_percentile`` (never lowered)."""
+    wanted = ctx.settings.capacity_percentile
+    if wanted is None or wanted <= tier.slo_percentile:
+        return tier.slo
+    return tier.slo.model_copy(update={"slo_percentile": wanted})
+
+
 def _build_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> CapacityTable:
     try:
         from nitsum_opt.models.capacity import CapacityOptions, TierWorkload, build_capacity_table  # type: ignore[import-not-found]
     except ImportError:
-        tiers = {t.name: (t.slo, mixes.get(t.name, FALLBACK_MIX)) for t in ctx.tiers}
+        tiers = {t.name: (planning_slo(ctx, t), mixes.get(t.name, FALLBACK_MIX)) for t in ctx.tiers}
         return interim_capacity_table(ctx.model, tiers, candidate_configs(ctx), ctx.settings.engine)
     engine = ctx.settings.engine
     return build_capacity_table(
         ctx.model,  # type: ignore[arg-type]
-        [TierWorkload(name=t.name, slo=t.slo, length_mix=mixes.get(t.name, FALLBACK_MIX)) for t in ctx.tiers],
+        [
+            TierWorkload(name=t.name, slo=planning_slo(ctx, t), length_mix=mixes.get(t.name, FALLBACK_MIX))
+            for t in ctx.tiers
+        ],
         configs=candidate_configs(ctx),
         options=CapacityOptions(max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs),
         source_label="nitsum_opt.models.capacity",
