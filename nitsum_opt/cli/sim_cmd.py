@@ -81,8 +81,9 @@ def print_sweep(sweep: SweepResult, summary: SweepSummary) -> None:
     """Terminal tables: every run, max load at ≥ 90 %, Nitsum vs the strongest other system, the targets."""
     tiers = [t.name for t in sweep.scenario.tiers]
     table = Table(title=f"{sweep.scenario.name}: {sweep.scenario.cluster.total_gpus} GPUs, {sweep.model_source}")
-    for col in ("load", "req/s", "system", "goodput", "per GPU", "attain.", *tiers, "switches", "deployment"):
-        table.add_column(col, justify="left" if col in ("system", "deployment") else "right", overflow="fold")
+    for col in ("load", "req/s", "system", "goodput", "per GPU", "attain.", *tiers, "switches"):
+        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
+    table.add_column("first deployment", no_wrap=True, overflow="ellipsis", max_width=44)
     for lvl in sweep.levels:
         for k, run in enumerate(lvl.runs):
             m = run.metrics
@@ -96,7 +97,7 @@ def print_sweep(sweep: SweepResult, summary: SweepSummary) -> None:
                 f"{m.attainment:.1%}",
                 *(f"{t.attainment:.1%}" for t in m.tiers),
                 str(m.engine_switches),
-                m.deployment[:60],
+                m.deployment,
                 style=style,
                 end_section=k == len(lvl.runs) - 1,
             )

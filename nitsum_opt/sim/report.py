@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from nitsum_opt.models.spec import Role
-from nitsum_opt.sim.runner import LevelResult, SweepResult, SystemRun
+from nitsum_opt.sim.runner import LevelResult, SweepResult, SystemRun, TimelinePoint
 from nitsum_opt.sim.summary import ATTAINMENT_TARGET, SweepSummary, break_load, summarize
 
 _HATCH = {Role.PREFILL: "////", Role.DECODE: "....", Role.COLOCATED: ""}
@@ -97,9 +97,18 @@ def plot_tiers(sweep: SweepResult, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _merged(run: SystemRun) -> list[TimelinePoint]:
+    """The timeline without consecutive repeats of the same instances (admission-only updates)."""
+    out: list[TimelinePoint] = []
+    for point in run.timeline:
+        if not out or set(point.instances) != set(out[-1].instances):
+            out.append(point)
+    return out
+
+
 def _timeline_axes(ax: object, run: SystemRun, tiers: list[str], gpus: int, end_s: float) -> None:
     colors = {name: f"C{k}" for k, name in enumerate(tiers)}
-    points = list(run.timeline)
+    points = _merged(run)
     for j, point in enumerate(points):
         t1 = points[j + 1].t_s if j + 1 < len(points) else end_s
         for inst in point.instances:
@@ -150,7 +159,7 @@ def plot_timeline(sweep: SweepResult, level: LevelResult, path: Path) -> Path | 
     handles = [Patch(facecolor=f"C{k}", label=name) for k, name in enumerate(tiers)]
     handles += [Patch(facecolor="0.6", label="all tiers")]
     handles += [Patch(facecolor="white", edgecolor="black", hatch=_HATCH[r], label=r.value) for r in Role]
-    axes[0].legend(handles=handles, fontsize=7, loc="upper right", ncol=len(handles))
+    fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=len(handles), bbox_to_anchor=(0.5, -0.02))
     return _save(fig, path)
 
 

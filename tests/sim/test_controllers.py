@@ -95,3 +95,39 @@ def test_fill_idle_gpus_uses_the_whole_cluster() -> None:
     filled = fill_idle_gpus(inp, plan)
     assert filled.gpus_used == 8
     assert all(a.admitted_rps == pytest.approx(a.demand_rps) for a in filled.tiers)
+
+
+def test_burst_factor_is_one_for_poisson_and_above_for_bursts() -> None:
+    from nitsum_opt.planners import MilpPlanner
+    from nitsum_opt.sim.controllers.nitsum import NitsumController
+
+    controller = NitsumController("nitsum", MilpPlanner())
+    controller._ttft_s = [0.5, 5.0]
+    smooth = poisson_trace(40.0, 300.0, seed=8)
+    assert np.allclose(controller._burst_factors(smooth, smooth.tier_names), 1.0, atol=0.05)
+    rng = np.random.default_rng(0)
+    on = np.concatenate([rng.uniform(k * 20.0, k * 20.0 + 4.0, 200) for k in range(15)])  # 4 s bursts every 20 s
+    bursty = RequestTrace.from_arrays(
+        on, np.full(on.size, 500), np.full(on.size, 50), tier_names=("chat", "batch"), start_s=0.0, end_s=300.0
+    )
+    factors = controller._burst_factors(bursty, bursty.tier_names)
+    assert factors[0] == pytest.approx(2.0) and factors[1] == 1.0
+
+
+def test_capacity_tables_are_memoised_and_planned_at_the_raised_percentile() -> None:
+    from nitsum_opt.sim.controllers.nitsum import capacity_table, planning_slo
+    from nitsum_opt.workloads.demand import length_mixes
+
+    ev = _evaluator(poisson_trace(5.0, 30.0), 8)
+    mixes = length_mixes(ev.trace)
+    first = capacity_table(ev.ctx, mixes)
+    assert capacity_table(ev.ctx, mixes) is first
+    assert planning_slo(ev.ctx, TIERS[0]).slo_percentile == 97.0
+    relaxed = ev.ctx.settings.model_copy(update={"capacity_percentile": None})
+    from nitsum_opt.sim.controllers.base import ControlContext
+
+    ctx = ControlContext(ev.cluster, TIERS, LLAMA, ROOFLINE, relaxed)
+    assert planning_slo(ctx, TIERS[0]) == TIERS[0].slo
+    looser = capacity_table(ctx, mixes)
+    assert looser is not first
+    assert looser.rates_rps["chat"]["tp1-prefill"] >= first.rates_rps["chat"]["tp1-prefill"]

@@ -115,3 +115,21 @@ def test_roofline_is_affine_in_context_and_sizes_the_kv_cache() -> None:
 def test_engine_settings_follow_vllm_defaults() -> None:
     e = EngineSettings()
     assert (e.max_num_batched_tokens, e.max_num_seqs) == (8192, 1024)
+
+
+def test_vectorised_roofline_matches_the_scalar_one() -> None:
+    rng = np.random.default_rng(0)
+    rows = np.column_stack(
+        [
+            rng.choice([1, 2, 4, 8], 50),
+            rng.integers(0, 4, 50),
+            rng.integers(0, 8192, 50),
+            rng.integers(0, 10**7, 50),
+            rng.integers(0, 256, 50),
+            rng.integers(0, 10**6, 50),
+        ]
+    )
+    expected = [ROOFLINE.predict_ms(*(int(v) for v in r)) for r in rows]
+    np.testing.assert_allclose(ROOFLINE.predict_batch_ms(rows), expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="6 columns"):
+        ROOFLINE.predict_batch_ms(np.ones((2, 5)))
