@@ -1,0 +1,178 @@
+"""The decoding population of one engine as a birth–death chain, and the TPOT it implies.
+
+Requests join the decode batch at rate ``λ`` and each needs ``d`` steps; with ``B`` sequences running a step lasts
+``τ̄(B)`` (decode-only, or including the prefill share for a colocated engine), so sequences leave at rate
+``μ(B) = B / (E[d]·τ̄(B))``. With at most ``c`` seats (``max_num_seqs``, or the requests whose KV reservation fits
+the cache) the rest wait: ``μ(n) = μ(c)`` for ``n >= c``. The stationary law is the product form
+``π(n) ∝ Π_{i<=n} λ / μ(min(i, c))``. Unlike a fixed point, it carries the feedback that makes a loaded engine's
+batch wander (longer steps -> fewer departures per second -> a larger batch -> longer steps) and the queue for
+seats.
+
+A request of bucket ``b`` that arrives to ``n`` others runs with ``min(n, c−1) + 1`` sequences. Its TPOT is the
+mean step over its ``d_b`` steps, plus (decode role) its wait for a seat and for the running step divided by
+``d_b``. Its lifetime ``L_b = d_b·τ̄`` averages the batch's wandering. We model that wandering as an Ornstein–Uhlenbeck
+process relaxing at ``κ = (1 − g)/L̄`` (``g`` = slope of ``λ·E[d]·τ̄(B)``, ``L̄`` the mean lifetime); the
+time-average over ``L_b`` shrinks a deviation's variance by ``r = 2/x·(1 − (1 − e^{−x})/x)``, ``x = κ·L_b``, so
+the batch a request effectively sees is ``B̄ + (B − B̄)·√r``. Fast noise (prefill work landing in the lifetime,
+the uniform wait for the running step) adds a normal term of variance ``fast_var_b``:
+
+    P(TPOT_b <= S) = Σ_n π(n) Φ((S − τ̄(B_eff(n)) − wait(n)/d_b) / √fast_var_b)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import gamma, norm
+
+from .features import FloatArray
+
+_TAIL = 1e-12
+MAX_QUEUE = 20_000
+
+
+@dataclass(frozen=True)
+class Population:
+    """Stationary law of the number of requests in an engine's decode stage."""
+
+    probs: FloatArray
+    """π(n), n = 0..len-1 (running + waiting for a seat)."""
+    seats: int
+    """Seats ``c``."""
+    departure_rate_full: float
+    """μ(c): departures per ms when every seat is taken."""
+    overflow: float = 0.0
+    """Probability that no stable batch exists below the seat limit (counted as SLO misses)."""
+
+    @property
+    def mean_running(self) -> float:
+        """E[min(n, c)]."""
+        n = np.arange(len(self.probs))
+        return float(self.probs @ np.minimum(n, self.seats) / max(self.probs.sum(), 1e-300))
+
+    @property
+    def wait_probability(self) -> float:
+        """P(an arrival finds every seat taken)."""
+        return float(self.probs[self.seats :].sum()) + self.overflow
+
+
+def decode_population(rate_per_ms: float, steps_per_request: float, step_ms: FloatArray, seats: int) -> Population | None:
+    """Product-form law of the decode population; ``step_ms[B]`` is τ̄(B) for B = 0..seats. None if unstable."""
+    if seats < 1:
+        return None
+    b = np.arange(1, seats + 1, dtype=float)
+    mu = b / (steps_per_request * step_ms[1 : seats + 1])
+    if not np.isfinite(mu).all() or rate_per_ms >= mu[-1]:
+        return None
+    ratio_full = rate_per_ms / mu[-1]
+    extra = min(MAX_QUEUE, int(math.ceil(math.log(_TAIL) / math.log(ratio_full))) if ratio_full > 0 else 1)
+    log_ratio = np.concatenate([np.log(rate_per_ms / mu), np.full(extra, math.log(ratio_full))])
+    log_p = np.concatenate([[0.0], np.cumsum(log_ratio)])
+    p = np.exp(log_p - log_p.max())
+    return Population(probs=p / p.sum(), seats=seats, departure_rate_full=float(mu[-1]))
+
+
+def tpot_attainment(
+    pop: Population,
+    rate_per_ms: float,
+    step_ms: FloatArray,
+    decode_steps: FloatArray,
+    bucket_probs: FloatArray,
+    slo_ms: float,
+    fast_var: FloatArray,
+    seat_wait: bool,
+    offset_ms: FloatArray | None = None,
+    skewed: bool = False,
+) -> float:
+    """Share of requests (buckets with ``d >= 1``) whose TPOT is at most ``slo_ms`` (see the module docstring).
+
+    ``step_ms[B]`` = τ̄(B) for B = 0..seats; ``fast_var`` per bucket (ms²); ``seat_wait`` adds the wait for a
+    seat to TPOT (decode role; a colocated engine waits before prefill, which is TTFT's business);
+    ``offset_ms`` shifts each bucket's mean TPOT (e.g. the colocated transient after its own prefill);
+    ``skewed`` takes the fast noise as a gamma law with that mean shift's scale (a sum of positive step times is
+    right-skewed) instead of a normal one.
+    """
+    has = decode_steps >= 1
+    if not has.any():
+        return 1.0
+    c = pop.seats
+    n = np.arange(len(pop.probs), dtype=float)
+    seen = np.minimum(n, c - 1) + 1.0
+    mean_b = pop.mean_running
+    grid = np.arange(len(step_ms), dtype=float)
+    mean_steps = float(bucket_probs @ decode_steps)
+    tau_bar = float(np.interp(mean_b, grid, step_ms))
+    slope = float(np.interp(mean_b, grid[1:-1], np.gradient(step_ms, grid)[1:-1])) if len(grid) > 2 else 0.0
+    gain = min(rate_per_ms * mean_steps * slope, 0.999)
+    kappa = (1.0 - gain) / max(mean_steps * tau_bar, 1e-9)
+    x = np.maximum(kappa * decode_steps[has] * tau_bar, 1e-9)
+    shrink = np.sqrt(2.0 / x * (1.0 - (1.0 - np.exp(-x)) / x))  # (buckets,)
+    b_eff = mean_b + (seen[None, :] - mean_b) * shrink[:, None]  # (buckets, n)
+    tpot = np.interp(b_eff, grid, step_ms)
+    if offset_ms is not None:
+        tpot = tpot + offset_ms[has, None]
+    if seat_wait:
+        wait = np.maximum(n - c + 1.0, 0.0) / pop.departure_rate_full
+        tpot = tpot + wait[None, :] / decode_steps[has, None]
+    var = np.maximum(fast_var[has], 1e-18)[:, None]
+    if skewed:  # gamma with mean = the bucket's TPOT at the mean batch and the fast variance
+        center = np.interp(mean_b, grid, step_ms) + (offset_ms[has, None] if offset_ms is not None else 0.0)
+        shape, scale = center**2 / var, var / center
+        att = gamma.cdf(slo_ms - (tpot - center), shape, scale=scale) @ pop.probs
+    else:
+        att = norm.cdf((slo_ms - tpot) / np.sqrt(var)) @ pop.probs  # overflow mass (not in probs) counts as a miss
+    return float(bucket_probs[has] @ att / bucket_probs[has].sum())
+
+
+_XI = np.linspace(-6.0, 6.0, 97)
+_XI_W = norm.pdf(_XI) / norm.pdf(_XI).sum()
+
+
+def window_population(
+    rate_per_ms: float, steps_per_request: float, step_ms: FloatArray, seats: int, dispersion: float = 1.0,
+    extra_var: float = 0.0,
+) -> Population | None:
+    """Law of the decode batch when every request stays a fixed number of steps (the window model).
+
+    The batch counts the arrivals of the last ``E[d]·τ̄(B)`` ms: ``B = f(B) + ξ·√V(B)`` with ``f(B) = λ·E[d]·τ̄(B)``,
+    ``V = dispersion·f + extra_var`` (``dispersion``: index of dispersion of arrivals, > 1 when they come in groups;
+    ``extra_var``: variance the window length adds) and ``ξ`` standard normal. Linearised this is
+    ``Var B = V / (1 − g)²`` — the feedback of a loaded engine (longer steps keep requests longer). Each quadrature
+    node ``ξ`` is solved on the seat grid; no root below the seat limit = overflow (a miss). None when even the
+    mean has no root.
+    """
+    if seats < 1:
+        return None
+    grid = np.arange(seats + 1, dtype=float)
+    f = rate_per_ms * steps_per_request * step_ms[: seats + 1]
+    if not np.isfinite(f).all():
+        return None
+    v = dispersion * f + extra_var
+    h = f[None, :] + _XI[:, None] * np.sqrt(v)[None, :] - grid[None, :]
+    below = h <= 0
+    has_root = below.any(axis=1)
+    if not has_root[len(_XI) // 2]:
+        return None
+    first = np.argmax(below, axis=1)
+    prev = np.maximum(first - 1, 0)
+    h0 = h[np.arange(len(_XI)), prev]
+    h1 = h[np.arange(len(_XI)), first]
+    frac = np.where(first > 0, h0 / np.maximum(h0 - h1, 1e-12), 0.0)
+    root = np.where(first > 0, prev + frac, 0.0)
+    probs = np.zeros(seats + 1)
+    lo = np.floor(root).astype(int)
+    w_hi = root - lo
+    ok = has_root & (root < seats)
+    np.add.at(probs, lo[ok], _XI_W[ok] * (1 - w_hi[ok]))
+    np.add.at(probs, np.minimum(lo[ok] + 1, seats), _XI_W[ok] * w_hi[ok])
+    mu_full = seats / (steps_per_request * float(step_ms[seats]))
+    overflow = float(_XI_W[~ok].sum())
+    ratio = rate_per_ms / mu_full
+    if overflow > 0 and ratio < 1:  # every seat taken: the rest queue (M/M/1-like at the full departure rate)
+        queue = min(MAX_QUEUE, int(math.ceil(math.log(_TAIL) / math.log(max(ratio, 1e-300)))) + 1)
+        tail = overflow * (1 - ratio) * ratio ** np.arange(queue)
+        probs = np.concatenate([probs[:seats], probs[seats:] + tail[:1], tail[1:]])
+        overflow = 0.0
+    return Population(probs=probs, seats=seats, departure_rate_full=mu_full, overflow=overflow)
