@@ -170,9 +170,14 @@ def window_population(
     mu_full = seats / (steps_per_request * float(step_ms[seats]))
     overflow = float(_XI_W[~ok].sum())
     ratio = rate_per_ms / mu_full
-    if overflow > 0 and ratio < 1:  # every seat taken: the rest queue (M/M/1-like at the full departure rate)
+    if overflow > 0 and ratio < 1:
+        # Every seat taken: the rest queue. As in a birth–death chain, the queue continues the law at the
+        # boundary geometrically, π(c + j) = π(c)·ρ^j (ρ = λ/μ(c)), so its mass grows like ρ/(1 − ρ) near
+        # saturation; the boundary carries the window law's mass at c plus its overflow.
         queue = min(MAX_QUEUE, int(math.ceil(math.log(_TAIL) / math.log(max(ratio, 1e-300)))) + 1)
-        tail = overflow * (1 - ratio) * ratio ** np.arange(queue)
-        probs = np.concatenate([probs[:seats], probs[seats:] + tail[:1], tail[1:]])
+        boundary = probs[seats] + overflow
+        tail = boundary * ratio ** np.arange(1, queue)
+        probs = np.concatenate([probs[:seats], [boundary], tail])
+        probs /= probs.sum()
         overflow = 0.0
     return Population(probs=probs, seats=seats, departure_rate_full=mu_full, overflow=overflow)

@@ -10,9 +10,9 @@ how to fix it. Checks:
 * ``step_time_ms`` is finite and > 0;
 * units: step times must look like milliseconds. Two tests: the median step lies in
   [``MIN_MEDIAN_STEP_MS``, ``MAX_MEDIAN_STEP_MS``] (a median below 0.5 looks like seconds, above 20,000 like
-  microseconds), and, when the model spec is known, no step is faster than streaming the GPU's weight shard at
-  ``MAX_PLAUSIBLE_BANDWIDTH_BYTES_PER_S`` (no GPU reads HBM at 20 TB/s; a step below that bound means the times
-  are not in ms);
+  microseconds); when the model spec is known, no step may beat its physical floor (weight shard at 20 TB/s,
+  GEMM FLOPs at 5 PFLOP/s — faster than any GPU) and the median step must stay below 300x that floor (real steps
+  are 1-50x; microseconds land near 1000x);
 * composition consistency: a step has work; prefill sequences, tokens and attention pairs are all zero or all
   positive with ``pairs >= tokens``; decode context ``>= num_decode_seqs``; ``experiment`` is one of
   ``prefill``/``decode``/``mixed``; ``tp`` is a supported degree;
@@ -59,6 +59,10 @@ MAX_MEDIAN_STEP_MS = 20_000.0
 """A median step above this (20 s) is taken for microseconds."""
 MAX_PLAUSIBLE_BANDWIDTH_BYTES_PER_S = 20e12
 """No GPU streams its weight shard faster than this (H200: 4.8 TB/s); a faster step means wrong units."""
+MAX_PLAUSIBLE_FLOPS_PER_S = 5e15
+"""No GPU computes dense bf16 GEMMs faster than this (H200: ~1e15)."""
+MAX_MEDIAN_FLOOR_RATIO = 300.0
+"""Real engine steps take 1-50x their physical floor; a median above this means microseconds."""
 
 
 class ProfileError(ValueError):
@@ -168,13 +172,22 @@ def _check_units(df: pd.DataFrame, path: Path, spec: ModelSpec | None) -> None:
         return
     consts = ArchitectureConstants.from_spec(spec)
     shard_bytes = (consts.layer_linear_params + consts.lm_head_params) * consts.dtype_bytes / df["tp"]
-    floor_ms = shard_bytes / MAX_PLAUSIBLE_BANDWIDTH_BYTES_PER_S * 1e3
+    tokens = df["prefill_tokens"] + df["num_decode_seqs"]
+    flops = 2.0 * tokens * consts.layer_linear_params / df["tp"]
+    floor_ms = np.maximum(shard_bytes / MAX_PLAUSIBLE_BANDWIDTH_BYTES_PER_S,
+                          flops / MAX_PLAUSIBLE_FLOPS_PER_S) * 1e3
     i = _first(df["step_time_ms"] < floor_ms)
     if i is not None:
         raise ProfileError(
-            f"profile {path} line {_line(i)}: step_time_ms={df.at[i, 'step_time_ms']:.6g} is faster than "
-            f"streaming the {spec.name} weight shard at tp={df.at[i, 'tp']} even at 20 TB/s "
-            f"({floor_ms[i]:.3g} ms); are the times in milliseconds, and is the model spec right?"
+            f"profile {path} line {_line(i)}: step_time_ms={df.at[i, 'step_time_ms']:.6g} is faster than the "
+            f"physical floor of {spec.name} at tp={df.at[i, 'tp']} (weights at 20 TB/s, FLOPs at 5 PFLOP/s: "
+            f"{floor_ms[i]:.3g} ms); are the times in milliseconds, and is the model spec right?"
+        )
+    ratio = float((df["step_time_ms"] / floor_ms).median())
+    if ratio > MAX_MEDIAN_FLOOR_RATIO:
+        raise ProfileError(
+            f"profile {path}: column 'step_time_ms' is on median {ratio:,.0f}x the physical floor of {spec.name}; "
+            "real steps are 1-50x; the times look like microseconds (divide by 1000) or the spec is wrong"
         )
 
 

@@ -18,7 +18,7 @@ others that arrived during ``τ_j``:
     P(TTFT <= S) = Σ_j w_j Σ_k Pois(k; λτ_j) Σ_b p_b Σ_z w_z · clip((S − T_b(1+k, z)) / τ_j, 0, 1)
 
 (``T_b(1+k, z)``: super-step of the tagged prompt of bucket ``b`` plus ``k`` others with work at node ``z``; an
-arrival to an idle prefill engine gets ``T_b(1)``). Batches above ``EXACT_BATCHES`` prompts are grouped into ~8 %
+arrival to an idle prefill engine gets ``T_b(1)``). Batches above ``EXACT_BATCHES`` prompts are grouped into ~12 %
 wide bins; batches whose super-step alone exceeds the SLO are lumped into one state (all their prompts miss).
 Approximations: the quadrature for the length mix of a batch, and a batch finishing together (its first prompts in
 fact finish up to one step earlier).
@@ -38,13 +38,17 @@ from .features import FloatArray
 MAX_CHAIN_BATCH = 512
 #: The chain is first built up to this batch and enlarged only when that batch holds stationary mass.
 FIRST_CHAIN_BATCH = 48
-#: Batch sizes up to this are chain states of their own; larger ones are grouped in ~8 % wide bins.
-EXACT_BATCHES = 32
+#: Batch sizes up to this are chain states of their own; larger ones are grouped in ~12 % wide bins.
+EXACT_BATCHES = 8
 _BIN_EDGES = np.unique(np.concatenate([
     np.arange(2, EXACT_BATCHES + 1),
-    np.round(EXACT_BATCHES * 1.08 ** np.arange(1, 80)).astype(int),
+    np.round(EXACT_BATCHES * 1.12 ** np.arange(1, 80)).astype(int),
 ]))
 _BIN_EDGES = _BIN_EDGES[_BIN_EDGES <= MAX_CHAIN_BATCH].astype(float)
+#: Batch sizes at which super-steps are evaluated (bin edges and middles; interpolated in between).
+_MULTI_GRID = np.unique(np.concatenate([
+    _BIN_EDGES, (_BIN_EDGES[:-1] + _BIN_EDGES[1:] - 1) // 2, [MAX_CHAIN_BATCH],
+])).astype(float)
 #: 3-point Gauss–Hermite rule for a standard normal.
 _NODES = np.array([-np.sqrt(3.0), 0.0, np.sqrt(3.0)])
 _NODE_WEIGHTS = np.array([1.0, 4.0, 1.0]) / 6.0
@@ -105,10 +109,10 @@ class TtftModel:
         self.superstep_ms, self.mix, self.idle_step_ms = superstep_ms, mix, idle_step_ms
         nb = len(mix.probs)
         self.single = superstep_ms(np.ones(nb), mix.input_tokens, mix.pairs)
-        n = np.arange(2, MAX_CHAIN_BATCH + 1, dtype=float)
+        n = _MULTI_GRID
         tok, pairs = mix.work_of_others(n)
-        self.multi = superstep_ms(np.broadcast_to(n[:, None], tok.shape), tok, pairs)  # (n - 2, z)
-        self.multi_mean = self.multi @ mix.nodes[1]
+        self._multi_grid = superstep_ms(np.broadcast_to(n[:, None], tok.shape), tok, pairs)  # (grid, z)
+        self.multi_mean = self._multi_grid @ mix.nodes[1]
         self.node_weights = mix.nodes[1]
         self._tagged = np.empty((0, nb, len(self.node_weights)))
 
@@ -127,6 +131,10 @@ class TtftModel:
             self._tagged = np.concatenate([self._tagged, more])
         return self._tagged[:n_max]
 
+    def multi(self, n: FloatArray) -> FloatArray:
+        """Super-step of ``n`` prompts at each node, shape ``(len(n), z)`` (interpolated on the bin grid)."""
+        return np.column_stack([np.interp(n, _MULTI_GRID, col) for col in self._multi_grid.T])
+
     def chain_size(self, lam: float, slo_ms: float) -> int | None:
         """Largest batch the chain must track at rate ``lam`` (per ms), or None when the queue is unstable
         (arrivals during the largest tracked super-step outnumber its prompts).
@@ -135,10 +143,10 @@ class TtftModel:
         the first ``n`` whose super-step alone exceeds the SLO: a prompt in a larger batch misses its TTFT
         whatever happens, so larger batches are lumped into that state and counted as misses.
         """
-        n = np.arange(2, MAX_CHAIN_BATCH + 1)
+        n = _MULTI_GRID
         mean = lam * np.maximum(self.multi_mean, self.single.max())
         closed = np.flatnonzero(mean + 6.0 * np.sqrt(mean) + 6.0 <= n)
-        too_slow = np.flatnonzero(self.multi.min(axis=1) > slo_ms)
+        too_slow = np.flatnonzero(self._multi_grid.min(axis=1) > slo_ms)
         candidates = [int(n[i[0]]) for i in (closed, too_slow) if i.size]
         if candidates:
             return max(min(candidates), 2)
@@ -166,7 +174,7 @@ class TtftModel:
         upper = np.append(lower[1:], n_max + 1)
         middle = ((lower + upper - 1) // 2).astype(int)
         # States: 0 = D, 1..nb = a single prompt of bucket b, then (batch bin, node) pairs.
-        dur = np.concatenate([[idle_ms], self.single, self.multi[middle - 2].ravel()])
+        dur = np.concatenate([[idle_ms], self.single, self.multi(middle.astype(float)).ravel()])
         arrivals = _poisson_rows(lam * dur, n_max + 1)  # k = 0..n_max, then the tail (> n_max)
         s = len(dur)
         trans = np.empty((s, s))
@@ -200,9 +208,19 @@ class TtftModel:
         dur = chain.duration_ms
         weights = chain.step_probs * dur
         weights /= weights.sum()
-        frac = np.clip((slo_ms - self.tagged(chain.n_max)[None]) / dur[:, None, None, None], 0.0, 1.0)  # s,k,b,z
-        per_state = np.einsum("skbz,b,z,sk->s", frac, mix.probs, self.node_weights, chain.arrivals)
-        if self.idle_step_ms is None:
+        live = weights > 1e-12 * weights.max()  # states with no stationary weight contribute nothing
+        dur, weights = dur[live], weights[live]
+        arrivals = chain.arrivals[live]
+        k_used = int(np.flatnonzero(arrivals.max(axis=0) > 1e-12).max()) + 1  # others beyond: negligible mass
+        tagged = self.tagged(chain.n_max)[:k_used] @ self.node_weights if len(self.node_weights) == 1 else (
+            self.tagged(chain.n_max)[:k_used])
+        if tagged.ndim == 2:
+            frac = np.clip((slo_ms - tagged[None]) / dur[:, None, None], 0.0, 1.0)  # (s, k, b)
+            per_state = np.einsum("skb,b,sk->s", frac, mix.probs, arrivals[:, :k_used])
+        else:
+            frac = np.clip((slo_ms - tagged[None]) / dur[:, None, None, None], 0.0, 1.0)  # (s, k, b, z)
+            per_state = np.einsum("skbz,b,z,sk->s", frac, mix.probs, self.node_weights, arrivals[:, :k_used])
+        if self.idle_step_ms is None and live[0]:
             per_state[0] = float(mix.probs @ (self.single <= slo_ms))
         return float(weights @ per_state)
 
