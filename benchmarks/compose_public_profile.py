@@ -1,7 +1,8 @@
 """Compose an iteration-level profile of Llama-3.1-8B on H100 from public per-operator tables.
 
-Writes ``models/data/profiles/h100-public-composed/llama-3.1-8b.csv.gz`` (+ ``.meta.json``) in the profile schema,
-so the latency models, plots and capacity tables run on real (public) measurements before our H200 profiles exist.
+Writes ``models/data/profiles/h100-public-composed/llama-3.1-8b.csv.gz`` (+ ``.meta.json``) in the profile
+schema, so the latency models, plots and capacity tables run on real (public) measurements before our H200
+profiles exist.
 
 What one step's time is composed of (all per-operator latencies are measured values from the tables, in ms):
 
@@ -9,22 +10,30 @@ What one step's time is composed of (all per-operator latencies are measured val
   - 4 GEMMs, AIConfigurator H100 vLLM 0.24 ``gemm_perf`` (bf16, ``torch.nn.functional.linear``):
     QKV ``(T, 6144/tp, 4096)``, output ``(T, 4096, 4096/tp)``, gate+up ``(T, 28672/tp, 4096)``,
     down ``(T, 4096, 14336/tp)``; shapes off the (m, n, k) grid are linearly interpolated on it;
-  - attention, AIConfigurator FlashAttention-3 tables (bf16 KV, full attention, ``32/tp`` q heads, ``8/tp`` KV heads,
+  - attention, AIConfigurator FlashAttention-3 tables (bf16 KV, full attention, ``32/tp`` q heads, ``8/tp`` KV
+  heads,
     head_dim 128): prefill part = ``context_attention_perf(batch, isl)``, decode part =
-    ``generation_attention_perf(batch, step=ctx-1)`` (batch sizes between the table's powers of two are linearly
-    interpolated); a mixed step is the sum of the two kernels (vLLM runs one fused varlen kernel: slight over-estimate);
+    ``generation_attention_perf(batch, step=ctx-1)`` (batch sizes between the table's powers of two are
+    linearly
+    interpolated); a mixed step is the sum of the two kernels (vLLM runs one fused varlen kernel: slight
+    over-estimate);
   - 2 all-reduces of ``T·4096`` bf16 elements at tp > 1, ``custom_allreduce_perf`` (``vllm_graph`` backend for
     ``T <= 512``, the CUDA-graph capture range, ``vllm_eager`` above), log-log interpolated in message size;
-  - element-wise ops from Vidur's H100 Llama-2-7B profile (same hidden size 4096, sarathi kernels): both RMSNorms,
-    residual add, RoPE × 40/64 (Llama-3 rotates 32 q + 8 k heads, Llama-2-7B 32 + 32) and SiLU·mul × 14336/11008
-    (intermediate size ratio); linear in tokens between Vidur's points, proportional above its 4096-token maximum;
-* once per step: the embedding lookup (Vidur) and the LM head GEMM ``(num_seqs, 128256/tp, 4096)`` (the table stops
+  - element-wise ops from Vidur's H100 Llama-2-7B profile (same hidden size 4096, sarathi kernels): both
+  RMSNorms,
+    residual add, RoPE × 40/64 (Llama-3 rotates 32 q + 8 k heads, Llama-2-7B 32 + 32) and SiLU·mul ×
+    14336/11008
+    (intermediate size ratio); linear in tokens between Vidur's points, proportional above its 4096-token
+    maximum;
+* once per step: the embedding lookup (Vidur) and the LM head GEMM ``(num_seqs, 128256/tp, 4096)`` (the table
+stops
   at n = 65536, so at TP 1 it is two GEMMs of 64128 columns).
 
-Not included (no public table): CPU scheduling/sampling overhead, the logits gather, kernel-launch gaps. The composed
-times are therefore a lower bound of a real vLLM step; the latency models absorb such constant overheads in their
-intercept. Each configuration has one row (``repeat`` 0): the tables give one latency per shape.
-KV capacity per TP comes from :func:`nitsum_opt.models.memory.estimate_kv_cache_tokens` (80 GB H100, utilisation 0.9).
+Not included (no public table): CPU scheduling/sampling overhead, the logits gather, kernel-launch gaps. The
+composed times are therefore a lower bound of a real vLLM step; the latency models absorb such constant
+overheads in their intercept. Each configuration has one row (``repeat`` 0): the tables give one latency per
+shape. KV capacity per TP comes from :func:`nitsum_opt.models.memory.estimate_kv_cache_tokens` (80 GB H100,
+utilisation 0.9).
 
 Usage: ``python benchmarks/compose_public_profile.py [--data /work/shared/data/profiling] [--out DIR]``
 """
@@ -40,11 +49,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.interpolate import RegularGridInterpolator
-
 from nitsum_opt.models.features import attention_pairs
 from nitsum_opt.models.memory import estimate_kv_cache_tokens, gpu_memory_gib
 from nitsum_opt.models.spec import MODEL_PRESETS
+from scipy.interpolate import RegularGridInterpolator
 
 SPEC = MODEL_PRESETS["llama-3.1-8b"]
 GPU = "NVIDIA H100 80GB HBM3"
@@ -76,12 +84,16 @@ class Tables:
             keep = (t.kv_cache_dtype == "bfloat16") & (t.attn_dtype == "bfloat16") & (t.window_size == 0)
             return t[keep & (t.head_dim == SPEC.head_dim)]
 
-        self._ctx = attention("context_attention_perf").set_index(
-            ["num_heads", "num_key_value_heads", "batch_size", "isl"]
-        )["latency"].sort_index()
-        self._gen = attention("generation_attention_perf").groupby(
-            ["num_heads", "num_key_value_heads", "step", "batch_size"]
-        )["latency"].mean()
+        self._ctx = (
+            attention("context_attention_perf")
+            .set_index(["num_heads", "num_key_value_heads", "batch_size", "isl"])["latency"]
+            .sort_index()
+        )
+        self._gen = (
+            attention("generation_attention_perf")
+            .groupby(["num_heads", "num_key_value_heads", "step", "batch_size"])["latency"]
+            .mean()
+        )
         ar = pd.read_csv(root / AIC / "custom_allreduce_perf__vllm-0.24.0.csv.gz")
         self._ar = {
             (b, g): grp.sort_values("message_size")[["message_size", "latency"]].to_numpy(dtype=float)
@@ -149,8 +161,11 @@ def step_time_ms(tab: Tables, tp: int, prefill: tuple[int, int], decode: tuple[i
         attention += tab.generation_attention(heads, kv, n_dec, ctx)
     elem = tab.elementwise(tp, tokens)
     elementwise = (
-        elem["input_layernorm"] + elem["post_attention_layernorm"] + elem["add"]
-        + elem["attn_rope"] * ROPE_SCALE + elem["mlp_act"] * ACT_SCALE
+        elem["input_layernorm"]
+        + elem["post_attention_layernorm"]
+        + elem["add"]
+        + elem["attn_rope"] * ROPE_SCALE
+        + elem["mlp_act"] * ACT_SCALE
     )
     layer = gemms + attention + 2 * tab.allreduce(tp, tokens * h) + elementwise
     lm_head = tab.gemm(n_pre + n_dec, SPEC.vocab_size / tp, h)
@@ -183,13 +198,23 @@ def compose(root: Path) -> tuple[pd.DataFrame, dict[int, int]]:
     for tp in TPS:
         for experiment, (n_pre, isl), (n_dec, ctx) in configurations(tp, kv_tokens[tp]):
             config_id = f"tp{tp}-{experiment}-p{n_pre}x{isl}-d{n_dec}x{ctx}"
-            rows.append({
-                "model": SPEC.name, "gpu": GPU, "tp": tp, "experiment": experiment, "config_id": config_id,
-                "repeat": 0, "num_prefill_seqs": n_pre, "prefill_tokens": n_pre * isl, "prefill_context_tokens": 0,
-                "prefill_attention_pairs": int(n_pre * attention_pairs(isl)), "num_decode_seqs": n_dec,
-                "decode_context_tokens": n_dec * ctx,
-                "step_time_ms": round(step_time_ms(tab, tp, (n_pre, isl), (n_dec, ctx)), 6),
-            })
+            rows.append(
+                {
+                    "model": SPEC.name,
+                    "gpu": GPU,
+                    "tp": tp,
+                    "experiment": experiment,
+                    "config_id": config_id,
+                    "repeat": 0,
+                    "num_prefill_seqs": n_pre,
+                    "prefill_tokens": n_pre * isl,
+                    "prefill_context_tokens": 0,
+                    "prefill_attention_pairs": int(n_pre * attention_pairs(isl)),
+                    "num_decode_seqs": n_dec,
+                    "decode_context_tokens": n_dec * ctx,
+                    "step_time_ms": round(step_time_ms(tab, tp, (n_pre, isl), (n_dec, ctx)), 6),
+                }
+            )
     return pd.DataFrame(rows), kv_tokens
 
 
@@ -211,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": None,
         "vllm_version": "0.24.0 (AIConfigurator tables)",
         "engine_args": {"composed_from": [f"{AIC}/*__vllm-0.24.0.csv.gz", VIDUR]},
-        "per_tp": {str(tp): {"kv_cache_tokens": kv, "rows": int((df.tp == tp).sum())} for tp, kv in kv_tokens.items()},
+        "per_tp": {
+            str(tp): {"kv_cache_tokens": kv, "rows": int((df.tp == tp).sum())} for tp, kv in kv_tokens.items()
+        },
     }
     (args.out / f"{SPEC.name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {len(df)} rows for tp {sorted(df.tp.unique())} to {args.out}", file=sys.stderr)

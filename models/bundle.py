@@ -1,10 +1,10 @@
 """``PerformanceModel``: everything the planner and the simulator need about one model on one GPU type.
 
-It bundles the model spec, the fitted mean and quantile iteration-time models, the KV-cache capacity per TP, the
-held-out errors and provenance (profile hash, library versions). It is saved as plain JSON (parameters only, never
-pickle): loading parses JSON, checks the format tag, the version and a SHA-256 over the canonical content, then
-validates every field; a foreign, corrupted or edited file raises :class:`PerformanceModelFileError` and no code
-from the file ever runs.
+It bundles the model spec, the fitted mean and quantile iteration-time models, the KV-cache capacity per TP,
+the held-out errors and provenance (profile hash, library versions). It is saved as plain JSON (parameters
+only, never pickle): loading parses JSON, checks the format tag, the version and a SHA-256 over the canonical
+content, then validates every field; a foreign, corrupted or edited file raises
+:class:`PerformanceModelFileError` and no code from the file ever runs.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .features import COMPOSITION_COLUMNS, FloatArray
 from .heldout import HeldoutReport, evaluate_heldout, fit_models
-from .latency import DEFAULT_QUANTILES, IterationTimeModel, IterationTimeQuantileModel, basis_names
+from .latency import DEFAULT_QUANTILES, IterationTimeModel, basis_names
 from .memory import estimate_kv_cache_tokens, gpu_memory_gib
 from .profile_schema import ProfileError, ProfileMeta, load_meta, load_profile, meta_path_for, profile_sha256
+from .quantile import IterationTimeQuantileModel
 from .spec import ModelSpec, model_preset
 
 FORMAT = "nitsum.performance-model"
@@ -62,7 +63,8 @@ class Provenance(BaseModel):
 
 
 class PerformanceModelDoc(BaseModel):
-    """The JSON document of a saved :class:`PerformanceModel` (everything but ``content_sha256`` is hashed)."""
+    """The JSON document of a saved :class:`PerformanceModel` (everything but ``content_sha256`` is hashed).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -159,19 +161,31 @@ class PerformanceModel:
             raise KeyError(f"no KV capacity for tp={tp}; the model covers tp {sorted(self._kv)}") from None
 
     def predict_quantile_ms(
-        self, quantile: float, tp: int, num_prefill_seqs: int, prefill_tokens: int, prefill_attention_pairs: int,
-        num_decode_seqs: int, decode_context_tokens: int,
+        self,
+        quantile: float,
+        tp: int,
+        num_prefill_seqs: int,
+        prefill_tokens: int,
+        prefill_attention_pairs: int,
+        num_decode_seqs: int,
+        decode_context_tokens: int,
     ) -> float:
         """Quantile ``quantile`` (one of :attr:`quantiles`) of one step's time in ms."""
         return self.quantile_model.predict_quantile_ms(
-            quantile, tp, num_prefill_seqs, prefill_tokens, prefill_attention_pairs, num_decode_seqs,
+            quantile,
+            tp,
+            num_prefill_seqs,
+            prefill_tokens,
+            prefill_attention_pairs,
+            num_decode_seqs,
             decode_context_tokens,
         )
 
     def predict_batch_ms(self, composition: npt.ArrayLike, validate: bool = True) -> FloatArray:
         """Mean step time (ms) of every row of a composition matrix (columns ``COMPOSITION_COLUMNS``).
 
-        ``validate=False`` skips input checks and range warnings (for trusted float64 matrices in hot loops)."""
+        ``validate=False`` skips input checks and range warnings (for trusted float64 matrices in hot loops).
+        """
         if validate:
             return self.mean_model.predict(composition)
         return self.mean_model.predict_trusted(np.asarray(composition, dtype=float))
@@ -185,7 +199,10 @@ class PerformanceModel:
         """The JSON document with its content hash."""
         payload = self.doc.model_dump(mode="json")
         digest = hashlib.sha256(_canonical(payload)).hexdigest()
-        return json.dumps({**payload, "content_sha256": digest}, indent=1, sort_keys=True, allow_nan=False) + "\n"
+        return (
+            json.dumps({**payload, "content_sha256": digest}, indent=1, sort_keys=True, allow_nan=False)
+            + "\n"
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON document to ``path`` (parents created)."""
@@ -197,6 +214,7 @@ class PerformanceModel:
     @classmethod
     def from_json(cls, text: str | bytes, origin: str = "<string>") -> PerformanceModel:
         """Parse, verify (format, version, hash) and rebuild; raises :class:`PerformanceModelFileError`."""
+
         def fail(why: str) -> PerformanceModelFileError:
             return PerformanceModelFileError(f"performance model {origin}: {why}")
 
@@ -208,19 +226,25 @@ class PerformanceModel:
         except (ValueError, UnicodeDecodeError) as exc:
             raise fail(f"not valid JSON ({exc}); the file is corrupted or not a performance model") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise fail(f"not a performance model (expected \"format\": \"{FORMAT}\"); refit it with "
-                       "`nitsum models fit PROFILE`")
+            raise fail(
+                f'not a performance model (expected "format": "{FORMAT}"); refit it with '
+                "`nitsum models fit PROFILE`"
+            )
         if raw.get("format_version") != FORMAT_VERSION:
-            raise fail(f"format_version {raw.get('format_version')!r} is not supported (this version reads "
-                       f"{FORMAT_VERSION}); refit it with `nitsum models fit PROFILE`")
+            raise fail(
+                f"format_version {raw.get('format_version')!r} is not supported (this version reads "
+                f"{FORMAT_VERSION}); refit it with `nitsum models fit PROFILE`"
+            )
         claimed = raw.pop("content_sha256", None)
         try:
             actual = hashlib.sha256(_canonical(raw)).hexdigest()
         except (TypeError, ValueError) as exc:
             raise fail(f"content cannot be hashed ({exc})") from None
         if claimed != actual:
-            raise fail("content hash mismatch: the file was edited or corrupted after it was written; refit it "
-                       "with `nitsum models fit PROFILE` instead of editing it")
+            raise fail(
+                "content hash mismatch: the file was edited or corrupted after it was written; refit it "
+                "with `nitsum models fit PROFILE` instead of editing it"
+            )
         try:
             doc = PerformanceModelDoc.model_validate(raw)
             mean = IterationTimeModel.from_params(doc.spec, doc.mean_model)
@@ -240,18 +264,23 @@ class PerformanceModel:
         if not p.is_file():
             raise FileNotFoundError(f"performance model {p}: no such file")
         if p.stat().st_size > MAX_FILE_BYTES:
-            raise PerformanceModelFileError(f"performance model {p}: larger than {MAX_FILE_BYTES} bytes; not ours")
+            raise PerformanceModelFileError(
+                f"performance model {p}: larger than {MAX_FILE_BYTES} bytes; not ours"
+            )
         return cls.from_json(p.read_bytes(), origin=str(p))
 
 
-def _kv_capacity(meta: ProfileMeta | None, spec: ModelSpec, gpu: str, tps: list[int]) -> tuple[dict[str, int], str]:
+def _kv_capacity(
+    meta: ProfileMeta | None, spec: ModelSpec, gpu: str, tps: list[int]
+) -> tuple[dict[str, int], str]:
     measured = meta.kv_cache_tokens() if meta is not None else {}
     if all(tp in measured for tp in tps):
         return {str(tp): measured[tp] for tp in tps}, "profile-meta"
     missing = [tp for tp in tps if tp not in measured]
     warnings.warn(
         f"no measured kv_cache_tokens for tp {missing}; estimating them from GPU memory "
-        "(nitsum_opt.models.memory.estimate_kv_cache_tokens, ±10 %)", stacklevel=3,
+        "(nitsum_opt.models.memory.estimate_kv_cache_tokens, ±10 %)",
+        stacklevel=3,
     )
     memory = gpu_memory_gib(gpu)
     out = {str(tp): measured.get(tp) or estimate_kv_cache_tokens(spec, tp, memory) for tp in tps}
@@ -286,14 +315,23 @@ def fit_performance_model(
     tps = sorted(int(t) for t in df["tp"].unique())
     kv, kv_source = _kv_capacity(meta, spec, gpu, tps)
     doc = PerformanceModelDoc(
-        format=FORMAT, format_version=FORMAT_VERSION, spec=spec, gpu=gpu, kv_cache_tokens=kv,
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        spec=spec,
+        gpu=gpu,
+        kv_cache_tokens=kv,
         engine_args=dict(meta.engine_args) if meta is not None else {},
         feature_names=list(qmodel.mean_model_.feature_names_),
-        mean_model=qmodel.mean_model_.to_params(), quantile_model=qmodel.to_params(), heldout=report,
+        mean_model=qmodel.mean_model_.to_params(),
+        quantile_model=qmodel.to_params(),
+        heldout=report,
         provenance=Provenance(
-            profile_file=profile_path.name, profile_sha256=profile_sha256(profile_path), profile_rows=len(df),
+            profile_file=profile_path.name,
+            profile_sha256=profile_sha256(profile_path),
+            profile_rows=len(df),
             profile_configs=int(df["config_id"].nunique()),
-            profile_command=meta.command if meta is not None else "unknown", kv_cache_source=kv_source,
+            profile_command=meta.command if meta is not None else "unknown",
+            kv_cache_source=kv_source,
             versions=_versions(),
         ),
     )
@@ -317,8 +355,8 @@ def bundled_models() -> dict[str, Path]:
 
 
 def load_performance_model(name_or_path: str | Path) -> PerformanceModel:
-    """Load a fitted model from a file path, a bundled ``<set>/<model>`` name or a bare ``<model>`` name
-    (the most preferred bundled set that has it, see :data:`BUNDLED_SETS`)."""
+    """Load a fitted model from a file path, a bundled ``<set>/<model>`` name or a bare ``<model>`` name (the
+    most preferred bundled set that has it, see :data:`BUNDLED_SETS`)."""
     p = Path(name_or_path)
     if p.is_file():
         return PerformanceModel.load(p)
@@ -330,7 +368,8 @@ def load_performance_model(name_or_path: str | Path) -> PerformanceModel:
         if f"{set_name}/{key}" in bundled:
             return PerformanceModel.load(bundled[f"{set_name}/{key}"])
     raise FileNotFoundError(
-        f"{name_or_path!r} is neither a performance-model file nor a bundled model; bundled: {sorted(bundled)}; "
+        f"{name_or_path!r} is neither a performance-model file nor a bundled model; "
+        f"bundled: {sorted(bundled)}; "
         "fit one with `nitsum models fit PROFILE`"
     )
 

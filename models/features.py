@@ -1,13 +1,13 @@
-"""Physically motivated per-iteration features of one engine step, from a model spec, a TP degree and a
-batch composition (vectorised with numpy over rows).
+"""Physically motivated per-iteration features of one engine step, from a model spec, a TP degree and a batch
+composition (vectorised with numpy over rows).
 
 A *composition* is the six numbers the profile schema records for a step (``COMPOSITION_COLUMNS``): the TP
 degree, the prefill part (sequences, new tokens, causal attention pairs) and the decode part (sequences, the
 KV length they attend to). Everything else is derived from the architecture:
 
-=========================  ==========================================================================  ========
-feature                    definition (per GPU of the TP group)                                        unit
-=========================  ==========================================================================  ========
+=========================  =======================================================================  ========
+feature                    definition (per GPU of the TP group)                                     unit
+=========================  =======================================================================  ========
 ``tokens``                 prefill tokens + decode sequences (rows that pass through every GEMM)        tokens
 ``num_seqs``               prefill + decode sequences (rows of the LM head, sampled tokens)             seqs
 ``gemm_flops``             2 · tokens · layer_linear_params / tp  +  2 · num_seqs · vocab · hidden / tp  FLOP
@@ -17,13 +17,13 @@ feature                    definition (per GPU of the TP group)                 
 ``kv_read_bytes``          decode_context_tokens · kv_bytes_per_token_per_gpu                           bytes
 ``allreduce_bytes``        2 · layers · tokens · hidden · dtype_bytes (0 at TP 1)                       bytes
 ``allreduce_count``        2 · layers (0 at TP 1)                                                        ops
-=========================  ==========================================================================  ========
+=========================  =======================================================================  ========
 
 ``layer_linear_params`` are the weights of the QKV, output, gate/up and down projections of every layer;
-``q_heads_per_gpu = heads / tp`` and ``kv_heads_per_gpu = max(1, kv_heads / tp)`` (vLLM replicates KV heads when
-TP exceeds their number). A GEMM over ``m`` rows streams its weights once and does ``2·m`` FLOP per weight, so
-``max(gemm_flops / peak_flops, weight_bytes / bandwidth)`` is its roofline time; the latency model builds its
-basis from exactly these quantities (see :mod:`.latency`).
+``q_heads_per_gpu = heads / tp`` and ``kv_heads_per_gpu = max(1, kv_heads / tp)`` (vLLM replicates KV heads
+when TP exceeds their number). A GEMM over ``m`` rows streams its weights once and does ``2·m`` FLOP per
+weight, so ``max(gemm_flops / peak_flops, weight_bytes / bandwidth)`` is its roofline time; the latency model
+builds its basis from exactly these quantities (see :mod:`.latency`).
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def as_composition(x: npt.ArrayLike) -> FloatArray:
     if (arr < 0).any():
         row, col = (int(v) for v in np.argwhere(arr < 0)[0])
         raise ValueError(
-            f"composition row {row}: {COMPOSITION_COLUMNS[col]}={arr[row, col]} is negative; counts must be >= 0"
+            f"composition row {row}: {COMPOSITION_COLUMNS[col]}={arr[row, col]} is negative; "
+            "counts must be >= 0"
         )
     if (arr[:, 0] < 1).any():
         row = int(np.argwhere(arr[:, 0] < 1)[0][0])

@@ -1,12 +1,14 @@
 """Held-out evaluation of the iteration-time models: whole batch configurations are held out, never repeats.
 
-``GroupKFold`` on ``config_id`` (shuffled, seeded): every row of a configuration lands in the same fold, so a test
-configuration was never seen in training, not even as another repeat. Metrics, per TP degree:
+``GroupKFold`` on ``config_id`` (shuffled, seeded): every row of a configuration lands in the same fold, so a
+test configuration was never seen in training, not even as another repeat. Metrics, per TP degree:
 
-* mean model: MAPE of the prediction against each held-out configuration's *mean* measured time (the quantity the
-  mean model predicts; per-row jitter is the quantile model's job), plus the 90th percentile and max of that error;
-* quantile model: coverage = share of held-out *rows* whose time is at or below the predicted quantile
-  (a calibrated p90 covers ~90 %).
+* mean model: MAPE of the prediction against each held-out configuration's *mean* measured time (the quantity
+the
+  mean model predicts; per-row jitter is the quantile model's job), plus the 90th percentile and max of that
+  error;
+* quantile model: coverage = share of held-out *rows* whose time is at or below the predicted quantile (a
+  calibrated p90 covers ~90 %).
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from .latency import (
     DEFAULT_KNOTS_TOKENS,
     DEFAULT_QUANTILES,
     IterationTimeModel,
-    IterationTimeQuantileModel,
     OutOfProfileRangeWarning,
 )
+from .quantile import IterationTimeQuantileModel
 from .spec import ModelSpec
 
 
@@ -74,7 +76,9 @@ def heldout_splits(
     g = np.asarray(groups)
     n_groups = len(np.unique(g))
     if n_groups < n_splits:
-        raise ValueError(f"{n_groups} configurations cannot fill {n_splits} held-out folds; profile more configs")
+        raise ValueError(
+            f"{n_groups} configurations cannot fill {n_splits} held-out folds; profile more configs"
+        )
     splitter = GroupKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
     return list(splitter.split(np.zeros((len(g), 1)), groups=g))
 
@@ -87,8 +91,8 @@ def heldout_predictions(
     random_state: int = 0,
     roofline_knots_tokens: tuple[int, ...] = DEFAULT_KNOTS_TOKENS,
 ) -> pd.DataFrame:
-    """The profile with out-of-fold ``pred_mean_ms`` and ``pred_q<q>_ms`` columns (each row predicted by models
-    that never saw its configuration) and a ``fold`` column."""
+    """The profile with out-of-fold ``pred_mean_ms`` and ``pred_q<q>_ms`` columns (each row predicted by
+    models that never saw its configuration) and a ``fold`` column."""
     x = profile[list(COMPOSITION_COLUMNS)].to_numpy(dtype=float)
     y = profile["step_time_ms"].to_numpy(dtype=float)
     groups = profile["config_id"].to_numpy()
@@ -100,7 +104,9 @@ def heldout_predictions(
         warnings.simplefilter("ignore", OutOfProfileRangeWarning)
         for fold, (train, test) in enumerate(heldout_splits(groups, n_splits, random_state)):
             qmodel = IterationTimeQuantileModel(
-                spec=spec, quantiles=tuple(quantiles), roofline_knots_tokens=roofline_knots_tokens,
+                spec=spec,
+                quantiles=tuple(quantiles),
+                roofline_knots_tokens=roofline_knots_tokens,
                 random_state=random_state,
             ).fit(x[train], y[train], groups=groups[train])
             mean[test] = qmodel.mean_model_.predict(x[test])
@@ -116,16 +122,24 @@ def summarize(pred: pd.DataFrame, quantiles: Sequence[float], method: str) -> He
     """Per-TP metrics from :func:`heldout_predictions` output."""
     per_tp = []
     for tp, rows in pred.groupby("tp"):
-        configs = rows.groupby("config_id").agg(measured=("step_time_ms", "mean"), pred=("pred_mean_ms", "mean"))
+        configs = rows.groupby("config_id").agg(
+            measured=("step_time_ms", "mean"), pred=("pred_mean_ms", "mean")
+        )
         ape = (configs["pred"] - configs["measured"]).abs() / configs["measured"] * 100
         coverage = {
             f"{q:g}": float((rows["step_time_ms"] <= rows[f"pred_q{q:g}_ms"]).mean() * 100) for q in quantiles
         }
-        per_tp.append(TpHeldoutError(
-            tp=int(tp), n_configs=len(configs), n_rows=len(rows), mean_mape_pct=float(ape.mean()),
-            mean_p90_ape_pct=float(np.percentile(ape, 90)), mean_max_ape_pct=float(ape.max()),
-            coverage_pct=coverage,
-        ))
+        per_tp.append(
+            TpHeldoutError(
+                tp=int(tp),
+                n_configs=len(configs),
+                n_rows=len(rows),
+                mean_mape_pct=float(ape.mean()),
+                mean_p90_ape_pct=float(np.percentile(ape, 90)),
+                mean_max_ape_pct=float(ape.max()),
+                coverage_pct=coverage,
+            )
+        )
     return HeldoutReport(method=method, per_tp=per_tp)
 
 
@@ -157,7 +171,9 @@ def fit_models(
     x = profile[list(COMPOSITION_COLUMNS)].to_numpy(dtype=float)
     y = profile["step_time_ms"].to_numpy(dtype=float)
     return IterationTimeQuantileModel(
-        spec=spec, quantiles=tuple(quantiles), roofline_knots_tokens=roofline_knots_tokens,
+        spec=spec,
+        quantiles=tuple(quantiles),
+        roofline_knots_tokens=roofline_knots_tokens,
         random_state=random_state,
     ).fit(x, y, groups=profile["config_id"].to_numpy())
 

@@ -2,8 +2,8 @@
 
 vLLM sizes its KV cache as ``gpu_memory_utilization · total_memory − weights − peak activations − non-torch
 memory`` per GPU, then divides by the bytes one token's KV occupies on that GPU. The measured value
-(``kv_cache_tokens`` in the profile's meta file) is always preferred; this estimate reproduces vLLM's formula with
-a fixed activation + CUDA-graph + NCCL reserve and is good to roughly ±10 %.
+(``kv_cache_tokens`` in the profile's meta file) is always preferred; this estimate reproduces vLLM's formula
+with a fixed activation + CUDA-graph + NCCL reserve and is good to roughly ±10 %.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def estimate_kv_cache_tokens(
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
     consts = ArchitectureConstants.from_spec(spec)
-    free_bytes = gpu_memory_gib_per_gpu * GIB * gpu_memory_utilization - spec.weight_bytes / tp - reserve_gib * GIB
+    free_bytes = (
+        gpu_memory_gib_per_gpu * GIB * gpu_memory_utilization - spec.weight_bytes / tp - reserve_gib * GIB
+    )
     per_token = float(consts.kv_bytes_per_token_per_gpu(tp))
     if free_bytes <= per_token:
         raise ValueError(

@@ -52,12 +52,16 @@ def _curve(model: IterationTimeModel, tp: int, xs: np.ndarray, kind: str, ctx: f
     if kind == "decode":
         comp = np.column_stack([np.full_like(xs, tp), zeros, zeros, zeros, xs, xs * ctx])
     else:
-        comp = np.column_stack([np.full_like(xs, tp), np.ones_like(xs), xs, attention_pairs(xs), zeros, zeros])
+        comp = np.column_stack(
+            [np.full_like(xs, tp), np.ones_like(xs), xs, attention_pairs(xs), zeros, zeros]
+        )
     assert comp.shape[1] == len(COMPOSITION_COLUMNS)
     return model.predict_trusted(comp)
 
 
-def plot_tp_effect(profile: pd.DataFrame, model: IterationTimeModel, out_dir: str | Path, title: str) -> list[Path]:
+def plot_tp_effect(
+    profile: pd.DataFrame, model: IterationTimeModel, out_dir: str | Path, title: str
+) -> list[Path]:
     """Write the three PNGs to ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,9 +79,15 @@ def plot_tp_effect(profile: pd.DataFrame, model: IterationTimeModel, out_dir: st
             continue
         xs = np.geomspace(1, pts["num_decode_seqs"].max(), 60)
         ax.plot(pts["num_decode_seqs"], pts["step_time_ms"], "o", color=colors[tp], label=f"TP{tp} measured")
-        ax.plot(xs, _curve(model, tp, xs, "decode", ctx), "-", color=colors[tp], alpha=0.7, label=f"TP{tp} model")
-    ax.set(xscale="log", xlabel="decode batch size (sequences)", ylabel="step time (ms)",
-           title=f"{title}\ndecode step time, context {ctx:,.0f} tokens/sequence")
+        ax.plot(
+            xs, _curve(model, tp, xs, "decode", ctx), "-", color=colors[tp], alpha=0.7, label=f"TP{tp} model"
+        )
+    ax.set(
+        xscale="log",
+        xlabel="decode batch size (sequences)",
+        ylabel="step time (ms)",
+        title=f"{title}\ndecode step time, context {ctx:,.0f} tokens/sequence",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     paths.append(out / "tp_effect_decode.png")
@@ -92,9 +102,13 @@ def plot_tp_effect(profile: pd.DataFrame, model: IterationTimeModel, out_dir: st
             continue
         thr = pts["num_decode_seqs"] / (pts["step_time_ms"] / 1000.0) / tp
         ax.plot(pts["num_decode_seqs"], thr, "o-", color=colors[tp], label=f"TP{tp}")
-    ax.set(xscale="log", yscale="log", xlabel="decode batch size (sequences)",
-           ylabel="decode throughput per GPU (tokens/s/GPU)",
-           title=f"{title}\nper-GPU decode throughput, context {ctx:,.0f} tokens/sequence")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="decode batch size (sequences)",
+        ylabel="decode throughput per GPU (tokens/s/GPU)",
+        title=f"{title}\nper-GPU decode throughput, context {ctx:,.0f} tokens/sequence",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     paths.append(out / "tp_effect_throughput.png")
@@ -109,9 +123,16 @@ def plot_tp_effect(profile: pd.DataFrame, model: IterationTimeModel, out_dir: st
             continue
         xs = np.geomspace(pts["prefill_tokens"].min(), pts["prefill_tokens"].max(), 60)
         ax.plot(pts["prefill_tokens"], pts["step_time_ms"], "o", color=colors[tp], label=f"TP{tp} measured")
-        ax.plot(xs, _curve(model, tp, xs, "prefill", 0.0), "-", color=colors[tp], alpha=0.7, label=f"TP{tp} model")
-    ax.set(xscale="log", yscale="log", xlabel="prompt tokens (one prompt per step)", ylabel="prefill step time (ms)",
-           title=f"{title}\nprefill time vs prompt length")
+        ax.plot(
+            xs, _curve(model, tp, xs, "prefill", 0.0), "-", color=colors[tp], alpha=0.7, label=f"TP{tp} model"
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="prompt tokens (one prompt per step)",
+        ylabel="prefill step time (ms)",
+        title=f"{title}\nprefill time vs prompt length",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     paths.append(out / "tp_effect_prefill.png")

@@ -1,22 +1,26 @@
-"""The decoding population of one engine as a birth–death chain, and the TPOT it implies.
+"""The decode population of one engine (how many sequences decode at once) and the TPOT it implies.
 
-Requests join the decode batch at rate ``λ`` and each needs ``d`` steps; with ``B`` sequences running a step lasts
-``τ̄(B)`` (decode-only, or including the prefill share for a colocated engine), so sequences leave at rate
-``μ(B) = B / (E[d]·τ̄(B))``. With at most ``c`` seats (``max_num_seqs``, or the requests whose KV reservation fits
-the cache) the rest wait: ``μ(n) = μ(c)`` for ``n >= c``. The stationary law is the product form
-``π(n) ∝ Π_{i<=n} λ / μ(min(i, c))``. Unlike a fixed point, it carries the feedback that makes a loaded engine's
-batch wander (longer steps -> fewer departures per second -> a larger batch -> longer steps) and the queue for
-seats.
+**Window law** (:func:`window_population`). A request stays ``d`` steps, so the batch ``B`` counts the
+arrivals of the last ``E[d]·τ̄(B)`` ms (``τ̄(B)``: mean engine step with ``B`` decoding — decode-only, or with
+the prefill share of a colocated engine): ``B = f(B) + ξ·√V(B)`` with ``f(B) = λ·E[d]·τ̄(B)``, ``V =
+dispersion·f + extra_var`` and ``ξ`` standard normal, solved for each node of a normal quadrature. This keeps
+the nonlinearity of a loaded engine (longer steps keep requests longer: linearised, ``Var B = V/(1 − g)²``
+with ``g = f'(B̄)``, far above the Poisson ``B̄`` near the knee). With ``c`` seats (``max_num_seqs``, or as
+many requests as their KV reservations fit) the mass beyond ``c`` queues as in a birth–death chain: ``π(c + j)
+= π(c)·ρ^j`` with ``ρ = λ/μ(c)``, ``μ(c) = c/(E[d]·τ̄(c))``; ``ρ >= 1`` is overload (a miss).
 
-A request of bucket ``b`` that arrives to ``n`` others runs with ``min(n, c−1) + 1`` sequences. Its TPOT is the
-mean step over its ``d_b`` steps, plus (decode role) its wait for a seat and for the running step divided by
-``d_b``. Its lifetime ``L_b = d_b·τ̄`` averages the batch's wandering. We model that wandering as an Ornstein–Uhlenbeck
-process relaxing at ``κ = (1 − g)/L̄`` (``g`` = slope of ``λ·E[d]·τ̄(B)``, ``L̄`` the mean lifetime); the
-time-average over ``L_b`` shrinks a deviation's variance by ``r = 2/x·(1 − (1 − e^{−x})/x)``, ``x = κ·L_b``, so
-the batch a request effectively sees is ``B̄ + (B − B̄)·√r``. Fast noise (prefill work landing in the lifetime,
-the uniform wait for the running step) adds a normal term of variance ``fast_var_b``:
+**TPOT** (:func:`tpot_attainment`). A request of bucket ``b`` arriving to ``n`` others runs with ``min(n, c−1)
++ 1`` sequences; its TPOT is the mean step over its ``d_b`` steps, plus (decode role) its wait for a seat and
+for the running step, divided by ``d_b``. Its lifetime ``L_b = d_b·τ̄`` averages the batch's wandering,
+modelled as an Ornstein–Uhlenbeck process relaxing at ``κ = (1 − g)/L̄``: the time average over ``L_b`` keeps
+a share ``r = 2/x·(1 − (1 − e^{−x})/x)`` (``x = κ·L_b``) of a deviation's variance, so the batch a request
+effectively sees is ``B̄ + (B − B̄)·√r``. Fast noise (prefill work landing in the lifetime, the wait for the
+running step) adds variance ``fast_var_b`` (normal, or gamma when ``skewed``):
 
-    P(TPOT_b <= S) = Σ_n π(n) Φ((S − τ̄(B_eff(n)) − wait(n)/d_b) / √fast_var_b)
+    P(TPOT_b <= S) = Σ_n π(n) · F_b(S − τ̄(B_eff(n)) − wait(n)/d_b)
+
+(A plain birth–death product form with exponential lifetimes gives ``Var B = B̄/(1 − g)``: with fixed
+lifetimes it underestimates the batch's spread near the knee by far; the request simulator showed it.)
 """
 
 from __future__ import annotations
@@ -58,22 +62,6 @@ class Population:
         return float(self.probs[self.seats :].sum()) + self.overflow
 
 
-def decode_population(rate_per_ms: float, steps_per_request: float, step_ms: FloatArray, seats: int) -> Population | None:
-    """Product-form law of the decode population; ``step_ms[B]`` is τ̄(B) for B = 0..seats. None if unstable."""
-    if seats < 1:
-        return None
-    b = np.arange(1, seats + 1, dtype=float)
-    mu = b / (steps_per_request * step_ms[1 : seats + 1])
-    if not np.isfinite(mu).all() or rate_per_ms >= mu[-1]:
-        return None
-    ratio_full = rate_per_ms / mu[-1]
-    extra = min(MAX_QUEUE, int(math.ceil(math.log(_TAIL) / math.log(ratio_full))) if ratio_full > 0 else 1)
-    log_ratio = np.concatenate([np.log(rate_per_ms / mu), np.full(extra, math.log(ratio_full))])
-    log_p = np.concatenate([[0.0], np.cumsum(log_ratio)])
-    p = np.exp(log_p - log_p.max())
-    return Population(probs=p / p.sum(), seats=seats, departure_rate_full=float(mu[-1]))
-
-
 def tpot_attainment(
     pop: Population,
     rate_per_ms: float,
@@ -86,13 +74,14 @@ def tpot_attainment(
     offset_ms: FloatArray | None = None,
     skewed: bool = False,
 ) -> float:
-    """Share of requests (buckets with ``d >= 1``) whose TPOT is at most ``slo_ms`` (see the module docstring).
+    """Share of requests (buckets with ``d >= 1``) whose TPOT is at most ``slo_ms`` (see the module
+    docstring).
 
     ``step_ms[B]`` = τ̄(B) for B = 0..seats; ``fast_var`` per bucket (ms²); ``seat_wait`` adds the wait for a
     seat to TPOT (decode role; a colocated engine waits before prefill, which is TTFT's business);
     ``offset_ms`` shifts each bucket's mean TPOT (e.g. the colocated transient after its own prefill);
-    ``skewed`` takes the fast noise as a gamma law with that mean shift's scale (a sum of positive step times is
-    right-skewed) instead of a normal one.
+    ``skewed`` takes the fast noise as a gamma law with that mean shift's scale (a sum of positive step times
+    is right-skewed) instead of a normal one.
     """
     has = decode_steps >= 1
     if not has.any():
@@ -122,7 +111,9 @@ def tpot_attainment(
         shape, scale = center**2 / var, var / center
         att = gamma.cdf(slo_ms - (tpot - center), shape, scale=scale) @ pop.probs
     else:
-        att = norm.cdf((slo_ms - tpot) / np.sqrt(var)) @ pop.probs  # overflow mass (not in probs) counts as a miss
+        att = (
+            norm.cdf((slo_ms - tpot) / np.sqrt(var)) @ pop.probs
+        )  # overflow mass (not in probs) counts as a miss
     return float(bucket_probs[has] @ att / bucket_probs[has].sum())
 
 
@@ -131,17 +122,21 @@ _XI_W = norm.pdf(_XI) / norm.pdf(_XI).sum()
 
 
 def window_population(
-    rate_per_ms: float, steps_per_request: float, step_ms: FloatArray, seats: int, dispersion: float = 1.0,
+    rate_per_ms: float,
+    steps_per_request: float,
+    step_ms: FloatArray,
+    seats: int,
+    dispersion: float = 1.0,
     extra_var: float = 0.0,
 ) -> Population | None:
     """Law of the decode batch when every request stays a fixed number of steps (the window model).
 
-    The batch counts the arrivals of the last ``E[d]·τ̄(B)`` ms: ``B = f(B) + ξ·√V(B)`` with ``f(B) = λ·E[d]·τ̄(B)``,
-    ``V = dispersion·f + extra_var`` (``dispersion``: index of dispersion of arrivals, > 1 when they come in groups;
-    ``extra_var``: variance the window length adds) and ``ξ`` standard normal. Linearised this is
-    ``Var B = V / (1 − g)²`` — the feedback of a loaded engine (longer steps keep requests longer). Each quadrature
-    node ``ξ`` is solved on the seat grid; no root below the seat limit = overflow (a miss). None when even the
-    mean has no root.
+    The batch counts the arrivals of the last ``E[d]·τ̄(B)`` ms: ``B = f(B) + ξ·√V(B)`` with ``f(B) =
+    λ·E[d]·τ̄(B)``, ``V = dispersion·f + extra_var`` (``dispersion``: index of dispersion of arrivals, > 1
+    when they come in groups; ``extra_var``: variance the window length adds) and ``ξ`` standard normal.
+    Linearised this is ``Var B = V / (1 − g)²`` — the feedback of a loaded engine (longer steps keep requests
+    longer). Each quadrature node ``ξ`` is solved on the seat grid; no root below the seat limit = overflow (a
+    miss). None when even the mean has no root.
     """
     if seats < 1:
         return None
@@ -174,7 +169,7 @@ def window_population(
         # Every seat taken: the rest queue. As in a birth–death chain, the queue continues the law at the
         # boundary geometrically, π(c + j) = π(c)·ρ^j (ρ = λ/μ(c)), so its mass grows like ρ/(1 − ρ) near
         # saturation; the boundary carries the window law's mass at c plus its overflow.
-        queue = min(MAX_QUEUE, int(math.ceil(math.log(_TAIL) / math.log(max(ratio, 1e-300)))) + 1)
+        queue = min(MAX_QUEUE, math.ceil(math.log(_TAIL) / math.log(max(ratio, 1e-300))) + 1)
         boundary = probs[seats] + overflow
         tail = boundary * ratio ** np.arange(1, queue)
         probs = np.concatenate([probs[:seats], [boundary], tail])

@@ -8,11 +8,11 @@ how to fix it. Checks:
 * the file exists, is gzip or plain CSV, and has every column (extra columns are ignored);
 * types: integer columns hold integers (no NaN, no fractions), string columns are non-empty;
 * ``step_time_ms`` is finite and > 0;
-* units: step times must look like milliseconds. Two tests: the median step lies in
-  [``MIN_MEDIAN_STEP_MS``, ``MAX_MEDIAN_STEP_MS``] (a median below 0.5 looks like seconds, above 20,000 like
-  microseconds); when the model spec is known, no step may beat its physical floor (weight shard at 20 TB/s,
-  GEMM FLOPs at 5 PFLOP/s — faster than any GPU) and the median step must stay below 300x that floor (real steps
-  are 1-50x; microseconds land near 1000x);
+* units: step times must look like milliseconds. Two tests: the median step lies in [``MIN_MEDIAN_STEP_MS``,
+  ``MAX_MEDIAN_STEP_MS``] (a median below 0.5 looks like seconds, above 20,000 like microseconds); when the
+  model spec is known, no step may beat its physical floor (weight shard at 20 TB/s, GEMM FLOPs at 5 PFLOP/s —
+  faster than any GPU) and the median step must stay below 300x that floor (real steps are 1-50x; microseconds
+  land near 1000x);
 * composition consistency: a step has work; prefill sequences, tokens and attention pairs are all zero or all
   positive with ``pairs >= tokens``; decode context ``>= num_decode_seqs``; ``experiment`` is one of
   ``prefill``/``decode``/``mixed``; ``tp`` is a supported degree;
@@ -80,8 +80,9 @@ def _read_csv(path: Path) -> pd.DataFrame:
     with path.open("rb") as fh:
         magic = fh.read(2)
     try:
-        return pd.read_csv(path, compression="gzip" if magic == b"\x1f\x8b" else None, dtype=str,
-                           keep_default_na=False)
+        return pd.read_csv(
+            path, compression="gzip" if magic == b"\x1f\x8b" else None, dtype=str, keep_default_na=False
+        )
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError) as exc:
         raise ProfileError(f"profile {path}: not a readable (gzip) CSV file: {exc}") from None
 
@@ -136,19 +137,33 @@ def _check_rows(df: pd.DataFrame, path: Path) -> None:
         (df["step_time_ms"] <= 0, "step_time_ms must be > 0 (a step takes time)"),
         (~df["tp"].isin(SUPPORTED_TP), f"tp must be one of {list(SUPPORTED_TP)}"),
         (~df["experiment"].isin(EXPERIMENTS), f"experiment must be one of {list(EXPERIMENTS)}"),
-        ((df["prefill_tokens"] == 0) & (df["num_decode_seqs"] == 0), "the step has no work (no prefill "
-         "tokens, no decode sequences); drop the row"),
-        ((df["num_prefill_seqs"] > 0) != (df["prefill_tokens"] > 0), "num_prefill_seqs and prefill_tokens "
-         "must both be zero or both positive"),
-        (df["prefill_attention_pairs"] < df["prefill_tokens"], "prefill_attention_pairs must be >= "
-         "prefill_tokens (every new token attends at least to itself): Σ chunk·ctx + chunk·(chunk+1)/2"),
+        (
+            (df["prefill_tokens"] == 0) & (df["num_decode_seqs"] == 0),
+            "the step has no work (no prefill tokens, no decode sequences); drop the row",
+        ),
+        (
+            (df["num_prefill_seqs"] > 0) != (df["prefill_tokens"] > 0),
+            "num_prefill_seqs and prefill_tokens must both be zero or both positive",
+        ),
+        (
+            df["prefill_attention_pairs"] < df["prefill_tokens"],
+            "prefill_attention_pairs must be >= "
+            "prefill_tokens (every new token attends at least to itself): Σ chunk·ctx + chunk·(chunk+1)/2",
+        ),
         (df["prefill_tokens"] < df["num_prefill_seqs"], "prefill_tokens must be >= num_prefill_seqs"),
-        ((df["prefill_tokens"] == 0) & (df["prefill_attention_pairs"] > 0), "prefill_attention_pairs must "
-         "be 0 when prefill_tokens is 0"),
-        (df["decode_context_tokens"] < df["num_decode_seqs"], "decode_context_tokens must be >= "
-         "num_decode_seqs (each decode sequence attends at least to its new token)"),
-        ((df["num_decode_seqs"] == 0) & (df["decode_context_tokens"] > 0), "decode_context_tokens must be 0 "
-         "when num_decode_seqs is 0"),
+        (
+            (df["prefill_tokens"] == 0) & (df["prefill_attention_pairs"] > 0),
+            "prefill_attention_pairs must be 0 when prefill_tokens is 0",
+        ),
+        (
+            df["decode_context_tokens"] < df["num_decode_seqs"],
+            "decode_context_tokens must be >= "
+            "num_decode_seqs (each decode sequence attends at least to its new token)",
+        ),
+        (
+            (df["num_decode_seqs"] == 0) & (df["decode_context_tokens"] > 0),
+            "decode_context_tokens must be 0 when num_decode_seqs is 0",
+        ),
     ]
     for mask, message in checks:
         i = _first(mask)
@@ -174,8 +189,9 @@ def _check_units(df: pd.DataFrame, path: Path, spec: ModelSpec | None) -> None:
     shard_bytes = (consts.layer_linear_params + consts.lm_head_params) * consts.dtype_bytes / df["tp"]
     tokens = df["prefill_tokens"] + df["num_decode_seqs"]
     flops = 2.0 * tokens * consts.layer_linear_params / df["tp"]
-    floor_ms = np.maximum(shard_bytes / MAX_PLAUSIBLE_BANDWIDTH_BYTES_PER_S,
-                          flops / MAX_PLAUSIBLE_FLOPS_PER_S) * 1e3
+    floor_ms = (
+        np.maximum(shard_bytes / MAX_PLAUSIBLE_BANDWIDTH_BYTES_PER_S, flops / MAX_PLAUSIBLE_FLOPS_PER_S) * 1e3
+    )
     i = _first(df["step_time_ms"] < floor_ms)
     if i is not None:
         raise ProfileError(
@@ -186,7 +202,8 @@ def _check_units(df: pd.DataFrame, path: Path, spec: ModelSpec | None) -> None:
     ratio = float((df["step_time_ms"] / floor_ms).median())
     if ratio > MAX_MEDIAN_FLOOR_RATIO:
         raise ProfileError(
-            f"profile {path}: column 'step_time_ms' is on median {ratio:,.0f}x the physical floor of {spec.name}; "
+            f"profile {path}: column 'step_time_ms' is on median {ratio:,.0f}x the physical floor of "
+            f"{spec.name}; "
             "real steps are 1-50x; the times look like microseconds (divide by 1000) or the spec is wrong"
         )
 
@@ -298,19 +315,25 @@ def load_meta(path: str | Path) -> ProfileMeta:
     """Read and validate a profile metadata JSON; unknown keys are kept but reported in a warning."""
     p = Path(path)
     if not p.is_file():
-        raise ProfileError(f"profile metadata {p}: no such file; it sits next to the CSV as <model>.meta.json")
+        raise ProfileError(
+            f"profile metadata {p}: no such file; it sits next to the CSV as <model>.meta.json"
+        )
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProfileError(f"profile metadata {p}: not valid JSON: {exc}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-        raise ProfileError(f"profile metadata {p}: expected an object with a 'model' object (ModelSpec fields)")
+        raise ProfileError(
+            f"profile metadata {p}: expected an object with a 'model' object (ModelSpec fields)"
+        )
     model_fields = set(ModelSpec.model_fields)
     extra_model_keys = sorted(set(raw["model"]) - model_fields)
     raw = {**raw, "model": {k: v for k, v in raw["model"].items() if k in model_fields}}
     for tp in raw.get("per_tp", {}) or {}:
         if not str(tp).isdigit() or int(tp) not in SUPPORTED_TP:
-            raise ProfileError(f"profile metadata {p}: per_tp key {tp!r} is not a TP degree in {SUPPORTED_TP}")
+            raise ProfileError(
+                f"profile metadata {p}: per_tp key {tp!r} is not a TP degree in {SUPPORTED_TP}"
+            )
     try:
         meta = ProfileMeta.model_validate(raw)
     except ValidationError as exc:

@@ -1,27 +1,27 @@
 """TTFT of a continuously batching engine under Poisson arrivals: a gated-batch Markov chain.
 
 Engine semantics (shared with :mod:`.reqsim`): when a step ends, the next step takes the waiting prompts in
-arrival order up to the token budget, chunking the last one; with a backlog the engine therefore works through it
-in full steps. We group the prompts that arrive during one *super-step* (the steps that clear the prompts
-present when it began) into the next super-step. A prompt that arrives while the engine has no prefill work either
-starts a step at once (prefill role: the engine is idle) or waits for the running decode-only step to end
-(colocated role). Its first token appears when its super-step ends.
+arrival order up to the token budget, chunking the last one; with a backlog the engine therefore works through
+it in full steps. We group the prompts that arrive during one *super-step* (the steps that clear the prompts
+present when it began) into the next super-step. A prompt that arrives while the engine has no prefill work
+either starts a step at once (prefill role: the engine is idle) or waits for the running decode-only step to
+end (colocated role). Its first token appears when its super-step ends.
 
-Chain states are kinds of super-step: ``D`` (no prefill: idle or a decode-only step), ``1_b`` (one prompt of length
-bucket ``b``) and ``(n, z)`` (``n >= 2`` prompts whose total work sits at quadrature node ``z`` of its
-distribution: tokens ``~ N(n·μ, n·σ²)`` over the mix, attention pairs regressed on tokens; 3-point Gauss–Hermite).
-From a state of duration ``τ`` the arrivals are Poisson(``λτ``) and fix the next state (0 -> ``D``). The
-stationary law of the chain, weighted by durations, gives where a Poisson arrival lands (PASTA). An arrival landing
-in a super-step of duration ``τ_j`` waits its uniform residual ``U·τ_j``, then runs with the ``K ~ Poisson(λτ_j)``
-others that arrived during ``τ_j``:
+Chain states are kinds of super-step: ``D`` (no prefill: idle or a decode-only step), ``1_b`` (one prompt of
+length bucket ``b``) and ``(n, z)`` (``n >= 2`` prompts whose total work sits at quadrature node ``z`` of its
+distribution: tokens ``~ N(n·μ, n·σ²)`` over the mix, attention pairs regressed on tokens; 3-point
+Gauss–Hermite). From a state of duration ``τ`` the arrivals are Poisson(``λτ``) and fix the next state (0 ->
+``D``). The stationary law of the chain, weighted by durations, gives where a Poisson arrival lands (PASTA).
+An arrival landing in a super-step of duration ``τ_j`` waits its uniform residual ``U·τ_j``, then runs with
+the ``K ~ Poisson(λτ_j)`` others that arrived during ``τ_j``:
 
     P(TTFT <= S) = Σ_j w_j Σ_k Pois(k; λτ_j) Σ_b p_b Σ_z w_z · clip((S − T_b(1+k, z)) / τ_j, 0, 1)
 
-(``T_b(1+k, z)``: super-step of the tagged prompt of bucket ``b`` plus ``k`` others with work at node ``z``; an
-arrival to an idle prefill engine gets ``T_b(1)``). Batches above ``EXACT_BATCHES`` prompts are grouped into ~12 %
-wide bins; batches whose super-step alone exceeds the SLO are lumped into one state (all their prompts miss).
-Approximations: the quadrature for the length mix of a batch, and a batch finishing together (its first prompts in
-fact finish up to one step earlier).
+(``T_b(1+k, z)``: super-step of the tagged prompt of bucket ``b`` plus ``k`` others with work at node ``z``;
+an arrival to an idle prefill engine gets ``T_b(1)``). Batches above ``EXACT_BATCHES`` prompts are grouped
+into ~12 % wide bins; batches whose super-step alone exceeds the SLO are lumped into one state (all their
+prompts miss). Approximations: the quadrature for the length mix of a batch, and a batch finishing together
+(its first prompts in fact finish up to one step earlier).
 """
 
 from __future__ import annotations
@@ -40,15 +40,25 @@ MAX_CHAIN_BATCH = 512
 FIRST_CHAIN_BATCH = 48
 #: Batch sizes up to this are chain states of their own; larger ones are grouped in ~12 % wide bins.
 EXACT_BATCHES = 8
-_BIN_EDGES = np.unique(np.concatenate([
-    np.arange(2, EXACT_BATCHES + 1),
-    np.round(EXACT_BATCHES * 1.12 ** np.arange(1, 80)).astype(int),
-]))
+_BIN_EDGES = np.unique(
+    np.concatenate(
+        [
+            np.arange(2, EXACT_BATCHES + 1),
+            np.round(EXACT_BATCHES * 1.12 ** np.arange(1, 80)).astype(int),
+        ]
+    )
+)
 _BIN_EDGES = _BIN_EDGES[_BIN_EDGES <= MAX_CHAIN_BATCH].astype(float)
 #: Batch sizes at which super-steps are evaluated (bin edges and middles; interpolated in between).
-_MULTI_GRID = np.unique(np.concatenate([
-    _BIN_EDGES, (_BIN_EDGES[:-1] + _BIN_EDGES[1:] - 1) // 2, [MAX_CHAIN_BATCH],
-])).astype(float)
+_MULTI_GRID = np.unique(
+    np.concatenate(
+        [
+            _BIN_EDGES,
+            (_BIN_EDGES[:-1] + _BIN_EDGES[1:] - 1) // 2,
+            [MAX_CHAIN_BATCH],
+        ]
+    )
+).astype(float)
 #: 3-point Gauss–Hermite rule for a standard normal.
 _NODES = np.array([-np.sqrt(3.0), 0.0, np.sqrt(3.0)])
 _NODE_WEIGHTS = np.array([1.0, 4.0, 1.0]) / 6.0
@@ -75,13 +85,15 @@ class PromptMix:
 
     @property
     def nodes(self) -> tuple[FloatArray, FloatArray]:
-        """Quadrature nodes and weights for the work of a batch (one node when every prompt has one length)."""
+        """Quadrature nodes and weights for the work of a batch (one node when every prompt has one length).
+        """
         if float(self.probs @ (self.input_tokens - self.mean_tokens) ** 2) == 0.0:
             return np.zeros(1), np.ones(1)
         return _NODES, _NODE_WEIGHTS
 
     def work_of_others(self, k: FloatArray) -> tuple[FloatArray, FloatArray]:
-        """(tokens, pairs) of ``k`` random prompts at each quadrature node: arrays of shape ``k.shape + (nodes,)``."""
+        """(tokens, pairs) of ``k`` random prompts at each quadrature node: arrays of shape ``k.shape +
+        (nodes,)``."""
         mu_t, mu_p = self.mean_tokens, self.mean_pairs
         var_t = float(self.probs @ (self.input_tokens - mu_t) ** 2)
         cov = float(self.probs @ ((self.input_tokens - mu_t) * (self.pairs - mu_p)))
@@ -139,8 +151,8 @@ class TtftModel:
         """Largest batch the chain must track at rate ``lam`` (per ms), or None when the queue is unstable
         (arrivals during the largest tracked super-step outnumber its prompts).
 
-        The chain stops at the first batch size ``n`` that no Poisson burst can exceed (mean + 6 sd + 6), or at
-        the first ``n`` whose super-step alone exceeds the SLO: a prompt in a larger batch misses its TTFT
+        The chain stops at the first batch size ``n`` that no Poisson burst can exceed (mean + 6 sd + 6), or
+        at the first ``n`` whose super-step alone exceeds the SLO: a prompt in a larger batch misses its TTFT
         whatever happens, so larger batches are lumped into that state and counted as misses.
         """
         n = _MULTI_GRID
@@ -170,7 +182,7 @@ class TtftModel:
         mix = self.mix
         nb = len(mix.probs)
         idle_ms = 1.0 / lam if self.idle_step_ms is None else max(self.idle_step_ms, 1e-6)
-        lower = _BIN_EDGES[_BIN_EDGES <= n_max]
+        lower = _BIN_EDGES[n_max >= _BIN_EDGES]
         upper = np.append(lower[1:], n_max + 1)
         middle = ((lower + upper - 1) // 2).astype(int)
         # States: 0 = D, 1..nb = a single prompt of bucket b, then (batch bin, node) pairs.
@@ -189,8 +201,13 @@ class TtftModel:
         tok, pairs = mix.work_of_others(middle.astype(float))
         return Chain(
             transition=trans,
-            step_probs=_stationary(trans), duration_ms=dur, arrivals=arrivals[:, :n_max], n_max=n_max,
-            prompts=np.concatenate([[0.0], np.ones(nb), np.repeat(middle.astype(float), len(self.node_weights))]),
+            step_probs=_stationary(trans),
+            duration_ms=dur,
+            arrivals=arrivals[:, :n_max],
+            n_max=n_max,
+            prompts=np.concatenate(
+                [[0.0], np.ones(nb), np.repeat(middle.astype(float), len(self.node_weights))]
+            ),
             tokens=np.concatenate([[0.0], mix.input_tokens, tok.ravel()]),
             pairs=np.concatenate([[0.0], mix.pairs, pairs.ravel()]),
         )
@@ -200,7 +217,11 @@ class TtftModel:
         mix = self.mix
         if rate_per_ms <= 0:
             wait = self.idle_step_ms or 0.0
-            u = np.clip((slo_ms - self.single) / wait, 0, 1) if wait > 0 else (self.single <= slo_ms).astype(float)
+            u = (
+                np.clip((slo_ms - self.single) / wait, 0, 1)
+                if wait > 0
+                else (self.single <= slo_ms).astype(float)
+            )
             return float(mix.probs @ u)
         chain = chain or self.chain(rate_per_ms, slo_ms)
         if chain is None:
@@ -212,8 +233,11 @@ class TtftModel:
         dur, weights = dur[live], weights[live]
         arrivals = chain.arrivals[live]
         k_used = int(np.flatnonzero(arrivals.max(axis=0) > 1e-12).max()) + 1  # others beyond: negligible mass
-        tagged = self.tagged(chain.n_max)[:k_used] @ self.node_weights if len(self.node_weights) == 1 else (
-            self.tagged(chain.n_max)[:k_used])
+        tagged = (
+            self.tagged(chain.n_max)[:k_used] @ self.node_weights
+            if len(self.node_weights) == 1
+            else (self.tagged(chain.n_max)[:k_used])
+        )
         if tagged.ndim == 2:
             frac = np.clip((slo_ms - tagged[None]) / dur[:, None, None], 0.0, 1.0)  # (s, k, b)
             per_state = np.einsum("skb,b,sk->s", frac, mix.probs, arrivals[:, :k_used])
@@ -256,8 +280,8 @@ def ttft_attainment(
 ) -> float:
     """Share of prompts whose TTFT is at most ``slo_ms`` at arrival rate ``rate_per_ms`` (per ms).
 
-    ``idle_step_ms`` is ``None`` for a prefill-only engine (idle until a prompt arrives) or the duration of the
-    decode-only step a colocated engine runs while no prompt waits.
+    ``idle_step_ms`` is ``None`` for a prefill-only engine (idle until a prompt arrives) or the duration of
+    the decode-only step a colocated engine runs while no prompt waits.
     """
     return TtftModel(superstep_ms, mix, idle_step_ms).attainment(rate_per_ms, slo_ms)
 
@@ -278,8 +302,9 @@ def _stationary(trans: FloatArray) -> FloatArray:
 
 
 def additive_functional(chain: Chain, value: FloatArray, start: FloatArray) -> tuple[float, float]:
-    """For ``f = value − π·value`` along the chain: (E[Σ_{t>=0} f(X_t)] from ``start``, i.e. the transient bias
-    ``start·h`` with ``h = (I − P + 1π)⁻¹ f``; and the asymptotic variance per step ``2π(f∘h) − π(f²)``)."""
+    """For ``f = value − π·value`` along the chain: (E[Σ_{t>=0} f(X_t)] from ``start``, i.e. the transient
+    bias ``start·h`` with ``h = (I − P + 1π)⁻¹ f``; and the asymptotic variance per step ``2π(f∘h) − π(f²)``).
+    """
     pi, p = chain.step_probs, chain.transition
     f = value - pi @ value
     fundamental = np.eye(len(pi)) - p + np.outer(np.ones(len(pi)), pi)
@@ -291,8 +316,9 @@ def additive_functional(chain: Chain, value: FloatArray, start: FloatArray) -> t
 EXACT_WINDOW = 64
 
 
-def window_moments(chain: Chain, value: FloatArray, start: FloatArray, lengths: FloatArray) -> tuple[FloatArray,
-                                                                                                     FloatArray]:
+def window_moments(
+    chain: Chain, value: FloatArray, start: FloatArray, lengths: FloatArray
+) -> tuple[FloatArray, FloatArray]:
     """Mean and variance of ``Σ_{t<m} value(X_t)`` from ``X_0 ~ start`` for every (fractional) ``m`` in
     ``lengths``, by the recursions ``a_{t+1} = v + P a_t`` and ``b_{t+1} = v² + 2 v∘(P a_t) + P b_t`` up to
     ``EXACT_WINDOW`` steps (linear interpolation between whole steps) and beyond that linearly with the

@@ -1,17 +1,23 @@
 """A small request-level discrete-event simulator of ONE engine instance, timed by an iteration-time model.
 
-It is the independent check of :mod:`.capacity`: requests arrive as a Poisson process with lengths drawn from the
-tier's mix and are served step by step, each step timed by ``predict_ms`` of the model. Engine semantics (vLLM V1
-style; the capacity model assumes the same):
+It is the independent check of :mod:`.capacity`: requests arrive as a Poisson process with lengths drawn from
+the tier's mix and are served step by step, each step timed by ``predict_ms`` of the model. Engine semantics
+(vLLM V1 style; the capacity model assumes the same):
 
-* every step: the running decode sequences (one token each, ``decode`` and ``colocated`` roles) first, then prompt
-  tokens up to ``max_num_batched_tokens`` in total: prompts already being prefilled first, then waiting prompts in
+* every step: the running decode sequences (one token each, ``decode`` and ``colocated`` roles) first, then
+prompt
+  tokens up to ``max_num_batched_tokens`` in total: prompts already being prefilled first, then waiting
+  prompts in
   arrival order; the last one is chunked to fill the budget;
-* a request is admitted (prefill started, or, for the ``decode`` role, added to the running batch) only while fewer
-  than ``max_num_seqs`` run and its whole KV (``input + output`` tokens) fits the unreserved cache (reserved until
+* a request is admitted (prefill started, or, for the ``decode`` role, added to the running batch) only while
+fewer
+  than ``max_num_seqs`` run and its whole KV (``input + output`` tokens) fits the unreserved cache (reserved
+  until
   it finishes; FCFS, so a request that does not fit blocks the ones behind it);
-* a prompt's first token appears at the end of the step that computes its last chunk (TTFT); the ``decode`` role
-  receives requests whose first token exists already (arrival = first token) and generates ``output − 1`` tokens;
+* a prompt's first token appears at the end of the step that computes its last chunk (TTFT); the ``decode``
+role
+  receives requests whose first token exists already (arrival = first token) and generates ``output − 1``
+  tokens;
   TPOT = (last token − first token) / (output − 1).
 """
 
@@ -30,8 +36,15 @@ from .spec import LengthMix, Role, SloTarget
 class StepClock(Protocol):
     """What the simulator needs from a latency model."""
 
-    def predict_ms(self, tp: int, num_prefill_seqs: int, prefill_tokens: int, prefill_attention_pairs: int,
-                   num_decode_seqs: int, decode_context_tokens: int) -> float: ...
+    def predict_ms(
+        self,
+        tp: int,
+        num_prefill_seqs: int,
+        prefill_tokens: int,
+        prefill_attention_pairs: int,
+        num_decode_seqs: int,
+        decode_context_tokens: int,
+    ) -> float: ...
 
     def kv_cache_tokens(self, tp: int) -> int: ...
 
@@ -60,7 +73,9 @@ class SimResult:
         return float((ttft_ok & tpot_ok).mean())
 
 
-def sample_requests(mix: LengthMix, rate_rps: float, n: int, seed: int) -> tuple[FloatArray, np.ndarray, np.ndarray]:
+def sample_requests(
+    mix: LengthMix, rate_rps: float, n: int, seed: int
+) -> tuple[FloatArray, np.ndarray, np.ndarray]:
     """Poisson arrival times (s) and (input, output) lengths drawn from ``mix``."""
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate_rps, size=n))
@@ -121,7 +136,8 @@ def simulate_instance(
     max_num_seqs: int = 256,
     warmup_fraction: float = 0.15,
 ) -> SimResult:
-    """Simulate one instance of ``(tp, role)`` fed ``n_requests`` Poisson arrivals at ``rate_rps`` until all finish."""
+    """Simulate one instance of ``(tp, role)`` fed ``n_requests`` Poisson arrivals at ``rate_rps`` until all
+    finish."""
     if rate_rps <= 0 or n_requests < 1:
         raise ValueError(f"rate_rps={rate_rps} must be > 0 and n_requests={n_requests} >= 1")
     arrivals, inp, out = sample_requests(mix, rate_rps, n_requests, seed)
@@ -176,8 +192,14 @@ def _finish_decodes(eng: _Engine, inp: np.ndarray, out: np.ndarray, now: float) 
     return finished
 
 
-def _finish_chunks(eng: _Engine, chunks: list[tuple[list[int], int]], inp: np.ndarray, out: np.ndarray,
-                   arrivals: FloatArray, now: float) -> int:
+def _finish_chunks(
+    eng: _Engine,
+    chunks: list[tuple[list[int], int]],
+    inp: np.ndarray,
+    out: np.ndarray,
+    arrivals: FloatArray,
+    now: float,
+) -> int:
     finished = 0
     for entry, chunk in chunks:
         entry[1] += chunk

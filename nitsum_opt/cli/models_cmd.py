@@ -44,8 +44,13 @@ def _report_table(pm: PerformanceModel) -> Table:
     table.add_column("KV tokens", justify="right")
     for e in pm.heldout.per_tp:
         table.add_row(
-            str(e.tp), str(e.n_configs), str(e.n_rows), f"{e.mean_mape_pct:.2f}", f"{e.mean_p90_ape_pct:.2f}",
-            f"{e.mean_max_ape_pct:.2f}", *[f"{e.coverage_pct[q]:.1f}" for q in quantiles],
+            str(e.tp),
+            str(e.n_configs),
+            str(e.n_rows),
+            f"{e.mean_mape_pct:.2f}",
+            f"{e.mean_p90_ape_pct:.2f}",
+            f"{e.mean_max_ape_pct:.2f}",
+            *[f"{e.coverage_pct[q]:.1f}" for q in quantiles],
             f"{pm.kv_cache_tokens(e.tp):,}",
         )
     return table
@@ -58,8 +63,11 @@ def _report_json(pm: PerformanceModel) -> dict[str, object]:
         "method": pm.heldout.method,
         "per_tp": {
             str(e.tp): {
-                "n_configs": e.n_configs, "mean_mape_pct": e.mean_mape_pct, "mean_p90_ape_pct": e.mean_p90_ape_pct,
-                "mean_max_ape_pct": e.mean_max_ape_pct, "coverage_pct": e.coverage_pct,
+                "n_configs": e.n_configs,
+                "mean_mape_pct": e.mean_mape_pct,
+                "mean_p90_ape_pct": e.mean_p90_ape_pct,
+                "mean_max_ape_pct": e.mean_max_ape_pct,
+                "coverage_pct": e.coverage_pct,
                 "kv_cache_tokens": pm.kv_cache_tokens(e.tp),
             }
             for e in pm.heldout.per_tp
@@ -71,8 +79,12 @@ def _report_json(pm: PerformanceModel) -> dict[str, object]:
 @models_app.command("fit")
 def fit(
     profile: Annotated[Path, typer.Argument(help="Profile CSV (.csv or .csv.gz) in the profile schema.")],
-    out: Annotated[Path | None, typer.Option(help="Output JSON (default: <profile>.perf.json next to it).")] = None,
-    meta: Annotated[Path | None, typer.Option(help="Meta JSON (default: <model>.meta.json next to it).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output JSON (default: <profile>.perf.json next to it).")
+    ] = None,
+    meta: Annotated[
+        Path | None, typer.Option(help="Meta JSON (default: <model>.meta.json next to it).")
+    ] = None,
     splits: Annotated[int, typer.Option(min=2, help="Held-out folds (GroupKFold on config_id).")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the fold shuffle.")] = 0,
 ) -> None:
@@ -114,7 +126,9 @@ def list_models() -> None:
 def plot(
     profile: Annotated[Path, typer.Argument(help="Profile CSV to plot.")],
     out_dir: Annotated[Path, typer.Option(help="Where the PNGs go.")] = Path("docs"),
-    model: Annotated[str | None, typer.Option(help="Fitted model for the lines (default: fit on the profile).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Fitted model for the lines (default: fit on the profile).")
+    ] = None,
 ) -> None:
     """Plot decode step time and per-GPU throughput vs batch size per TP, and prefill time vs tokens."""
     try:
@@ -126,9 +140,17 @@ def plot(
         else:
             if spec is None:
                 raise ProfileError(f"no meta file {meta_file}; pass --model with a fitted model")
-            cols = ["tp", "num_prefill_seqs", "prefill_tokens", "prefill_attention_pairs", "num_decode_seqs",
-                    "decode_context_tokens"]
-            mean_model = IterationTimeModel(spec=spec).fit(df[cols].to_numpy(float), df["step_time_ms"].to_numpy())
+            cols = [
+                "tp",
+                "num_prefill_seqs",
+                "prefill_tokens",
+                "prefill_attention_pairs",
+                "num_decode_seqs",
+                "decode_context_tokens",
+            ]
+            mean_model = IterationTimeModel(spec=spec).fit(
+                df[cols].to_numpy(float), df["step_time_ms"].to_numpy()
+            )
         gpu = str(df["gpu"].iloc[0])
         paths = plot_tp_effect(df, mean_model, out_dir, title=f"{df['model'].iloc[0]} on {gpu}")
     except (ProfileError, ValueError, FileNotFoundError) as exc:
@@ -141,7 +163,9 @@ def plot(
 def capacity_table(
     tiers: Annotated[Path, typer.Option("--tiers", help="Tiers YAML (SLO + length mix per tier).")],
     model: Annotated[str, typer.Option("--model", help="Fitted model file or bundled name.")] = DEFAULT_MODEL,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (rates and binding constraints).")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (rates and binding constraints).")
+    ] = False,
 ) -> None:
     """R[t,c]: the highest SLO-compliant request rate of one instance of each config for each tier."""
     try:
@@ -155,7 +179,9 @@ def capacity_table(
         raise _fail(str(exc)) from None
     if as_json:
         payload = {
-            "model": pm.spec.name, "gpu": pm.gpu, "build_s": elapsed,
+            "model": pm.spec.name,
+            "gpu": pm.gpu,
+            "build_s": elapsed,
             "source": f"{pm.doc.provenance.profile_file}@{pm.doc.provenance.profile_sha256[:12]}",
             "rates_rps": {t: {k: c.rate_rps for k, c in row.items()} for t, row in cells.items()},
             "binding": {t: {k: c.binding for k, c in row.items()} for t, row in cells.items()},
@@ -167,5 +193,7 @@ def capacity_table(
     for tier in cells:
         table.add_column(tier, justify="right")
     for c in configs:
-        table.add_row(c.key, *[f"{row[c.key].rate_rps:8.2f} [dim]{row[c.key].binding}[/dim]" for row in cells.values()])
+        table.add_row(
+            c.key, *[f"{row[c.key].rate_rps:8.2f} [dim]{row[c.key].binding}[/dim]" for row in cells.values()]
+        )
     console.print(table)

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-
 from nitsum_opt.models.features import attention_pairs
 from nitsum_opt.models.spec import MODEL_PRESETS, ModelSpec
 
@@ -21,18 +20,27 @@ EXAMPLE_TIERS = REPO / "examples" / "capacity" / "tiers.yaml"
 SPEC: ModelSpec = MODEL_PRESETS["llama-3.1-8b"]
 
 
-def true_step_ms(tp: np.ndarray, tokens: np.ndarray, pairs: np.ndarray, n_dec: np.ndarray, ctx: np.ndarray
-                 ) -> np.ndarray:
-    """A roofline-shaped ground truth (ms): weight streaming floor vs compute, attention, KV reads, all-reduce."""
+def true_step_ms(
+    tp: np.ndarray, tokens: np.ndarray, pairs: np.ndarray, n_dec: np.ndarray, ctx: np.ndarray
+) -> np.ndarray:
+    """A roofline-shaped ground truth (ms): weight streaming floor vs compute, attention, KV reads,
+    all-reduce."""
     weights_ms = 16e9 / tp / 4.0e12 * 1e3
     compute_ms = 2 * 7.5e9 * tokens / tp / 7.0e14 * 1e3
     allreduce_ms = np.where(tp > 1, 0.3 + tokens * 4e-5, 0.0)
-    return (1.5 + np.maximum(weights_ms, compute_ms) + pairs * 4e-8 / tp + ctx * 1.3e-6 / tp + allreduce_ms
-            + 0.004 * n_dec)
+    return (
+        1.5
+        + np.maximum(weights_ms, compute_ms)
+        + pairs * 4e-8 / tp
+        + ctx * 1.3e-6 / tp
+        + allreduce_ms
+        + 0.004 * n_dec
+    )
 
 
-def synthetic_profile(seed: int = 0, repeats: int = 5, noise: float = 0.03, tps: tuple[int, ...] = (1, 2, 4)
-                      ) -> pd.DataFrame:
+def synthetic_profile(
+    seed: int = 0, repeats: int = 5, noise: float = 0.03, tps: tuple[int, ...] = (1, 2, 4)
+) -> pd.DataFrame:
     """Profile rows (schema columns) from :func:`true_step_ms` with log-normal repeat noise."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -50,12 +58,27 @@ def synthetic_profile(seed: int = 0, repeats: int = 5, noise: float = 0.03, tps:
     for exp, tp, n, s, b, ctx in rows:
         cid = f"tp{tp}-{exp}-p{n}x{s}-d{b}x{ctx}"
         pairs = int(n * attention_pairs(s)) if n else 0
-        mean = float(true_step_ms(np.array(tp), np.array(n * s + b), np.array(pairs), np.array(b), np.array(ctx)))
+        mean = float(
+            true_step_ms(np.array(tp), np.array(n * s + b), np.array(pairs), np.array(b), np.array(ctx))
+        )
         for r in range(repeats):
-            out.append({"model": SPEC.name, "gpu": "NVIDIA H200", "tp": tp, "experiment": exp, "config_id": cid,
-                        "repeat": r, "num_prefill_seqs": n, "prefill_tokens": n * s, "prefill_context_tokens": 0,
-                        "prefill_attention_pairs": pairs, "num_decode_seqs": b, "decode_context_tokens": ctx,
-                        "step_time_ms": mean * float(np.exp(rng.normal(0.0, noise)))})
+            out.append(
+                {
+                    "model": SPEC.name,
+                    "gpu": "NVIDIA H200",
+                    "tp": tp,
+                    "experiment": exp,
+                    "config_id": cid,
+                    "repeat": r,
+                    "num_prefill_seqs": n,
+                    "prefill_tokens": n * s,
+                    "prefill_context_tokens": 0,
+                    "prefill_attention_pairs": pairs,
+                    "num_decode_seqs": b,
+                    "decode_context_tokens": ctx,
+                    "step_time_ms": mean * float(np.exp(rng.normal(0.0, noise))),
+                }
+            )
     return pd.DataFrame(out)
 
 
@@ -71,16 +94,25 @@ def write_profile(df: pd.DataFrame, path: Path, meta: dict | None = None, gz: bo
 
 def meta_for(df: pd.DataFrame, kv: int = 500_000) -> dict:
     """A valid meta document for ``df``."""
-    return {"model": SPEC.model_dump(), "gpu": str(df["gpu"].iloc[0]), "command": "pytest fixture",
-            "per_tp": {str(tp): {"kv_cache_tokens": int(kv * tp)} for tp in sorted(df["tp"].unique())}}
+    return {
+        "model": SPEC.model_dump(),
+        "gpu": str(df["gpu"].iloc[0]),
+        "command": "pytest fixture",
+        "per_tp": {str(tp): {"kv_cache_tokens": int(kv * tp)} for tp in sorted(df["tp"].unique())},
+    }
 
 
 @pytest.fixture(scope="session")
 def h() -> SimpleNamespace:
     """Helpers and paths (test modules cannot import conftest under --import-mode=importlib)."""
     return SimpleNamespace(
-        REPO=REPO, PUBLIC_PROFILE=PUBLIC_PROFILE, EXAMPLE_TIERS=EXAMPLE_TIERS, SPEC=SPEC,
-        true_step_ms=true_step_ms, synthetic_profile=synthetic_profile, write_profile=write_profile,
+        REPO=REPO,
+        PUBLIC_PROFILE=PUBLIC_PROFILE,
+        EXAMPLE_TIERS=EXAMPLE_TIERS,
+        SPEC=SPEC,
+        true_step_ms=true_step_ms,
+        synthetic_profile=synthetic_profile,
+        write_profile=write_profile,
         meta_for=meta_for,
     )
 

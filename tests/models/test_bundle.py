@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from nitsum_opt.models.bundle import (
     PerformanceModel,
     PerformanceModelFileError,
@@ -42,7 +41,7 @@ def test_tampered_coefficient_is_refused(fitted: PerformanceModel, tmp_path: Pat
     doc = _doc(fitted)
     doc["mean_model"]["coef"]["1"][0] *= 1.01
     (tmp_path / "t.json").write_text(json.dumps(doc))
-    with pytest.raises(PerformanceModelFileError, match="hash mismatch.*edited or corrupted"):
+    with pytest.raises(PerformanceModelFileError, match=r"hash mismatch.*edited or corrupted"):
         PerformanceModel.load(tmp_path / "t.json")
 
 
@@ -74,11 +73,13 @@ def test_consistent_but_invalid_content_is_refused(fitted: PerformanceModel, tmp
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     doc["content_sha256"] = hashlib.sha256(canonical).hexdigest()
     (tmp_path / "neg.json").write_text(json.dumps(doc))
-    with pytest.raises(PerformanceModelFileError, match="invalid content.*>= 0"):
+    with pytest.raises(PerformanceModelFileError, match=r"invalid content.*>= 0"):
         PerformanceModel.load(tmp_path / "neg.json")
 
 
-def test_kv_capacity_falls_back_to_an_estimate_with_a_warning(h, synthetic: pd.DataFrame, tmp_path: Path) -> None:
+def test_kv_capacity_falls_back_to_an_estimate_with_a_warning(
+    h, synthetic: pd.DataFrame, tmp_path: Path
+) -> None:
     meta = h.meta_for(synthetic)
     del meta["per_tp"]["4"]
     meta["per_tp"]["1"] = {"kv_cache_tokens": 123}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from nitsum_opt.models.features import ArchitectureConstants, attention_pairs, iteration_features
 from nitsum_opt.models.memory import estimate_kv_cache_tokens
 from nitsum_opt.models.spec import MODEL_PRESETS

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from nitsum_opt.models.heldout import heldout_predictions, heldout_splits
 from nitsum_opt.models.profile_schema import load_profile
 
@@ -20,8 +19,9 @@ def test_splits_never_share_a_configuration(synthetic: pd.DataFrame) -> None:
 
 
 def test_out_of_fold_predictions_come_from_models_that_never_saw_the_row(synthetic: pd.DataFrame) -> None:
-    pred = heldout_predictions(synthetic, pytest.importorskip("nitsum_opt.models.spec").MODEL_PRESETS[
-        "llama-3.1-8b"])
+    pred = heldout_predictions(
+        synthetic, pytest.importorskip("nitsum_opt.models.spec").MODEL_PRESETS["llama-3.1-8b"]
+    )
     assert (pred["fold"] >= 0).all()
     assert pred.groupby("config_id")["fold"].nunique().eq(1).all()
     # A memorising model would predict a training row's own mean; held-out predictions must not be that.

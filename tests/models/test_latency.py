@@ -9,18 +9,17 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.base import clone
-from sklearn.exceptions import NotFittedError
-from sklearn.utils import estimator_checks as ec
-
 from nitsum_opt.models.features import COMPOSITION_COLUMNS
 from nitsum_opt.models.heldout import evaluate_heldout
 from nitsum_opt.models.latency import (
     IterationTimeModel,
-    IterationTimeQuantileModel,
     OutOfProfileRangeWarning,
 )
+from nitsum_opt.models.quantile import IterationTimeQuantileModel
 from nitsum_opt.models.spec import MODEL_PRESETS
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.utils import estimator_checks as ec
 
 SPEC = MODEL_PRESETS["llama-3.1-8b"]
 
@@ -29,15 +28,25 @@ def xy(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return df[list(COMPOSITION_COLUMNS)].to_numpy(float), df["step_time_ms"].to_numpy(float)
 
 
-# --- scikit-learn contract ---------------------------------------------------------------------------------------
+# --- scikit-learn contract
+# ---------------------------------------------------------------------------------------
 # sklearn's data-driven checks feed random feature matrices, which are not batch compositions (tp must be a TP
-# degree, counts non-negative); those checks are re-done below on valid compositions. The API checks run as is.
+# degree, counts non-negative); those checks are re-done below on valid compositions. The API checks run as
+# is.
 @pytest.mark.parametrize("estimator", [IterationTimeModel(spec=SPEC), IterationTimeQuantileModel(spec=SPEC)])
-@pytest.mark.parametrize("check", [
-    ec.check_no_attributes_set_in_init, ec.check_get_params_invariance, ec.check_set_params,
-    ec.check_estimator_repr, ec.check_estimator_cloneable, ec.check_do_not_raise_errors_in_init_or_set_params,
-    ec.check_valid_tag_types, ec.check_estimator_tags_renamed,
-])
+@pytest.mark.parametrize(
+    "check",
+    [
+        ec.check_no_attributes_set_in_init,
+        ec.check_get_params_invariance,
+        ec.check_set_params,
+        ec.check_estimator_repr,
+        ec.check_estimator_cloneable,
+        ec.check_do_not_raise_errors_in_init_or_set_params,
+        ec.check_valid_tag_types,
+        ec.check_estimator_tags_renamed,
+    ],
+)
 def test_sklearn_api_checks(estimator, check) -> None:
     check(type(estimator).__name__, estimator)
 
@@ -55,8 +64,11 @@ def test_fit_contract_on_valid_compositions(synthetic: pd.DataFrame) -> None:
     params = model.get_params()
     assert model.fit(x, y) is model
     assert model.get_params() == params  # fit never touches parameters
-    assert not [a for a in vars(model) if a.endswith("_") and a not in
-                ("coef_", "ranges_", "tps_", "feature_names_", "n_features_in_")]
+    assert not [
+        a
+        for a in vars(model)
+        if a.endswith("_") and a not in ("coef_", "ranges_", "tps_", "feature_names_", "n_features_in_")
+    ]
     first = model.predict(x)
     again = clone(model).fit(x, y).predict(x)
     np.testing.assert_allclose(first, again)  # idempotent, clone-able
@@ -102,7 +114,8 @@ def test_extrapolation_warns_once_per_feature(synthetic: pd.DataFrame) -> None:
         model.predict([[1, 0, 0, 0, 4096, 4096 * 1024]])
         model.predict_ms(1, 0, 0, 0, 8, 8 * 10_000_000)
     messages = [str(w.message) for w in caught if issubclass(w.category, OutOfProfileRangeWarning)]
-    # num_decode_seqs and decode_context_tokens left the range (4,096 tokens did not: prefill rows reach 16k); each
+    # num_decode_seqs and decode_context_tokens left the range (4,096 tokens did not: prefill rows reach 16k);
+    # each
     # warns exactly once although it was exceeded four times.
     assert len(messages) == 2, messages
     assert any("num_decode_seqs=4,096 at tp=1 is outside the profiled range [0, 256]" in m for m in messages)
@@ -121,7 +134,8 @@ def test_quantile_model_shape_order_and_fast_path(synthetic: pd.DataFrame) -> No
 
 
 def test_heldout_error_and_coverage_on_known_noise(synthetic: pd.DataFrame) -> None:
-    """3 % log-normal repeat noise around a roofline law: the held-out mean error is small and p90 covers 90 %."""
+    """3 % log-normal repeat noise around a roofline law: the held-out mean error is small and p90 covers 90
+    %."""
     report = evaluate_heldout(synthetic, SPEC)
     for e in report.per_tp:
         assert e.mean_mape_pct < 5.0, e

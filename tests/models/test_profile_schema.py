@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from nitsum_opt.models.profile_schema import (
     PROFILE_COLUMNS,
     ProfileError,
@@ -35,7 +34,8 @@ def test_plain_and_gzip_give_the_same_rows_and_hash(h, tmp_path: Path, synthetic
 
 @pytest.fixture
 def bad(h, tmp_path: Path):
-    """``bad(df, match, spec=None)``: writing ``df`` and loading it fails with a message matching ``match``."""
+    """``bad(df, match, spec=None)``: writing ``df`` and loading it fails with a message matching
+    ``match``."""
 
     def check(df: pd.DataFrame, match: str, spec=None) -> None:
         path = h.write_profile(df, tmp_path / "bad.csv.gz")
