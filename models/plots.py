@@ -26,15 +26,17 @@ def _config_means(profile: pd.DataFrame, experiment: str) -> pd.DataFrame:
     ].mean()
 
 
-def decode_points(profile: pd.DataFrame) -> tuple[pd.DataFrame, float]:
-    """Decode configurations at the most common per-sequence context (±15 %) and that context."""
+def decode_points(profile: pd.DataFrame, context: float | None = None) -> tuple[pd.DataFrame, float]:
+    """Decode configurations at ``context`` tokens per sequence (default: the most common), ±15 %."""
     dec = _config_means(profile, "decode")
     if dec.empty:
         raise ValueError("the profile has no decode rows; nothing to plot for decode")
     dec["ctx_per_seq"] = dec["decode_context_tokens"] / dec["num_decode_seqs"]
     rounded = 2.0 ** np.round(np.log2(dec["ctx_per_seq"]))
-    ctx = float(rounded.value_counts().idxmax())
+    ctx = float(rounded.value_counts().idxmax()) if context is None else float(context)
     keep = (dec["ctx_per_seq"] - ctx).abs() <= 0.15 * ctx
+    if not keep.any():
+        raise ValueError(f"no decode configurations at ~{ctx:,.0f} tokens per sequence; pick another context")
     return dec[keep].sort_values(["tp", "num_decode_seqs"]), ctx
 
 
@@ -60,12 +62,16 @@ def _curve(model: IterationTimeModel, tp: int, xs: np.ndarray, kind: str, ctx: f
 
 
 def plot_tp_effect(
-    profile: pd.DataFrame, model: IterationTimeModel, out_dir: str | Path, title: str
+    profile: pd.DataFrame,
+    model: IterationTimeModel,
+    out_dir: str | Path,
+    title: str,
+    context: float | None = None,
 ) -> list[Path]:
     """Write the three PNGs to ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dec, ctx = decode_points(profile)
+    dec, ctx = decode_points(profile, context)
     pre = prefill_points(profile)
     tps = sorted(int(t) for t in profile["tp"].unique())
     colors = {tp: colormaps["viridis"](0.85 * i / max(len(tps) - 1, 1)) for i, tp in enumerate(tps)}

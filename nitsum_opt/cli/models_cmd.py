@@ -129,6 +129,9 @@ def plot(
     model: Annotated[
         str | None, typer.Option(help="Fitted model for the lines (default: fit on the profile).")
     ] = None,
+    context: Annotated[
+        float | None, typer.Option(help="Decode context per sequence, tokens (default: the most common).")
+    ] = None,
 ) -> None:
     """Plot decode step time and per-GPU throughput vs batch size per TP, and prefill time vs tokens."""
     try:
@@ -152,7 +155,8 @@ def plot(
                 df[cols].to_numpy(float), df["step_time_ms"].to_numpy()
             )
         gpu = str(df["gpu"].iloc[0])
-        paths = plot_tp_effect(df, mean_model, out_dir, title=f"{df['model'].iloc[0]} on {gpu}")
+        title = f"{df['model'].iloc[0]} on {gpu}"
+        paths = plot_tp_effect(df, mean_model, out_dir, title=title, context=context)
     except (ProfileError, ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     for p in paths:
