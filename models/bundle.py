@@ -149,6 +149,11 @@ class PerformanceModel:
         return dict(self.doc.engine_args)
 
     @property
+    def label(self) -> str:
+        """Short provenance label, e.g. ``llama-3.1-8b@NVIDIA H200:profile 1a2b3c4d5e6f``."""
+        return f"{self.spec.name}@{self.gpu}:profile {self.doc.provenance.profile_sha256[:12]}"
+
+    @property
     def heldout(self) -> HeldoutReport:
         """Held-out errors per TP."""
         return self.doc.heldout

@@ -94,7 +94,7 @@ def _capacity_cell(
     options: CapacityOptions | None,
     engine_args: dict[str, object] | None,
 ) -> CellResult:
-    budget, max_seqs = (options or CapacityOptions()).resolved(engine_args)
+    budget, max_seqs = (options or CapacityOptions()).resolved(_engine_args(source, engine_args))
     tol = (options or CapacityOptions()).rate_rel_tol
     cell = Cell(source, config.tp, tier, budget, max_seqs)
     role = config.role
@@ -136,7 +136,11 @@ def build_capacity_cells(
     names = [t.name for t in tiers]
     if len(set(names)) != len(names):
         raise ValueError(f"tier names must be unique; got {names}")
-    config_list = list(configs) if configs is not None else list(all_configs())
+    if configs is not None:
+        config_list = list(configs)
+    else:  # every supported config whose TP the model covers
+        tps = set(getattr(source, "tps", ()) or (c.tp for c in all_configs()))
+        config_list = [c for c in all_configs() if c.tp in tps]
     out: dict[str, dict[str, CellResult]] = {}
     # Small dense solves: one BLAS thread is 10x faster than many (scoped to this call).
     with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
@@ -154,14 +158,25 @@ def build_capacity_table(
     configs: Iterable[ServingConfig] | None = None,
     options: CapacityOptions | None = None,
     engine_args: dict[str, object] | None = None,
-    source_label: str = "",
+    source_label: str | None = None,
 ) -> CapacityTable:
-    """``R[t,c]`` for every tier and config (default: every supported ``(tp, role)`` the model covers)."""
+    """``R[t,c]`` for every tier and config (default: every supported ``(tp, role)`` the model covers).
+
+    ``engine_args`` default to ``source.engine_args`` and ``source_label`` to ``source.label`` when the source
+    (a :class:`~nitsum_opt.models.bundle.PerformanceModel`) has them."""
     cells = build_capacity_cells(source, tiers, configs, options, engine_args)
     return CapacityTable(
         rates_rps={t: {k: c.rate_rps for k, c in row.items()} for t, row in cells.items()},
-        source=source_label,
+        source=source_label if source_label is not None else str(getattr(source, "label", "")),
     )
+
+
+def _engine_args(source: StepTimeSource, engine_args: dict[str, object] | None) -> dict[str, object] | None:
+    """Explicit engine args, else the source's (a PerformanceModel records its profile's)."""
+    if engine_args is not None:
+        return engine_args
+    found = getattr(source, "engine_args", None)
+    return found if isinstance(found, dict) else None
 
 
 def timed_build(

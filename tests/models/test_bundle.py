@@ -105,3 +105,16 @@ def test_committed_model_matches_a_fresh_fit(h, public_model: PerformanceModel) 
     fresh = fit_performance_model(h.PUBLIC_PROFILE)
     assert fresh.doc.provenance.profile_sha256 == public_model.doc.provenance.profile_sha256
     assert fresh.doc.mean_model == public_model.doc.mean_model
+
+
+def test_public_api_is_lazy_and_complete() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, nitsum_opt, nitsum_opt.models as m; "
+        "assert 'sklearn' not in sys.modules and 'scipy' not in sys.modules, 'heavy import at import time'; "
+        "assert m.load_performance_model and m.build_capacity_table and m.simulate_instance; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
