@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from nitsum_opt.models.spec import ModelSpec
 
+from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.kv_migration import (
     KvLayout,
     allocate_kv_cache,
@@ -174,11 +174,7 @@ def bandwidth_rank(
         if max(src + dst) >= world:
             continue
         for tokens in tokens_list:
-            chunks = (
-                chunk_sweep
-                if (tokens == max(tokens_list) and label.startswith("tp1->tp1"))
-                else [chunk_bytes]
-            )
+            chunks = chunk_sweep if (tokens == max(tokens_list) and label.startswith("tp1->tp1")) else [chunk_bytes]
             for c in chunks:
                 kv.append({"case": label, **_kv_case(rank, device, lay, src, dst, tokens, c, iters)})
     return {"p2p": p2p, "kv": kv}

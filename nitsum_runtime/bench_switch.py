@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from nitsum_opt.models.spec import ModelSpec
-
 from nitsum_runtime.executor import TransitionExecutor, TransitionReport
 from nitsum_runtime.ref_cluster import RankCluster
 from nitsum_runtime.ref_worker import ClusterConfig

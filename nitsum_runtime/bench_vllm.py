@@ -1,7 +1,7 @@
 """Benchmark (c): stock vLLM engines switching TP by weight reuse (no vLLM import in this process).
 
 One vLLM engine per TP group (TP1 on GPU 0, TP2 on 0-1, TP4 on 0-3), each in its own process and session
-(:func:`~nitsum_runtime.vllm_engine_ext.engine_process`), started once (CUDA graphs captured) and put to sleep
+(:func:`~nitsum_runtime.vllm_process.engine_process`), started once (CUDA graphs captured) and put to sleep
 at level 2. This process holds the resident weight copy on every GPU and publishes CUDA IPC handles; a switch
 is ``sleep(2)`` of the source, ``wake_up(weights)`` + ``collective_rpc("nitsum_fill_weights")`` +
 ``wake_up(kv_cache)`` of the target. Requests in flight are re-prefilled on the target (prompt + tokens so
@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from nitsum_opt.models.spec import ModelSpec
 
+from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.weights import ResidentWeightStore
 from nitsum_runtime.worker_ext import publish_store
 
@@ -33,15 +33,13 @@ from nitsum_runtime.worker_ext import publish_store
 class EngineHandle:
     """One vLLM engine process driven over a pipe, with timeouts; killed by process group on close."""
 
-    def __init__(
-        self, name: str, gpu_ids: tuple[int, ...], model_dir: str, llm_kwargs: dict[str, Any]
-    ) -> None:
+    def __init__(self, name: str, gpu_ids: tuple[int, ...], model_dir: str, llm_kwargs: dict[str, Any]) -> None:
         self.name, self.gpu_ids, self.model_dir, self.llm_kwargs = name, gpu_ids, model_dir, llm_kwargs
         self.proc: Any = None
         self.conn: Any = None
 
     def start(self, timeout_s: float) -> dict[str, Any]:
-        from nitsum_runtime.vllm_engine_ext import engine_process
+        from nitsum_runtime.vllm_process import engine_process
 
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
@@ -110,9 +108,7 @@ def _prompts(spec: ModelSpec, n: int, length: int, salt: int) -> list[list[int]]
 
 
 def _max_sorted_diff(a: list[list[float]], b: list[list[float]]) -> float:
-    return max(
-        abs(x - y) for x, y in zip(sorted(a[1], reverse=True), sorted(b[1], reverse=True), strict=True)
-    )
+    return max(abs(x - y) for x, y in zip(sorted(a[1], reverse=True), sorted(b[1], reverse=True), strict=True))
 
 
 class _Switcher:
@@ -205,18 +201,12 @@ def run_vllm_switch(
     with tempfile.TemporaryDirectory(prefix="nitsum-vllm-") as tmp:
         write_model_dir(spec, Path(tmp) / "model")
         t0 = time.perf_counter()
-        stores = [
-            ResidentWeightStore.dummy(spec, seed, torch.device("cuda", g), torch.bfloat16)
-            for g in range(world)
-        ]
+        stores = [ResidentWeightStore.dummy(spec, seed, torch.device("cuda", g), torch.bfloat16) for g in range(world)]
         torch.cuda.synchronize()
         handles = str(Path(tmp) / "store_handles.json")
         publish_store(stores, handles)
         summary["store_build_s"] = time.perf_counter() - t0
-        log(
-            f"resident stores: {world} x {stores[0].nbytes / 2**30:.1f} GiB "
-            f"in {summary['store_build_s']:.1f} s"
-        )
+        log(f"resident stores: {world} x {stores[0].nbytes / 2**30:.1f} GiB in {summary['store_build_s']:.1f} s")
         try:
             for g in groups:
                 e = EngineHandle(f"tp{len(g)}", g, str(Path(tmp) / "model"), llm_kwargs)
@@ -249,9 +239,7 @@ def run_vllm_switch(
     return summary
 
 
-def _scenario(
-    engines: dict[int, EngineHandle], spec: ModelSpec, tolerance: float, log: Any
-) -> dict[str, Any]:
+def _scenario(engines: dict[int, EngineHandle], spec: ModelSpec, tolerance: float, log: Any) -> dict[str, Any]:
     sw = _Switcher(log)
     order = [tp for tp in (1, 2, 4, 1) if tp in engines]
     probes = _prompts(spec, 4, 48, salt=5)
@@ -268,9 +256,7 @@ def _scenario(
             "reprefill_first_token_s": 0.0,
         }
     )
-    probe_out = {
-        "tp1-before": first.call("generate", prompts=probes, max_tokens=16, k=5, prompt_logprobs=False)
-    }
+    probe_out = {"tp1-before": first.call("generate", prompts=probes, max_tokens=16, k=5, prompt_logprobs=False)}
     for i, p in enumerate(_prompts(spec, 3, 96, salt=11)):
         r = f"live{i}"
         sw.prompts[r], sw.tokens[r], sw.max_tokens[r] = p, [], 40
@@ -281,9 +267,7 @@ def _scenario(
         engines[b].call("step", n=8)
         if b != 1:  # LLM.generate would also run the live requests: take them out, probe, put them back
             sw.harvest(engines[b])
-            probe_out[f"tp{b}"] = engines[b].call(
-                "generate", prompts=probes, max_tokens=16, k=5, prompt_logprobs=False
-            )
+            probe_out[f"tp{b}"] = engines[b].call("generate", prompts=probes, max_tokens=16, k=5, prompt_logprobs=False)
             sw.add_all(engines[b])
     last = engines[order[-1]]
     last.call("step", n=64)

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-from nitsum_opt.models.spec import Frozen
 from pydantic import Field
 
+from nitsum_opt.models.spec import Frozen
 from nitsum_runtime.ref_model import TopK
 
 

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from nitsum_opt.models.spec import Frozen, ModelSpec
 from pydantic import Field
 
+from nitsum_opt.models.spec import Frozen, ModelSpec
 from nitsum_opt.plan import Plan
 from nitsum_runtime.engine import Engine, EngineState, RequestSnapshot
 from nitsum_runtime.pool import EnginePool
@@ -224,9 +224,7 @@ class _Run:
         if isinstance(a, MoveRequests):
             return self._move(a, engine)
         if isinstance(a, Route):
-            for (
-                old
-            ) in a.replaces:  # same engine, new id / tier / role; the old id may now name another engine
+            for old in a.replaces:  # same engine, new id / tier / role; the old id may now name another engine
                 if self.pool.routes.get(old) is engine:
                     for rid in self.pool.requests_of(old):
                         self.pool.owner[rid] = a.instance_id
@@ -293,9 +291,7 @@ class _Run:
                     continue
                 result = dst.import_requests(batch, src if method == "migrate" else None)
                 batch_ids = [s.request.request_id for s in batch]
-                self.undo.append(
-                    ("move_requests", a.instance_id, lambda d=dst, b=batch_ids: d.drop_requests(b))
-                )
+                self.undo.append(("move_requests", a.instance_id, lambda d=dst, b=batch_ids: d.drop_requests(b)))
                 moved += result.bytes_moved
             for snap, cost, method in items:
                 self.moves.append(

@@ -99,9 +99,7 @@ def _report_switch(s: dict[str, Any], args: argparse.Namespace) -> tuple[str, bo
     rt, loop = s["round_trip"], s["loop"]
     times = sorted(loop["pause_to_resume_s"])
     p50 = times[len(times) // 2] if times else 0.0
-    worst = max(
-        (t["report"]["pause_to_resume_s"] for t in rt["transitions"] if t["label"] != "start"), default=0
-    )
+    worst = max((t["report"]["pause_to_resume_s"] for t in rt["transitions"] if t["label"] != "start"), default=0)
     ok = rt["passed"] and loop["lost"] == 0 and s["same_weights_on_all_gpus"] and (args.quick or worst <= 0.5)
     lines = [
         f"# (b) Reference engine TP switching ({args.model}, {args.backend}, {args.world} ranks)",

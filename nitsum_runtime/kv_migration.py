@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from nitsum_opt.models.spec import Frozen, ModelSpec
 from pydantic import Field
+
+from nitsum_opt.models.spec import Frozen, ModelSpec
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -78,14 +79,10 @@ class KvLayout(Frozen):
         return self.num_layers * 2 * self.head_dim * self.element_bytes
 
 
-def allocate_kv_cache(
-    layout: KvLayout, tp: int, num_blocks: int, device: torch.device | str
-) -> list[torch.Tensor]:
+def allocate_kv_cache(layout: KvLayout, tp: int, num_blocks: int, device: torch.device | str) -> list[torch.Tensor]:
     """Per-layer NHD cache tensors ``[num_blocks, block_size, heads_local, 2*head_dim]`` (zeroed)."""
     shape = (num_blocks, layout.block_size, layout.heads_local(tp), 2 * layout.head_dim)
-    return [
-        torch.zeros(shape, dtype=torch_dtype(layout.dtype), device=device) for _ in range(layout.num_layers)
-    ]
+    return [torch.zeros(shape, dtype=torch_dtype(layout.dtype), device=device) for _ in range(layout.num_layers)]
 
 
 def token_slots(block_ids: Sequence[int], num_tokens: int, block_size: int) -> list[int]:
@@ -99,9 +96,7 @@ def _flat(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(cache.shape[0] * cache.shape[1], cache.shape[2], cache.shape[3])
 
 
-def gather_kv(
-    caches: Sequence[torch.Tensor], slots: torch.Tensor, head_start: int, num_heads: int
-) -> torch.Tensor:
+def gather_kv(caches: Sequence[torch.Tensor], slots: torch.Tensor, head_start: int, num_heads: int) -> torch.Tensor:
     """Contiguous ``[layers, tokens, num_heads, 2*head_dim]`` copy of ``slots`` for local heads
     ``[head_start, head_start + num_heads)``."""
     out = torch.empty(
@@ -114,9 +109,7 @@ def gather_kv(
     return out
 
 
-def scatter_kv(
-    caches: Sequence[torch.Tensor], slots: torch.Tensor, head_start: int, data: torch.Tensor
-) -> None:
+def scatter_kv(caches: Sequence[torch.Tensor], slots: torch.Tensor, head_start: int, data: torch.Tensor) -> None:
     """Write ``data`` (``[layers, tokens, heads, 2*head_dim]``) into ``slots`` of local heads from
     ``head_start`` on."""
     for layer, cache in enumerate(caches):
@@ -138,9 +131,7 @@ class HeadTransfer(Frozen):
     """Contiguous heads moved."""
 
 
-def kv_transfer_plan(
-    num_kv_heads: int, src_ranks: Sequence[int], dst_ranks: Sequence[int]
-) -> tuple[HeadTransfer, ...]:
+def kv_transfer_plan(num_kv_heads: int, src_ranks: Sequence[int], dst_ranks: Sequence[int]) -> tuple[HeadTransfer, ...]:
     """Which heads go from which source rank to which target rank.
 
     ``src_ranks[i]`` is the world rank of TP rank ``i`` of the source engine (likewise ``dst_ranks``). Every
@@ -186,9 +177,7 @@ class _Chunk:
     token_end: int
 
 
-def chunk_schedule(
-    num_layers: int, num_tokens: int, bytes_per_layer_token: int, chunk_bytes: int
-) -> list[_Chunk]:
+def chunk_schedule(num_layers: int, num_tokens: int, bytes_per_layer_token: int, chunk_bytes: int) -> list[_Chunk]:
     """Chunks of whole layers of at most ``chunk_bytes`` (tokens split when one layer is larger)."""
     per_layer = max(1, num_tokens * bytes_per_layer_token)
     if per_layer <= chunk_bytes:
@@ -253,17 +242,12 @@ def migrate_kv(
     chunks = chunk_schedule(num_layers, num_tokens, max_heads * width * ref.element_size(), chunk_bytes)
     src_slots, dst_slots = src_slots.to(ref.device), dst_slots.to(ref.device)
     stats = {"sent": 0, "recv": 0, "local": 0}
-    max_elems = max(
-        ((c.layer_end - c.layer_start) * (c.token_end - c.token_start) for c in chunks), default=0
-    )
+    max_elems = max(((c.layer_end - c.layer_start) * (c.token_end - c.token_start) for c in chunks), default=0)
 
     def buffers(ts: list[HeadTransfer]) -> dict[HeadTransfer, list[torch.Tensor]]:
         """Two flat buffers per transfer, each big enough for the largest chunk."""
         return {
-            t: [
-                torch.empty(max_elems * t.num_heads * width, dtype=ref.dtype, device=ref.device)
-                for _ in range(2)
-            ]
+            t: [torch.empty(max_elems * t.num_heads * width, dtype=ref.dtype, device=ref.device) for _ in range(2)]
             for t in ts
         }
 

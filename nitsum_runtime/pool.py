@@ -11,18 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from nitsum_opt.models.spec import Frozen
 from pydantic import Field
 
+from nitsum_opt.models.spec import Frozen
 from nitsum_runtime.engine import Engine, EngineState, GenerationRequest, TokenEvent
 
 
 def candidate_groups(num_gpus: int, tps: Iterable[int] = (1, 2, 4, 8)) -> tuple[tuple[int, ...], ...]:
     """Aligned TP groups of ``num_gpus`` node-local GPUs: ``tp`` consecutive ids starting at a multiple of
     ``tp``, for every ``tp`` that fits."""
-    return tuple(
-        tuple(range(s, s + tp)) for tp in tps if tp <= num_gpus for s in range(0, num_gpus - tp + 1, tp)
-    )
+    return tuple(tuple(range(s, s + tp)) for tp in tps if tp <= num_gpus for s in range(0, num_gpus - tp + 1, tp))
 
 
 class LedgerError(AssertionError):
@@ -54,9 +52,7 @@ class EnginePool:
         self.engines: dict[tuple[int, ...], Engine] = {}
         for e in engines:
             if e.gpu_ids in self.engines:
-                raise ValueError(
-                    f"two engines on GPUs {e.gpu_ids}: {self.engines[e.gpu_ids].engine_id}, {e.engine_id}"
-                )
+                raise ValueError(f"two engines on GPUs {e.gpu_ids}: {self.engines[e.gpu_ids].engine_id}, {e.engine_id}")
             self.engines[e.gpu_ids] = e
         self.routes: dict[str, Engine] = {}
         self.route_tiers: dict[str, str] = {}
@@ -135,9 +131,7 @@ class EnginePool:
         if out is None:
             raise LedgerError(f"token for unknown request {ev.request_id!r} from {ev.engine_id}")
         if ev.request_id in self.finished:
-            raise LedgerError(
-                f"token {ev.index} of {ev.request_id!r} after it finished (from {ev.engine_id})"
-            )
+            raise LedgerError(f"token {ev.index} of {ev.request_id!r} after it finished (from {ev.engine_id})")
         if ev.index != len(out):
             raise LedgerError(
                 f"request {ev.request_id!r}: token index {ev.index} from {ev.engine_id}, "

@@ -118,9 +118,7 @@ def run_ranks(
     with tempfile.TemporaryDirectory(prefix="nitsum-ranks-") as tmp:
         init_file = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(
-                target=_entry, args=(fn, r, world_size, init_file, backend, timeout_s, args, out), daemon=True
-            )
+            ctx.Process(target=_entry, args=(fn, r, world_size, init_file, backend, timeout_s, args, out), daemon=True)
             for r in range(world_size)
         ]
         for p in procs:
@@ -134,9 +132,7 @@ def run_ranks(
                 except queue.Empty:
                     dead = [r for r, p in enumerate(procs) if r not in results and not p.is_alive()]
                     if dead:
-                        raise RankFailure(
-                            f"rank {dead[0]} died (exit code {procs[dead[0]].exitcode})"
-                        ) from None
+                        raise RankFailure(f"rank {dead[0]} died (exit code {procs[dead[0]].exitcode})") from None
                     if time.monotonic() > deadline:
                         raise RankFailure(
                             f"ranks {sorted(set(range(world_size)) - set(results))} "

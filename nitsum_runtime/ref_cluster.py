@@ -25,9 +25,7 @@ from nitsum_runtime.ref_worker import ClusterConfig, worker_main
 class RankCluster:
     """One process per rank of a node; use as a context manager or call :meth:`start` / :meth:`close`."""
 
-    def __init__(
-        self, cfg: ClusterConfig, call_timeout_s: float = 300.0, start_timeout_s: float = 600.0
-    ) -> None:
+    def __init__(self, cfg: ClusterConfig, call_timeout_s: float = 300.0, start_timeout_s: float = 600.0) -> None:
         self.cfg = cfg
         self.call_timeout_s = call_timeout_s
         self.start_timeout_s = start_timeout_s
@@ -54,24 +52,18 @@ class RankCluster:
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(self.cfg.world_size)]
         self._procs = [
-            ctx.Process(
-                target=worker_main, args=(r, self.cfg, init_file, self._inboxes[r], self._outbox), daemon=True
-            )
+            ctx.Process(target=worker_main, args=(r, self.cfg, init_file, self._inboxes[r], self._outbox), daemon=True)
             for r in range(self.cfg.world_size)
         ]
         for p in self._procs:
             p.start()
         try:
-            self.start_info = self._collect(
-                list(range(self.cfg.world_size)), -1, self.start_timeout_s, "start"
-            )
+            self.start_info = self._collect(list(range(self.cfg.world_size)), -1, self.start_timeout_s, "start")
         except BaseException:
             self.close()
             raise
 
-    def call(
-        self, ranks: Sequence[int], name: str, /, timeout_s: float | None = None, **kwargs: Any
-    ) -> list[Any]:
+    def call(self, ranks: Sequence[int], name: str, /, timeout_s: float | None = None, **kwargs: Any) -> list[Any]:
         """Run ``cmd_<name>(**kwargs)`` on ``ranks``; results in the order of ``ranks``."""
         if self.broken:
             raise EngineError(f"rank cluster is broken ({self.broken}); close it and start a new one")
@@ -90,9 +82,7 @@ class RankCluster:
             try:
                 rank, got_seq, ok, value = self._outbox.get(timeout=0.5)
             except queue.Empty:
-                dead = [
-                    r for r in ranks if r not in results and r not in errors and not self._procs[r].is_alive()
-                ]
+                dead = [r for r in ranks if r not in results and r not in errors and not self._procs[r].is_alive()]
                 late = time.monotonic() > deadline
                 if dead or late:
                     self.broken = (

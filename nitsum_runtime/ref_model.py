@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from nitsum_opt.models.spec import Frozen, ModelSpec
 from pydantic import Field
 
+from nitsum_opt.models.spec import Frozen, ModelSpec
 from nitsum_runtime.sharding import TpLayout
 
 

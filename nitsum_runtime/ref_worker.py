@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from nitsum_opt.models.spec import Frozen, ModelSpec
 from pydantic import Field
 
+from nitsum_opt.models.spec import Frozen, ModelSpec
 from nitsum_runtime.kv_migration import (
     KvLayout,
     MigrationStats,
@@ -108,9 +108,7 @@ class RankWorker:
             group = self.groups.get(tuple(ranks)) if len(ranks) > 1 else None
             if len(ranks) > 1 and group is None:
                 raise ValueError(f"ranks {ranks} are not a TP group declared at start ({list(self.groups)})")
-            shard = EngineShard(
-                engine_id, tuple(ranks), num_blocks, ranks.index(self.rank), TpComm(group, len(ranks))
-            )
+            shard = EngineShard(engine_id, tuple(ranks), num_blocks, ranks.index(self.rank), TpComm(group, len(ranks)))
             self.engines[engine_id] = shard
         if shard.params is not None:
             return shard.nbytes
@@ -119,9 +117,7 @@ class RankWorker:
         elem = torch.empty((), dtype=dtype).element_size()
         need = sum(torch.Size(s).numel() for s in shapes.values()) * elem
         lay = self.layout
-        need += (
-            lay.num_layers * num_blocks * lay.block_size * lay.heads_local(shard.tp) * 2 * lay.head_dim * elem
-        )
+        need += lay.num_layers * num_blocks * lay.block_size * lay.heads_local(shard.tp) * 2 * lay.head_dim * elem
         budget = self.memory_budget_bytes
         if budget is not None and self.engine_bytes() + need > budget:
             raise MemoryError(
@@ -232,9 +228,7 @@ class RankWorker:
 
 def _build_store(cfg: ClusterConfig, device: torch.device) -> ResidentWeightStore:
     if cfg.weights_path:
-        return ResidentWeightStore.from_safetensors(
-            cfg.spec, cfg.weights_path, device, torch_dtype(cfg.dtype)
-        )
+        return ResidentWeightStore.from_safetensors(cfg.spec, cfg.weights_path, device, torch_dtype(cfg.dtype))
     return ResidentWeightStore.dummy(cfg.spec, cfg.seed, device, torch_dtype(cfg.dtype))
 
 

@@ -105,9 +105,7 @@ class ReferenceEngine:
         self._need_awake("fill weights")
         t0 = time.perf_counter()
         reports = self.cluster.call(self._gpu_ids, "fill", engine_id=self._engine_id)
-        return FillSummary(
-            bytes_copied=sum(r.bytes_copied for r in reports), seconds=time.perf_counter() - t0
-        )
+        return FillSummary(bytes_copied=sum(r.bytes_copied for r in reports), seconds=time.perf_counter() - t0)
 
     def sleep(self) -> None:
         if self._reqs:
@@ -264,15 +262,12 @@ class ReferenceEngine:
         try:
             for s in snapshots:
                 migrate = kv_source is not None and s.kv is not None
-                req = _Req(
-                    s.request, list(s.output_token_ids), s.num_computed_tokens if migrate else 0, [], False
-                )
+                req = _Req(s.request, list(s.output_token_ids), s.num_computed_tokens if migrate else 0, [], False)
                 added.append(req)
                 if migrate and s.kv is not None:
                     if s.kv.engine_id != kv_source.engine_id:  # type: ignore[union-attr]
                         raise EngineError(
-                            f"snapshot of {s.request.request_id!r} is from {s.kv.engine_id}, "
-                            f"not {kv_source.engine_id}"
+                            f"snapshot of {s.request.request_id!r} is from {s.kv.engine_id}, not {kv_source.engine_id}"
                         )  # type: ignore[union-attr]
                     if not self._grow(req, s.num_computed_tokens):
                         raise EngineCapacityError(

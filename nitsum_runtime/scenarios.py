@@ -14,9 +14,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 
-from nitsum_opt.models.spec import Frozen, ModelSpec, Role
 from pydantic import Field
 
+from nitsum_opt.models.spec import Frozen, ModelSpec, Role
 from nitsum_opt.plan import Instance, Plan, PlanStatus, Provenance, TierAllocation
 from nitsum_runtime.engine import GenerationRequest, TokenEvent
 from nitsum_runtime.executor import TransitionExecutor, TransitionReport
@@ -126,9 +126,7 @@ class RoundTripResult(Frozen):
     """All checks passed."""
 
 
-def _probe_requests(
-    spec: ModelSpec, n: int, prompt_len: int, max_tokens: int, tag: str
-) -> list[GenerationRequest]:
+def _probe_requests(spec: ModelSpec, n: int, prompt_len: int, max_tokens: int, tag: str) -> list[GenerationRequest]:
     return [
         GenerationRequest(
             request_id=f"{tag}{i}",
@@ -149,8 +147,7 @@ def _drain(pool: EnginePool, ids: Sequence[str], max_steps: int = 100_000) -> No
 
 def _sorted_diff(a: TopK, b: TopK) -> float:
     return max(
-        abs(x - y)
-        for x, y in zip(sorted(a.logprobs, reverse=True), sorted(b.logprobs, reverse=True), strict=True)
+        abs(x - y) for x, y in zip(sorted(a.logprobs, reverse=True), sorted(b.logprobs, reverse=True), strict=True)
     )
 
 
@@ -199,9 +196,7 @@ def run_round_trip(
     _drain(pool, [r.request_id for r in reqs])
     for (cur, nxt), label in zip(itertools.pairwise(plans), labels, strict=True):
         switch(cur, nxt, f"{label} idle")
-    probe_b = [
-        r.model_copy(update={"request_id": r.request_id.replace("probe-a", "probe-b")}) for r in probe_a
-    ]
+    probe_b = [r.model_copy(update={"request_id": r.request_id.replace("probe-a", "probe-b")}) for r in probe_a]
     for r in probe_b:
         pool.submit(TIER, r)
     _drain(pool, [r.request_id for r in probe_b])
@@ -229,9 +224,7 @@ def run_round_trip(
     )
 
 
-def _teacher_forced(
-    pool: EnginePool, reqs: Sequence[GenerationRequest]
-) -> tuple[list[tuple[str, float]], int, int]:
+def _teacher_forced(pool: EnginePool, reqs: Sequence[GenerationRequest]) -> tuple[list[tuple[str, float]], int, int]:
     """Score each live request's tokens at the current (TP1) instance and compare step by step."""
     scoring = []
     for r in reqs:

@@ -29,8 +29,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from nitsum_opt.models.spec import Frozen, ModelSpec
 from pydantic import Field
+
+from nitsum_opt.models.spec import Frozen, ModelSpec
 
 #: vLLM's ``DEFAULT_VOCAB_PADDING_SIZE``: the vocabulary is padded to a multiple of this before the TP split.
 VOCAB_PADDING = 64
@@ -288,9 +289,7 @@ def check_full_weights(spec: ModelSpec, full: Mapping[str, torch.Tensor]) -> Non
     """Raise when ``full`` lacks a weight of ``spec`` or has one of the wrong shape (names the weight)."""
     for name, shape in full_weight_shapes(spec).items():
         if name not in full:
-            raise KeyError(
-                f"full weights lack {name!r} (model {spec.name!r}); is the checkpoint for this model?"
-            )
+            raise KeyError(f"full weights lack {name!r} (model {spec.name!r}); is the checkpoint for this model?")
         if tuple(full[name].shape) != shape:
             raise ValueError(
                 f"full weight {name!r} has shape {tuple(full[name].shape)}, model {spec.name!r} needs {shape}"
@@ -311,15 +310,11 @@ def apply_plan(plan: ShardPlan, full: Mapping[str, torch.Tensor], params: Mappin
     return copied
 
 
-def slice_shard(
-    spec: ModelSpec, full: Mapping[str, torch.Tensor], tp: int, rank: int
-) -> dict[str, torch.Tensor]:
+def slice_shard(spec: ModelSpec, full: Mapping[str, torch.Tensor], tp: int, rank: int) -> dict[str, torch.Tensor]:
     """New tensors holding rank ``rank``'s shard at ``tp`` (same device and dtype as ``full``)."""
     check_full_weights(spec, full)
     plan = shard_plan(spec, tp, rank)
     ref = full["model.embed_tokens.weight"]
-    out = {
-        name: torch.empty(shape, dtype=ref.dtype, device=ref.device) for name, shape in plan.shapes.items()
-    }
+    out = {name: torch.empty(shape, dtype=ref.dtype, device=ref.device) for name, shape in plan.shapes.items()}
     apply_plan(plan, full, out)
     return out

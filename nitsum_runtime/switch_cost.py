@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
-from nitsum_opt.models.spec import Frozen, ModelSpec
 from pydantic import Field
 
+from nitsum_opt.models.spec import Frozen, ModelSpec
 from nitsum_runtime.kv_migration import kv_transfer_plan
 
 
@@ -42,9 +42,7 @@ class RooflinePrefillModel(Frozen):
 
     def prefill_s(self, tokens: int, tp: int) -> float:
         """Seconds to prefill ``tokens`` tokens at ``tp``."""
-        flops = (
-            2 * self.spec.param_count * tokens + 2 * self.spec.num_layers * self.spec.hidden_size * tokens**2
-        )
+        flops = 2 * self.spec.param_count * tokens + 2 * self.spec.num_layers * self.spec.hidden_size * tokens**2
         return self.fixed_s + flops / (tp * self.gpu_tflops * 1e12 * self.mfu)
 
 
@@ -130,9 +128,7 @@ def kv_switch_cost(
     the engines, e.g. across nodes, so re-prefill)."""
     migrate_s, link, local = migration_cost(spec, tokens, src_tp, dst_tp, link_gb_per_s)
     reprefill_s = reprefill_cost(tokens, dst_tp, prefill_model)
-    choice: Literal["migrate", "reprefill"] = (
-        "migrate" if can_migrate and migrate_s <= reprefill_s else "reprefill"
-    )
+    choice: Literal["migrate", "reprefill"] = "migrate" if can_migrate and migrate_s <= reprefill_s else "reprefill"
     return KvSwitchCost(
         tokens=tokens,
         src_tp=src_tp,
@@ -176,9 +172,7 @@ def instance_switch_cost(
     ``fill_gb_per_s``: device-to-device copy speed of the refill (each GPU copies its shard, ``weight_bytes /
     dst_tp``); ``fixed_s``: pause/wake/route bookkeeping. Measured values replace both defaults
     (``benchmarks/gpu/run_runtime_h200.sh``)."""
-    per_request = tuple(
-        kv_switch_cost(spec, t, src_tp, dst_tp, link_gb_per_s, prefill_model) for t in inflight_tokens
-    )
+    per_request = tuple(kv_switch_cost(spec, t, src_tp, dst_tp, link_gb_per_s, prefill_model) for t in inflight_tokens)
     migrating = sum(c.tokens for c in per_request if c.choice == "migrate")
     migrate_s = migration_cost(spec, migrating, src_tp, dst_tp, link_gb_per_s)[0]
     reprefill_s = sum(c.reprefill_s for c in per_request if c.choice == "reprefill")

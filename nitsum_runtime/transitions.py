@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
-from nitsum_opt.models.spec import Frozen, Role
 from pydantic import Field
 
+from nitsum_opt.models.spec import Frozen, Role
 from nitsum_opt.plan import Instance, Plan
 
 
@@ -88,9 +88,7 @@ class Resume(_ActionBase):
     kind: Literal["resume"] = "resume"
 
 
-Action = Annotated[
-    Pause | Wake | FillWeights | MoveRequests | Route | Sleep | Resume, Field(discriminator="kind")
-]
+Action = Annotated[Pause | Wake | FillWeights | MoveRequests | Route | Sleep | Resume, Field(discriminator="kind")]
 """Any transition action (pydantic discriminated union on ``kind``)."""
 
 #: Action kinds before the commit point: a failure there is rolled back.
@@ -151,9 +149,7 @@ def diff_plans(current: Plan | None, target: Plan) -> list[Action]:
     for i in removed:
         to, spread = _preference(i, target.instances)
         actions.append(MoveRequests(**_base(i), to_instances=to, spread=spread))
-    actions += sorted(
-        routes, key=lambda r: not r.replaces
-    )  # renames first: a new instance may reuse an old id
+    actions += sorted(routes, key=lambda r: not r.replaces)  # renames first: a new instance may reuse an old id
     actions += [Sleep(**_base(i)) for i in removed]
     actions += [Resume(**_base(i)) for i in added]
     return actions

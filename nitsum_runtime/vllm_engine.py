@@ -131,6 +131,20 @@ def write_model_dir(spec: ModelSpec, directory: Path) -> Path:
     return directory
 
 
+def llm_classes() -> tuple[Any, Any]:
+    """vLLM's ``LLM`` and ``SamplingParams`` (for the runtime's engine processes)."""
+    from vllm import LLM, SamplingParams
+
+    return LLM, SamplingParams
+
+
+def tensor_parallel_rank_and_size() -> tuple[int, int]:
+    """``(world size, rank)`` of the calling vLLM worker's TP group (only valid inside a worker)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+
+
 def vllm_version() -> str:
     """Import vLLM (the one place that does) and return its version."""
     import vllm

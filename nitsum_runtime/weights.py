@@ -20,9 +20,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from nitsum_opt.models.spec import Frozen, ModelSpec
 from pydantic import Field
 
+from nitsum_opt.models.spec import Frozen, ModelSpec
 from nitsum_runtime.sharding import apply_plan, check_full_weights, full_weight_shapes, shard_plan
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -74,8 +74,7 @@ class ResidentWeightStore:
         """Deterministic random weights: ``N(0, 1/fan_in)`` for matrices, ``N(0, 1)`` embeddings, norms ~1."""
         device = torch.device(device)
         tensors = {
-            name: _dummy_tensor(name, shape, seed, device, dtype)
-            for name, shape in full_weight_shapes(spec).items()
+            name: _dummy_tensor(name, shape, seed, device, dtype) for name, shape in full_weight_shapes(spec).items()
         }
         return cls(spec, tensors)
 
@@ -97,10 +96,7 @@ class ResidentWeightStore:
 
     def fingerprint(self) -> torch.Tensor:
         """Per-weight float64 sum and sum of squares (on the store's device), to compare GPU copies."""
-        sums = [
-            torch.stack([t.double().sum(), t.double().square().sum()])
-            for _, t in sorted(self.tensors.items())
-        ]
+        sums = [torch.stack([t.double().sum(), t.double().square().sum()]) for _, t in sorted(self.tensors.items())]
         return torch.stack(sums)
 
 
@@ -117,9 +113,7 @@ def _dummy_tensor(
     return values.to(dtype)
 
 
-def fill_shard(
-    store: ResidentWeightStore, engine_params: Mapping[str, torch.Tensor], tp: int, rank: int
-) -> FillReport:
+def fill_shard(store: ResidentWeightStore, engine_params: Mapping[str, torch.Tensor], tp: int, rank: int) -> FillReport:
     """Copy rank ``rank``'s TP-``tp`` shard from ``store`` into ``engine_params`` in place (device to device).
 
     ``engine_params`` maps vLLM parameter names to the engine's own tensors; every one the shard needs must be
@@ -127,14 +121,11 @@ def fill_shard(
     plan = shard_plan(store.spec, tp, rank)
     for name, shape in plan.shapes.items():
         if name not in engine_params:
-            raise KeyError(
-                f"engine has no parameter {name!r} needed by the tp={tp} shard of {store.spec.name!r}"
-            )
+            raise KeyError(f"engine has no parameter {name!r} needed by the tp={tp} shard of {store.spec.name!r}")
         param = engine_params[name]
         if tuple(param.shape) != shape:
             raise ValueError(
-                f"engine parameter {name!r} has shape {tuple(param.shape)}, "
-                f"the tp={tp} rank={rank} shard is {shape}"
+                f"engine parameter {name!r} has shape {tuple(param.shape)}, the tp={tp} rank={rank} shard is {shape}"
             )
         if param.device != store.device:
             raise ValueError(
@@ -146,9 +137,7 @@ def fill_shard(
         copied = apply_plan(plan, store.tensors, engine_params)
     if store.device.type == "cuda":
         torch.cuda.synchronize(store.device)
-    return FillReport(
-        tp=tp, rank=rank, params=len(plan.shapes), bytes_copied=copied, seconds=time.perf_counter() - t0
-    )
+    return FillReport(tp=tp, rank=rank, params=len(plan.shapes), bytes_copied=copied, seconds=time.perf_counter() - t0)
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -179,8 +168,7 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             dtype = _SAFETENSORS_DTYPES.get(meta.get("dtype"))
             if dtype is None:
                 raise ValueError(
-                    f"{path}: tensor {name!r} has dtype {meta.get('dtype')!r}; "
-                    f"supported: {sorted(_SAFETENSORS_DTYPES)}"
+                    f"{path}: tensor {name!r} has dtype {meta.get('dtype')!r}; supported: {sorted(_SAFETENSORS_DTYPES)}"
                 )
             start, end = meta["data_offsets"]
             shape = tuple(meta["shape"])

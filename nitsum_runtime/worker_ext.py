@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from nitsum_opt.models.spec import ModelSpec
 
+from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.kv_migration import gather_kv, scatter_kv, token_slots
 from nitsum_runtime.sharding import shard_plan
 from nitsum_runtime.weights import ResidentWeightStore, fill_shard
@@ -128,9 +128,9 @@ class NitsumWorkerExtension:
         return {"uuid": gpu_uuid(device_index), "store_bytes": self._nitsum_store.nbytes}
 
     def _nitsum_rank(self) -> tuple[int, int]:
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        from nitsum_runtime.vllm_engine import tensor_parallel_rank_and_size
 
-        return get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        return tensor_parallel_rank_and_size()
 
     def _nitsum_params(self) -> dict[str, torch.Tensor]:
         model = self.model_runner.get_model()  # type: ignore[attr-defined]

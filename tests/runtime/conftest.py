@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from nitsum_opt.models.spec import ModelSpec
 
+from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.ref_cluster import RankCluster
 from nitsum_runtime.ref_worker import ClusterConfig
 from nitsum_runtime.scenarios import reference_groups

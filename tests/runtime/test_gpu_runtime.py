@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from nitsum_opt.models.spec import MODEL_PRESETS
 
+from nitsum_opt.models.spec import MODEL_PRESETS
 from nitsum_runtime.bench_kv import run_kv_bandwidth
 from nitsum_runtime.bench_vllm import EngineHandle, write_model_dir
 from nitsum_runtime.executor import TransitionExecutor
@@ -63,16 +63,12 @@ def test_kv_migration_over_nccl_is_exact(tmp_path: Path) -> None:
 
 @needs
 def test_reference_round_trip_on_nccl() -> None:
-    cfg = ClusterConfig(
-        spec=SHORT, world_size=4, backend="nccl", dtype="bfloat16", groups=reference_groups(4)
-    )
+    cfg = ClusterConfig(spec=SHORT, world_size=4, backend="nccl", dtype="bfloat16", groups=reference_groups(4))
     with RankCluster(cfg, call_timeout_s=120) as cluster:
         cluster.call([0, 1, 2, 3], "warmup")
         pool = build_reference_pool(cluster, num_blocks=256)
         ex = TransitionExecutor(pool, SHORT, policy="migrate")
-        res = run_round_trip(
-            pool, ex, SHORT, live=3, prompt_len=64, max_tokens=16, steps_between=3, tolerance=0.15
-        )
+        res = run_round_trip(pool, ex, SHORT, live=3, prompt_len=64, max_tokens=16, steps_between=3, tolerance=0.15)
         pool.sleep_all()
     assert res.probe_bit_identical and res.ledger_ok
     assert res.max_logprob_diff <= 0.15, res.max_logprob_diff_by_engine

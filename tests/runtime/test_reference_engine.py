@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from nitsum_opt.models.spec import ModelSpec
 
+from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.engine import EngineError, GenerationRequest
 from nitsum_runtime.executor import TransitionExecutor
 from nitsum_runtime.pool import EnginePool
@@ -41,14 +41,10 @@ def make_pool(rank_cluster: RankCluster) -> Iterator[Callable[..., EnginePool]]:
         p.sleep_all()
 
 
-def test_round_trip_tp1_tp2_tp4_tp1_with_migration(
-    make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec
-) -> None:
+def test_round_trip_tp1_tp2_tp4_tp1_with_migration(make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec) -> None:
     pool = make_pool(128, "rt-")
     ex = TransitionExecutor(pool, tiny_llama, policy="migrate")
-    res = run_round_trip(
-        pool, ex, tiny_llama, live=3, prompt_len=10, max_tokens=10, steps_between=2, tolerance=1e-4
-    )
+    res = run_round_trip(pool, ex, tiny_llama, live=3, prompt_len=10, max_tokens=10, steps_between=2, tolerance=1e-4)
     assert res.probe_bit_identical
     assert res.ledger_ok
     assert res.max_logprob_diff <= 1e-4, res.max_logprob_diff_by_engine
@@ -67,14 +63,10 @@ def test_round_trip_with_reprefill_instead_of_migration(
 ) -> None:
     pool = make_pool(128, "rp-")
     ex = TransitionExecutor(pool, tiny_llama, policy="reprefill")
-    res = run_round_trip(
-        pool, ex, tiny_llama, live=3, prompt_len=10, max_tokens=10, steps_between=2, tolerance=1e-4
-    )
+    res = run_round_trip(pool, ex, tiny_llama, live=3, prompt_len=10, max_tokens=10, steps_between=2, tolerance=1e-4)
     assert res.passed, res
     live = [t.report for t in res.transitions if t.in_flight]
-    assert len(live) == 3 and all(
-        r.reprefilled == 3 and r.migrated == 0 and r.kv_bytes_moved == 0 for r in live
-    )
+    assert len(live) == 3 and all(r.reprefilled == 3 and r.migrated == 0 and r.kv_bytes_moved == 0 for r in live)
 
 
 def test_migrated_kv_equals_what_the_target_tp_computes(
@@ -118,9 +110,7 @@ def test_instance_ids_reused_across_plans_route_correctly(
     pool = make_pool(64, "ren-")
     ex = TransitionExecutor(pool, tiny_llama)
     layouts = (((1,),), ((0,), (1,)), ((0,),))
-    res = run_switch_loop(
-        pool, ex, tiny_llama, switches=6, layouts=layouts, in_flight=3, prompt_len=5, max_tokens=3
-    )
+    res = run_switch_loop(pool, ex, tiny_llama, switches=6, layouts=layouts, in_flight=3, prompt_len=5, max_tokens=3)
     assert res.lost == 0 and res.completed == res.submitted
 
 
@@ -131,16 +121,12 @@ def test_wake_failure_rolls_back_without_losing_requests(
     ex = TransitionExecutor(pool, tiny_llama, policy="migrate")
     two_tp1 = pinned_plan([(0,), (1,)])
     assert ex.execute(None, two_tp1).ok
-    reqs = [
-        GenerationRequest(request_id=f"f{i}", prompt_token_ids=(5, 6, 7 + i), max_tokens=6) for i in range(4)
-    ]
+    reqs = [GenerationRequest(request_id=f"f{i}", prompt_token_ids=(5, 6, 7 + i), max_tokens=6) for i in range(4)]
     for r in reqs:
         pool.submit(TIER, r)
     pool.step()
     per_rank = rank_cluster.call([0], "memory")[0]["fail-tp1-g0"]
-    rank_cluster.call(
-        [0, 1], "set_memory_budget", budget_bytes=int(per_rank * 1.3)
-    )  # no room for a TP2 shard too
+    rank_cluster.call([0, 1], "set_memory_budget", budget_bytes=int(per_rank * 1.3))  # no room for a TP2 shard too
     try:
         report = ex.execute(two_tp1, pinned_plan([(0, 1)]))
     finally:
@@ -163,9 +149,7 @@ def test_wake_failure_rolls_back_without_losing_requests(
     while pool.unfinished():
         pool.step()
     for r in reqs:
-        assert [e.top for e in pool.outputs[r.request_id]] == [
-            e.top for e in pool.outputs[r.request_id + "x"]
-        ]
+        assert [e.top for e in pool.outputs[r.request_id]] == [e.top for e in pool.outputs[r.request_id + "x"]]
 
 
 def test_import_failure_midway_rolls_back(
@@ -180,9 +164,7 @@ def test_import_failure_midway_rolls_back(
     ex = TransitionExecutor(pool, tiny_llama, policy="migrate")
     assert ex.execute(None, pinned_plan([(0, 1)])).ok
     for i in range(3):
-        pool.submit(
-            TIER, GenerationRequest(request_id=f"c{i}", prompt_token_ids=tuple(range(1, 21)), max_tokens=8)
-        )
+        pool.submit(TIER, GenerationRequest(request_id=f"c{i}", prompt_token_ids=tuple(range(1, 21)), max_tokens=8))
     pool.step()
     # Round-robin over the two TP1 targets: c0, c2 fit on GPU 0's engine; c1 (20 tokens = 5 blocks) does not
     # fit in GPU 1's 4 blocks, after c0 and c2 were imported: their copies must be dropped again.
@@ -199,9 +181,7 @@ def test_import_failure_midway_rolls_back(
     assert all(len(pool.outputs[f"c{i}"]) == 8 for i in range(3))
 
 
-def test_sleep_refuses_an_engine_with_requests(
-    make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec
-) -> None:
+def test_sleep_refuses_an_engine_with_requests(make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec) -> None:
     pool = make_pool(16, "slp-")
     ex = TransitionExecutor(pool, tiny_llama)
     ex.execute(None, pinned_plan([(2,)]))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nitsum_opt.models.spec import ModelSpec
 
+from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.sharding import TpLayout, full_weight_shapes, pad_vocab, shard_plan, slice_shard
 from nitsum_runtime.weights import ResidentWeightStore, fill_shard
 
@@ -60,15 +60,11 @@ def test_shards_reassemble_into_full_weights(full: dict[str, torch.Tensor], tp: 
         assert torch.equal(torch.cat([t[ql + kl :] for t in qkv[::rep]]), full[f"{a}.v_proj.weight"])
         for r in range(tp):
             assert torch.equal(qkv[r][ql:], qkv[r - r % rep][ql:])
-        assert torch.equal(
-            torch.cat([s[f"{a}.o_proj.weight"] for s in shards], 1), full[f"{a}.o_proj.weight"]
-        )
+        assert torch.equal(torch.cat([s[f"{a}.o_proj.weight"] for s in shards], 1), full[f"{a}.o_proj.weight"])
         gu = [s[f"{m}.gate_up_proj.weight"] for s in shards]
         assert torch.equal(torch.cat([t[:il] for t in gu]), full[f"{m}.gate_proj.weight"])
         assert torch.equal(torch.cat([t[il:] for t in gu]), full[f"{m}.up_proj.weight"])
-        assert torch.equal(
-            torch.cat([s[f"{m}.down_proj.weight"] for s in shards], 1), full[f"{m}.down_proj.weight"]
-        )
+        assert torch.equal(torch.cat([s[f"{m}.down_proj.weight"] for s in shards], 1), full[f"{m}.down_proj.weight"])
         for norm in ("input_layernorm", "post_attention_layernorm"):
             name = f"model.layers.{i}.{norm}.weight"
             assert all(torch.equal(s[name], full[name]) for s in shards)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from nitsum_opt.models.spec import MODEL_PRESETS
 
+from nitsum_opt.models.spec import MODEL_PRESETS
 from nitsum_runtime.switch_cost import (
     RooflinePrefillModel,
     instance_switch_cost,

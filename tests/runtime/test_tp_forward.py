@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from nitsum_opt.models.spec import ModelSpec
 
+from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.kv_migration import KvLayout, allocate_kv_cache
 from nitsum_runtime.ref_cluster import RankCluster
 from nitsum_runtime.ref_model import BatchInput, RefModelConfig, SeqInput, TopK, TpComm, forward
@@ -34,9 +34,7 @@ DECODE = BatchInput(
 )
 
 
-def _run(
-    spec: ModelSpec, rank: int, tp: int, group: dist.ProcessGroup | None
-) -> tuple[list[TopK], list[torch.Tensor]]:
+def _run(spec: ModelSpec, rank: int, tp: int, group: dist.ProcessGroup | None) -> tuple[list[TopK], list[torch.Tensor]]:
     full = ResidentWeightStore.dummy(spec, seed=11, device="cpu", dtype=torch.float32).tensors
     params = slice_shard(spec, full, tp, rank)
     caches = allocate_kv_cache(KvLayout.of(spec, BLOCK, "float32"), tp, num_blocks=6, device="cpu")

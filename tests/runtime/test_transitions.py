@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from nitsum_opt.models.spec import Role
 from pydantic import TypeAdapter
 
+from nitsum_opt.models.spec import Role
 from nitsum_opt.plan import Instance
 from nitsum_runtime.scenarios import pinned_plan
 from nitsum_runtime.transitions import Action, MoveRequests, Route, diff_plans
@@ -32,9 +32,7 @@ def test_tp_change_orders_pause_wake_fill_move_route_sleep_resume() -> None:
         "resume",
     ]
     move = acts[3]
-    assert (
-        isinstance(move, MoveRequests) and move.to_instances == ("chat/tp2-colocated/0",) and move.spread == 1
-    )
+    assert isinstance(move, MoveRequests) and move.to_instances == ("chat/tp2-colocated/0",) and move.spread == 1
     assert acts[0].gpu_ids == (0,) and acts[1].gpu_ids == (0, 1)
 
 
@@ -62,9 +60,7 @@ def test_move_prefers_same_tier_and_shared_gpus() -> None:
     tgt = pinned_plan([(2, 3)]).model_copy(
         update={
             "instances": (
-                Instance(
-                    instance_id="bg/tp1-decode/0", tier="bg", tp=1, role=Role.DECODE, node=0, gpu_ids=(0,)
-                ),
+                Instance(instance_id="bg/tp1-decode/0", tier="bg", tp=1, role=Role.DECODE, node=0, gpu_ids=(0,)),
                 Instance(
                     instance_id="chat/tp2-colocated/0",
                     tier="chat",
@@ -98,11 +94,7 @@ def test_invalid_plans_are_refused() -> None:
     with pytest.raises(ValueError, match="GPU 1 is used by both 'a' and 'b'"):
         diff_plans(None, overlapping)
     wrong_tp = pinned_plan([(0, 1)]).model_copy(
-        update={
-            "instances": (
-                Instance(instance_id="a", tier="chat", tp=2, role=Role.COLOCATED, node=0, gpu_ids=(0,)),
-            )
-        }
+        update={"instances": (Instance(instance_id="a", tier="chat", tp=2, role=Role.COLOCATED, node=0, gpu_ids=(0,)),)}
     )
     with pytest.raises(ValueError, match="tp=2 but 1 GPUs"):
         diff_plans(None, wrong_tp)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from nitsum_opt.models.spec import ModelSpec
 
+from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.weights import ResidentWeightStore, read_safetensors, write_safetensors
 
 TINY = ModelSpec(

@@ -14,7 +14,7 @@ from nitsum_runtime.worker_ext import NitsumWorkerExtension, _decode, _encode, k
 
 def test_runtime_modules_do_not_import_vllm() -> None:
     code = (
-        "import sys, nitsum_runtime.worker_ext, nitsum_runtime.vllm_engine_ext, nitsum_runtime.bench_vllm, "
+        "import sys, nitsum_runtime.worker_ext, nitsum_runtime.vllm_process, nitsum_runtime.bench_vllm, "
         "nitsum_runtime.gpu_bench; print('vllm' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""vLLM-touching code of the runtime work (to be folded into ``nitsum_runtime/vllm_engine.py``).
+"""A vLLM engine in its own process, driven over a pipe (vLLM itself is imported via ``vllm_engine``).
 
 :func:`engine_process` runs one vLLM engine (``LLM`` with sleep mode and the Nitsum worker extension) in its
 own process and session, serving commands from a pipe: attach the resident store, fill weights,
@@ -92,7 +92,9 @@ def engine_process(conn: Any, gpu_ids: list[int], model_dir: str, llm_kwargs: di
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
     try:
         t0 = time.perf_counter()
-        from vllm import LLM, SamplingParams
+        from nitsum_runtime.vllm_engine import llm_classes
+
+        LLM, SamplingParams = llm_classes()
 
         llm = LLM(
             model=model_dir,
