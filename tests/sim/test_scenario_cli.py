@@ -103,7 +103,7 @@ def test_bench_goodput_json_and_sim_speed() -> None:
     assert set(level["systems"]) == {"nitsum", "vllm-static-tp1", "vllm-static-tp2", "distserve", "oracle-static"}
     assert level["nitsum_vs_strongest_other"]["strongest_other"] in level["systems"]
     assert [t["target"] for t in data["targets"]] == [1.3, 3.0]
-    result = runner.invoke(app, ["bench", "sim-speed", "--systems", "vllm-static-tp8", "--repeats", "1", "--json"])
+    result = runner.invoke(app, ["bench", "sim-speed", "--systems", "vllm-static-tp4", "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.output
     speed = json.loads(result.output)
     assert speed["requests"] > 30_000 and speed["rows"][0]["speed_x"] > 100

@@ -92,8 +92,8 @@ def planning_slo(ctx: ControlContext, tier: Tier) -> SloTarget:
 
 def _build_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> CapacityTable:
     try:
-        from nitsum_opt.models.capacity import CapacityOptions, TierWorkload, build_capacity_table  # type: ignore[import-not-found]
-    except ImportError:
+        from nitsum_opt.models import CapacityOptions, TierWorkload, build_capacity_table
+    except ImportError:  # a models package without the capacity builder
         tiers = {t.name: (planning_slo(ctx, t), mixes.get(t.name, FALLBACK_MIX)) for t in ctx.tiers}
         return interim_capacity_table(ctx.model, tiers, candidate_configs(ctx), ctx.settings.engine)
     engine = ctx.settings.engine
@@ -105,7 +105,6 @@ def _build_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> CapacityTa
         ],
         configs=candidate_configs(ctx),
         options=CapacityOptions(max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs),
-        source_label="nitsum_opt.models.capacity",
     )
 
 
