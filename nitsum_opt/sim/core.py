@@ -21,6 +21,8 @@ import math
 from collections.abc import Callable, Sequence
 from heapq import heappop, heappush
 
+import numpy as np
+
 from nitsum_opt.models.spec import ModelSpec
 from nitsum_opt.scheduler import MultiTierScheduler
 from nitsum_opt.sim.controllers.base import ControlContext, Controller
@@ -140,6 +142,7 @@ class Simulator:
         self.pending_handoffs: list[int] = []
         self.steps_simulated = 0
         self.events = 0
+        self.stopped_early = False
         self.ctx = ControlContext(
             cluster=cluster, tiers=self.tiers, model_spec=model_spec, model=model, settings=self.settings
         )
@@ -252,8 +255,27 @@ class Simulator:
         self.kick(dst, now)
 
     # ------------------------------------------------------------------ the loop
-    def run(self, progress: Callable[[float], None] | None = None) -> SimResult:
-        """Simulate to the horizon (last arrival + ``drain_s``) and return every request's outcome."""
+    def known_misses(self, now: float) -> int:
+        """Requests already certain to miss their SLO at ``now``: rejected, past their TTFT deadline without a
+        first token, first token late, or completed with a TPOT over target."""
+        req = self.req
+        first = np.array(req.first)
+        outcome = np.array(req.outcome)
+        deadline = self._deadline
+        late = np.where(np.isnan(first), now > deadline, first > deadline)
+        done = outcome == int(Outcome.COMPLETED)
+        finish = np.array(req.finish)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = (finish - first) / self._decode_tokens
+        slow = done & (self._decode_tokens > 0) & (tpot > self._tpot_slo)
+        return int(np.count_nonzero(late | slow | (outcome == int(Outcome.REJECTED))))
+
+    def run(
+        self, progress: Callable[[float], None] | None = None, stop: Callable[[Simulator, float], bool] | None = None
+    ) -> SimResult:
+        """Simulate to the horizon (last arrival + ``drain_s``) and return every request's outcome. ``stop`` is
+        asked every 2.5 % of the arrivals whether to end the run early (a search pruning a candidate that can no
+        longer win); the result then has ``stopped_early`` set."""
         trace, req, settings = self.trace, self.req, self.settings
         start_s = trace.start_s
         horizon = trace.end_s + settings.drain_s
@@ -272,6 +294,13 @@ class Simulator:
         heap = self.heap
         engines = self.engines
         report_every = max(1, n // 100)
+        check_every = max(1, n // 40)
+        if stop is not None:
+            slo = self.tiers
+            tier_arr = self.trace.tier
+            self._deadline = self.trace.arrival_s + np.array([t.ttft_slo_ms / 1000.0 for t in slo])[tier_arr]
+            self._tpot_slo = np.array([t.tpot_slo_ms / 1000.0 for t in slo])[tier_arr]
+            self._decode_tokens = (self.trace.output_tokens - 1).astype(np.float64)
         while True:
             t_next = heap[0][0] if heap else math.inf
             if nxt < n and arrivals[nxt] < t_next:
@@ -282,6 +311,9 @@ class Simulator:
                 nxt += 1
                 if progress is not None and r % report_every == 0:
                     progress(r / n)
+                if stop is not None and r % check_every == 0 and r and stop(self, t):
+                    self.stopped_early = True
+                    break
                 if inp[r] + out[r] > max_len:
                     self.reject(r, t, None, int(RejectReason.OVER_MAX_MODEL_LEN))
                     continue

@@ -98,6 +98,8 @@ class SimResult:
     """Events processed (step/jump ends, transfers, resumes, epochs)."""
     step_log: tuple[StepRecord, ...] = field(default=())
     """Every step/jump, when recorded."""
+    stopped_early: bool = False
+    """The run was ended before the horizon by its ``stop`` callback (its outcomes are incomplete)."""
 
     @classmethod
     def from_simulator(cls, sim: Simulator, horizon_s: float) -> SimResult:
@@ -134,6 +136,7 @@ class SimResult:
             steps_simulated=sim.steps_simulated,
             events=sim.events,
             step_log=tuple(sim.step_log or ()),
+            stopped_early=sim.stopped_early,
         )
 
     def __len__(self) -> int:

@@ -115,13 +115,15 @@ def test_burst_factor_is_one_for_poisson_and_above_for_bursts() -> None:
 
 
 def test_capacity_tables_are_memoised_and_planned_at_the_raised_percentile() -> None:
+    from nitsum_opt.sim.controllers import nitsum
     from nitsum_opt.sim.controllers.nitsum import capacity_table, planning_slo
     from nitsum_opt.workloads.demand import length_mixes
 
-    ev = _evaluator(poisson_trace(5.0, 30.0), 8)
+    ev = _evaluator(poisson_trace(5.0, 30.0, seed=12), 8)
     mixes = length_mixes(ev.trace)
     first = capacity_table(ev.ctx, mixes)
-    assert capacity_table(ev.ctx, mixes) is first
+    rows = len(nitsum._TABLES)
+    assert capacity_table(ev.ctx, mixes) == first and len(nitsum._TABLES) == rows  # every row memoised
     assert planning_slo(ev.ctx, TIERS[0]).slo_percentile == 97.0
     relaxed = ev.ctx.settings.model_copy(update={"capacity_percentile": None})
     from nitsum_opt.sim.controllers.base import ControlContext
@@ -129,5 +131,18 @@ def test_capacity_tables_are_memoised_and_planned_at_the_raised_percentile() -> 
     ctx = ControlContext(ev.cluster, TIERS, LLAMA, ROOFLINE, relaxed)
     assert planning_slo(ctx, TIERS[0]) == TIERS[0].slo
     looser = capacity_table(ctx, mixes)
-    assert looser is not first
+    assert len(nitsum._TABLES) == rows + 2
     assert looser.rates_rps["chat"]["tp1-prefill"] >= first.rates_rps["chat"]["tp1-prefill"]
+
+
+def test_branch_and_bound_search_finds_the_exhaustive_winner() -> None:
+    trace = poisson_trace(30.0, 40.0, seed=6)
+    pruning = _evaluator(trace, 4)
+    candidates = oracle_candidates(pruning)
+    winner, scores = pruning.best(candidates)
+    exhaustive = _evaluator(trace, 4)
+    full = [exhaustive.goodput(d) for d in candidates]
+    assert pruning.memo[pruning.key(winner)] == pytest.approx(max(full))
+    assert full.index(max(full)) == candidates.index(winner)
+    assert any(score is None for _, score in scores)  # some losers were cut short
+    assert pruning.goodput(candidates[-1]) == pytest.approx(full[-1])  # a pruned one re-runs fully on demand

@@ -54,32 +54,40 @@ _TABLES_MAX = 64
 
 
 def capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> CapacityTable:
-    """``R[t,c]`` for the tiers' current mixes: ``nitsum_opt.models.capacity.build_capacity_table`` (the latency
-    models' queueing-based builder) when it is installed, else the INTERIM estimate of
-    :func:`nitsum_opt.sim.capacity.interim_capacity_table`. Tables are memoised per process (least recently used,
-    keyed by the model object, tiers, mixes, configs and engine knobs), so systems that see the same mixes share
-    them."""
-    key = hashlib.sha256(
-        json.dumps(
-            [
-                [t.model_dump(mode="json") for t in ctx.tiers],
-                {k: v.model_dump(mode="json") for k, v in sorted(mixes.items())},
-                [c.key for c in candidate_configs(ctx)],
-                ctx.settings.engine.model_dump(mode="json"),
-                ctx.settings.capacity_percentile,
-            ],
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
-    hit = _TABLES.get(key)
-    if hit is not None and hit[0] is ctx.model:
-        _TABLES.move_to_end(key)
-        return hit[1]
-    table = _build_table(ctx, mixes)
-    _TABLES[key] = (ctx.model, table)
-    while len(_TABLES) > _TABLES_MAX:
-        _TABLES.popitem(last=False)
-    return table
+    """``R[t,c]`` for the tiers' current mixes: ``nitsum_opt.models.build_capacity_table`` (the latency models'
+    queueing-based builder) when it is installed, else the INTERIM estimate of
+    :func:`nitsum_opt.sim.capacity.interim_capacity_table`. Cells of different tiers are independent, so each tier's
+    row is built on its own and memoised per process (least recently used, keyed by the model object, the tier, its
+    mix, the configs and the engine knobs): systems that see the same mix share it, and a controller whose mix
+    changed for one tier rebuilds one row."""
+    rows: dict[str, dict[str, float]] = {}
+    source = ""
+    for tier in ctx.tiers:
+        mix = mixes.get(tier.name, FALLBACK_MIX)
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    tier.model_dump(mode="json"),
+                    mix.model_dump(mode="json"),
+                    [c.key for c in candidate_configs(ctx)],
+                    ctx.settings.engine.model_dump(mode="json"),
+                    ctx.settings.capacity_percentile,
+                ],
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
+        hit = _TABLES.get(key)
+        if hit is not None and hit[0] is ctx.model:
+            _TABLES.move_to_end(key)
+            row = hit[1]
+        else:
+            row = _build_table(ctx, {tier.name: mix}, tier)
+            _TABLES[key] = (ctx.model, row)
+            while len(_TABLES) > _TABLES_MAX:
+                _TABLES.popitem(last=False)
+        rows[tier.name] = row.rates_rps[tier.name]
+        source = row.source
+    return CapacityTable(rates_rps=rows, source=source)
 
 
 def planning_slo(ctx: ControlContext, tier: Tier) -> SloTarget:
@@ -90,19 +98,16 @@ def planning_slo(ctx: ControlContext, tier: Tier) -> SloTarget:
     return tier.slo.model_copy(update={"slo_percentile": wanted})
 
 
-def _build_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> CapacityTable:
+def _build_table(ctx: ControlContext, mixes: dict[str, LengthMix], tier: Tier) -> CapacityTable:
     try:
         from nitsum_opt.models import CapacityOptions, TierWorkload, build_capacity_table
     except ImportError:  # a models package without the capacity builder
-        tiers = {t.name: (planning_slo(ctx, t), mixes.get(t.name, FALLBACK_MIX)) for t in ctx.tiers}
-        return interim_capacity_table(ctx.model, tiers, candidate_configs(ctx), ctx.settings.engine)
+        rows = {tier.name: (planning_slo(ctx, tier), mixes[tier.name])}
+        return interim_capacity_table(ctx.model, rows, candidate_configs(ctx), ctx.settings.engine)
     engine = ctx.settings.engine
     return build_capacity_table(
         ctx.model,  # type: ignore[arg-type]
-        [
-            TierWorkload(name=t.name, slo=planning_slo(ctx, t), length_mix=mixes.get(t.name, FALLBACK_MIX))
-            for t in ctx.tiers
-        ],
+        [TierWorkload(name=tier.name, slo=planning_slo(ctx, tier), length_mix=mixes[tier.name])],
         configs=candidate_configs(ctx),
         options=CapacityOptions(max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs),
     )
@@ -238,7 +243,7 @@ class NitsumController(Controller):
         self.windows: list[RequestTrace] = []
         self.plan: Plan | None = None
         self.state = StabilizerState()
-        self._capacity: tuple[dict[str, tuple[float, float]], CapacityTable] | None = None
+        self._planned_mixes: dict[str, LengthMix] = {}
         self._mixes: dict[str, LengthMix] = {}
         self.plans_made = 0
         self.plan_time_ms = 0.0
@@ -288,17 +293,17 @@ class NitsumController(Controller):
         return out
 
     def _capacity_for(self, ctx: ControlContext) -> CapacityTable:
-        means = {name: _means(mix) for name, mix in self._mixes.items()}
-        if self._capacity is not None:
-            old, table = self._capacity
-            if old.keys() == means.keys() and all(
-                abs(means[t][i] - old[t][i]) <= self.mix_tolerance * old[t][i] for t in means for i in (0, 1)
-            ):
-                return table
-        table = capacity_table(ctx, self._mixes)
-        self._capacity = (means, table)
-        self.capacity_builds += 1
-        return table
+        """The table for the current mixes; a tier whose mean prompt and output lengths stayed within
+        ``mix_tolerance`` of the mix its row was built for keeps that mix (and its memoised row)."""
+        for name, mix in self._mixes.items():
+            planned = self._planned_mixes.get(name)
+            if planned is not None:
+                (i0, o0), (i1, o1) = _means(planned), _means(mix)
+                if abs(i1 - i0) <= self.mix_tolerance * i0 and abs(o1 - o0) <= self.mix_tolerance * o0:
+                    continue
+            self._planned_mixes[name] = mix
+            self.capacity_builds += 1
+        return capacity_table(ctx, self._planned_mixes)
 
     def _step(self, ctx: ControlContext, now_s: float, window: RequestTrace) -> Deployment:
         self._ttft_s = [t.ttft_slo_ms / 1000.0 for t in ctx.tiers]
@@ -327,4 +332,4 @@ class NitsumController(Controller):
         self.plans_made += 1
         self.plan_time_ms += candidate.solve_time_ms
         label = f"{self.name} ({decision.plan.status.value})"
-        return deployment_from_plan(decision.plan, tuning_table(ctx, self._mixes), label=label)
+        return deployment_from_plan(decision.plan, tuning_table(ctx, self._planned_mixes), label=label)

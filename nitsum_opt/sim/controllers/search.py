@@ -66,6 +66,7 @@ class StaticEvaluator:
         self.on_run = on_run
         self.memo: dict[str, float] = {}
         self.results: dict[str, SimResult] = {}
+        self.pruned: set[str] = set()
         self.runs = 0
 
     @property
@@ -78,41 +79,65 @@ class StaticEvaluator:
         """Identity of a deployment (its label left out)."""
         return dep.model_dump_json(exclude={"label"})
 
-    def simulate(self, dep: Deployment) -> SimResult:
-        """Simulate ``dep`` (static) over the trace."""
+    def simulate(self, dep: Deployment, beat_met: int | None = None) -> SimResult:
+        """Simulate ``dep`` (static) over the trace. With ``beat_met``, the run stops as soon as it can no longer
+        meet more than ``beat_met`` requests' SLOs (the result is then incomplete and not memoised as a result)."""
         from nitsum_opt.sim.core import Simulator
 
         key = self.key(dep)
-        if key not in self.results:
-            sim = Simulator(
-                self.trace,
-                self.tiers,
-                self.model,
-                self.model_spec,
-                self.cluster,
-                StaticController("static", dep),
-                self.settings,
-            )
-            result = sim.run()
-            self.runs += 1
+        if key in self.results:
+            return self.results[key]
+        sim = Simulator(
+            self.trace,
+            self.tiers,
+            self.model,
+            self.model_spec,
+            self.cluster,
+            StaticController("static", dep),
+            self.settings,
+        )
+        n = len(self.trace)
+        stop = None if beat_met is None else (lambda s, now: n - s.known_misses(now) <= beat_met)
+        result = sim.run(stop=stop)
+        self.runs += 1
+        if result.stopped_early:
+            self.pruned.add(key)
+        else:
             self.results[key] = result
             self.memo[key] = float(result.slo_met(self.tiers).sum()) / max(self.trace.duration_s, 1e-9)
-            if self.on_run is not None:
-                self.on_run(dep.label)
-        return self.results[key]
+        if self.on_run is not None:
+            self.on_run(dep.label)
+        return result
 
     def goodput(self, dep: Deployment) -> float:
-        """Requests/s meeting their tier's SLO over the trace."""
-        self.simulate(dep)
-        return self.memo[self.key(dep)]
+        """Requests/s meeting their tier's SLO over the trace (always a complete run)."""
+        key = self.key(dep)
+        if key not in self.memo:
+            self.pruned.discard(key)
+            self.simulate(dep)
+        return self.memo[key]
 
-    def best(self, candidates: Iterable[Deployment]) -> tuple[Deployment, list[tuple[str, float]]]:
-        """The candidate with the highest goodput (first one on ties) and every candidate's score."""
-        scored = [(dep, self.goodput(dep)) for dep in candidates]
-        if not scored:
+    def best(self, candidates: Iterable[Deployment]) -> tuple[Deployment, list[tuple[str, float | None]]]:
+        """The candidate with the highest goodput (first one on ties) and every candidate's score (``None`` for a
+        candidate pruned because it could no longer win). Candidates already simulated set the bar first; every
+        other run stops as soon as it cannot beat the best so far (branch and bound on requests meeting SLO), so
+        the winner is exact and each losing run is cut short."""
+        items = list(candidates)
+        if not items:
             raise ValueError("no candidate deployment fits the cluster")
-        best = max(scored, key=lambda item: item[1])[0]
-        return best, [(dep.label, g) for dep, g in scored]
+        span = max(self.trace.duration_s, 1e-9)
+        known = [d for d in items if self.key(d) in self.memo]
+        best: Deployment | None = max(known, key=lambda d: self.memo[self.key(d)]) if known else None
+        for dep in items:
+            key = self.key(dep)
+            if key in self.memo or key in self.pruned:
+                continue
+            bar = None if best is None else round(self.memo[self.key(best)] * span)
+            self.simulate(dep, beat_met=bar)
+            if key in self.memo and (best is None or self.memo[key] > self.memo[self.key(best)]):
+                best = dep
+        assert best is not None
+        return best, [(d.label, self.memo.get(self.key(d))) for d in items]
 
 
 def strictest_budget(ev: StaticEvaluator, tp: int) -> int:
