@@ -13,12 +13,19 @@ prompt alone; ``I``, ``O`` = mean prompt and output tokens.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from nitsum_opt.models.spec import CapacityTable, LengthMix, Role, ServingConfig, SloTarget
 from nitsum_opt.sim.settings import EngineSettings
 from nitsum_opt.sim.timing import IterationTimeModel
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 SAFETY = 0.85
 """Share of an SLO target the estimates plan for (the rest absorbs variance the mean model does not see)."""
@@ -63,6 +70,19 @@ def colocated_step_ms(model: IterationTimeModel, tp: int, batch: int, mix: MixSt
     return _decode_ms(model, tp, batch, mix) + batch / max(1.0, mix.mean_output_tokens) * _prefill_ms(model, tp, mix)
 
 
+def _quiet(fn: Callable[P, T]) -> Callable[P, T]:
+    """Run a capacity probe with warnings silenced: the searches probe far outside any profile on purpose."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_quiet
 def slo_safe_seqs(
     model: IterationTimeModel, tp: int, role: Role, slo: SloTarget, mix: LengthMix | MixStats, engine: EngineSettings
 ) -> int:
@@ -87,6 +107,7 @@ def slo_safe_seqs(
     return lo
 
 
+@_quiet
 def slo_token_budget(model: IterationTimeModel, tp: int, tpot_slo_ms: float, mix: LengthMix | MixStats) -> int:
     """Largest step token budget (a multiple of 256, at least 512) whose step — one prefill chunk of that many
     tokens at the mix's mean prompt offset plus 16 decoding requests at the mean context — stays within
@@ -153,6 +174,7 @@ def _colocated_rate(
     return lo
 
 
+@_quiet
 def interim_capacity_table(
     model: IterationTimeModel,
     tiers: dict[str, tuple[SloTarget, LengthMix]],
