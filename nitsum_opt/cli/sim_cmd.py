@@ -102,6 +102,9 @@ def print_sweep(sweep: SweepResult, summary: SweepSummary) -> None:
                 end_section=k == len(lvl.runs) - 1,
             )
     console.print(table)
+    skipped = sorted({f"{name}: {why}" for lvl in sweep.levels for name, why in lvl.skipped})
+    for line in skipped:
+        console.print(f"[yellow]skipped[/] {line}", highlight=False)
     loads = Table(title="max load at ≥ 90 % attainment")
     for col in ("system", "load ×", "req/s", "peak goodput"):
         loads.add_column(col, justify="right")

@@ -62,6 +62,7 @@ class GoodputBench(Frozen):
             "wall_s": round(sweep.wall_s, 1),
             "levels": levels,
             "max_load_at_90pct": {s.system: s.max_load_scale for s in self.summary.systems},
+            "skipped": sorted({f"{name}: {why}" for lvl in sweep.levels for name, why in lvl.skipped}),
             "targets": [t.model_dump() for t in self.summary.targets],
         }
 

@@ -282,6 +282,8 @@ def write_html(sweep: SweepResult, summary: SweepSummary, images: list[Path], pa
             for c in summary.levels
         ],
     )
+    notes = sorted({f"{name}: {why}" for lvl in sweep.levels for name, why in lvl.skipped})
+    skipped = "".join(f"<p><b>skipped</b> {html.escape(n)}</p>" for n in notes)
     level_tables = []
     for lvl in sweep.levels:
         rows = [
@@ -315,7 +317,7 @@ model {html.escape(sc.model_spec.name)}, step times: {html.escape(sweep.model_so
 Epoch {sc.settings.epoch_s:g} s, switch pause {sc.settings.switch.switch_s:g} s,
 KV migration {sc.settings.switch.kv_migration_gb_s:g} GB/s.
 Ran in {sweep.wall_s:.1f} s on {html.escape(sweep.machine)} with {sweep.workers} worker(s).</p>
-<h2>Tiers</h2>{tiers}<h2>Targets</h2>{targets}<h2>Max load at ≥ 90 % attainment</h2>{maxload}
+{skipped}<h2>Tiers</h2>{tiers}<h2>Targets</h2>{targets}<h2>Max load at ≥ 90 % attainment</h2>{maxload}
 <h2>Nitsum vs the strongest other system</h2>{ratios}
 <h2>Plots</h2>{"".join(_img(p) for p in images)}
 <h2>Every run</h2>{"".join(level_tables)}"""

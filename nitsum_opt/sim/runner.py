@@ -79,6 +79,8 @@ class LevelResult(Frozen):
     """Requests in the trace."""
     runs: tuple[SystemRun, ...]
     """One per system, in scenario order."""
+    skipped: tuple[tuple[str, str], ...] = ()
+    """Systems that could not run here, with the reason (e.g. a TP degree the latency model does not cover)."""
 
     def run(self, system: str) -> SystemRun | None:
         """The run of ``system`` (``None`` if it was not run here)."""
@@ -167,11 +169,13 @@ def run_level(
     the_cluster = cluster or scenario.cluster
     ev = StaticEvaluator(trace, scenario.tiers, model, scenario.model_spec, the_cluster, scenario.settings)
     runs = []
+    skipped = []
     for name in systems or scenario.systems:
         try:
             system_info(name)
             runs.append(run_system(scenario, name, ev, load_scale, the_cluster))
         except ValueError as exc:
+            skipped.append((name, str(exc)))
             if progress is not None:
                 progress(f"load ×{load_scale:g}: {name} skipped ({exc})")
             continue
@@ -184,6 +188,7 @@ def run_level(
         duration_s=trace.duration_s,
         requests=len(trace),
         runs=tuple(runs),
+        skipped=tuple(skipped),
     )
 
 
