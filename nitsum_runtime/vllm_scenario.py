@@ -137,9 +137,10 @@ def run_scenario(
     budget_gib: float,
     checkpoint: Callable[[dict[str, Any]], None] = lambda _: None,
     live_max_tokens: int = 40,
+    free_gib: Callable[[Sequence[int]], float] = min_free_gib,
 ) -> dict[str, Any]:
     """Run the scenario (module docstring) on ``engines`` (TP degree -> started, asleep engine)."""
-    sw = Switcher(log, budget_gib)
+    sw = Switcher(log, budget_gib, free_gib)
     order = [tp for tp in (1, 2, 4, 1) if tp in engines]
     probes = prompts(spec, 4, 48, salt=5)
     out: dict[str, Any] = {"switches": sw.rows, "checks": {}}

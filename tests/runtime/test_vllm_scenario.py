@@ -11,8 +11,15 @@ import argparse
 import json
 from typing import Any
 
+from nitsum_opt.models.spec import MODEL_PRESETS
 from nitsum_runtime.bench_report import compact_summary, report_vllm
-from nitsum_runtime.vllm_scenario import Switcher
+from nitsum_runtime.vllm_scenario import Switcher, run_scenario
+
+
+def _next(context: list[int], k: int = 5) -> list[list[Any]]:
+    """The toy model: top-k ids and log-probabilities of the next token, a function of the context only."""
+    first = (31 * sum(context) + len(context)) % 97
+    return [[(first + j) % 97 for j in range(k)], [-1.0 - j for j in range(k)]]
 
 
 class ToyEngine:
@@ -26,7 +33,7 @@ class ToyEngine:
         if name in ("wake_weights", "wake_kv", "sleep"):
             return 0.01
         if name == "rpc":
-            return [{"bytes_copied": 100}]
+            return [{"bytes_copied": 100, "rank": 0, "mismatched": []}]
         if name == "add":
             self.reqs[kw["request_id"]] = (kw["prompt"], kw["max_tokens"], [])
             return None
@@ -34,11 +41,21 @@ class ToyEngine:
             for _ in range(kw["n"]):
                 for prompt, limit, out in self.reqs.values():
                     if len(out) < limit:
-                        out.append(len(prompt) + len(out))
+                        out.append(_next(prompt + out)[0][0])
             return {"unfinished": any(len(o) < m for _, m, o in self.reqs.values())}
         if name == "abort":
             return {r: self.reqs.pop(r)[2] for r in kw["request_ids"] if r in self.reqs}
+        if name == "generate":
+            return [self._generate(p, kw["max_tokens"]) for p in kw["prompts"]]
         raise KeyError(name)
+
+    def _generate(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+        out: list[int] = []
+        top = []
+        for _ in range(max_tokens):
+            top.append(_next(prompt + out))
+            out.append(top[-1][0][0])
+        return {"token_ids": out, "top": top, "prompt_top": [_next(prompt[: i + 1]) for i in range(len(prompt) - 1)]}
 
     def send(self, name: str, timeout_s: float = 0, **kw: Any) -> None:
         self.log.append((self.name, f"send {name}"))
@@ -63,6 +80,13 @@ def _switcher(free_gib: float, log: list[tuple[str, str]]) -> tuple[Switcher, To
     return sw, src, dst
 
 
+def _tokens(prompt: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(n):
+        out.append(_next(prompt + out)[0][0])
+    return out
+
+
 def test_old_engine_sleeps_after_the_resume_when_both_fit() -> None:
     log: list[tuple[str, str]] = []
     sw, src, dst = _switcher(free_gib=60.0, log=log)
@@ -79,11 +103,36 @@ def test_old_engine_sleeps_after_the_resume_when_both_fit() -> None:
         ("tp1", "sleep"),
     ]
     assert row["sleep_after_resume"] and row["in_flight"] == 2 and row["fill_bytes"] == 100
-    assert sw.tokens == {"a": [3, 4], "b": [2, 3]}  # harvested from tp1
-    assert dst.reqs["a"][0] == [1, 2, 3, 3, 4] and dst.reqs["a"][1] == 4  # re-prefilled with its tokens so far
+    assert sw.tokens == {"a": _tokens([1, 2, 3], 2), "b": _tokens([4, 5], 2)}  # harvested from tp1
+    assert dst.reqs["a"][0] == [1, 2, 3, *sw.tokens["a"]] and dst.reqs["a"][1] == 4  # re-prefill, 4 tokens left
     dst.call("step", n=10)
     assert sw.harvest(dst) == 0 and not sw.unfinished()
-    assert sw.tokens == {"a": [3, 4, 5, 6, 7, 8], "b": [2, 3, 4]}
+    assert sw.tokens == {"a": _tokens([1, 2, 3], 6), "b": _tokens([4, 5], 3)}  # as if never switched
+
+
+def test_whole_scenario_on_toy_engines() -> None:
+    log: list[tuple[str, str]] = []
+    engines = {tp: ToyEngine(f"tp{tp}", tuple(range(tp)), log) for tp in (1, 2, 4)}
+    spec = MODEL_PRESETS["llama-3.1-8b"]
+    saved: list[int] = []
+    out = run_scenario(
+        engines,
+        spec,
+        0.15,
+        log=lambda _: None,
+        budget_gib=40.0,
+        checkpoint=lambda s: saved.append(len(s["switches"])),
+        free_gib=lambda _: 80.0,
+    )
+    c = out["checks"]
+    assert c["tp1_probes_bit_identical"] and c["tp1_probe_repeat_identical"] and c["no_request_lost"]
+    assert c["tp1_probe_comparison"]["steps"] == 4 * 16 and c["weight_mismatches_at_probes"] == []
+    assert c["last_engine_idle_after_steps"] and set(c["in_flight_complete"].values()) == {40}
+    assert c["tp2_max_logprob_diff"] == 0.0 and c["tp4_greedy_agreement"] == 1.0 and c["tp4_within_tolerance"]
+    assert [r["switch"] for r in out["switches"]] == ["start", "tp1->tp2", "tp2->tp4", "tp4->tp1"]
+    assert all(r["sleep_after_resume"] and r["in_flight"] == 3 for r in out["switches"][1:])
+    assert saved == [1, 2, 3, 4, 4]  # a checkpoint after the first steps, after every switch, at the end
+    assert ("tp4", "sleep") in log and log[-1] == ("tp1", "generate")
 
 
 def test_old_engine_sleeps_first_when_memory_is_short() -> None:
