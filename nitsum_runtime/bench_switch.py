@@ -133,10 +133,14 @@ def run_reference_switch(
         _write(out_dir / "transitions.csv", rows)
         (out_dir / "round_trip.json").write_text(rt.model_dump_json(indent=2))
         log(
-            f"round trip: probes bit-identical={rt.probe_bit_identical} "
+            f"round trip: probes bit-identical={rt.probe_bit_identical} (control repeat identical="
+            f"{rt.probe_repeat.identical}, weight mismatches {len(rt.weight_mismatches)}) "
             f"max |dlogprob|={rt.max_logprob_diff:.4g}"
             f" greedy agreement={rt.greedy_agreement:.3f} ledger ok={rt.ledger_ok}"
         )
+        for name, cmp in (("before/after", rt.probe_comparison), ("control", rt.probe_repeat)):
+            if not cmp.identical:
+                log(f"  probes {name} first difference ({cmp.kind}): {cmp.first_difference}")
         pool.sleep_all()
         loop_rows: list[dict[str, Any]] = []
         ex_loop = TransitionExecutor(pool, spec, policy="migrate")

@@ -3,22 +3,24 @@
 One vLLM engine per TP group (TP1 on GPU 0, TP2 on 0-1, TP4 on 0-3), each in its own process and session
 (:func:`~nitsum_runtime.vllm_process.engine_process`), started once (CUDA graphs captured) and put to sleep
 at level 2. This process holds the resident weight copy on every GPU and publishes CUDA IPC handles; a switch
-is ``sleep(2)`` of the source, ``wake_up(weights)`` + ``collective_rpc("nitsum_fill_weights")`` +
-``wake_up(kv_cache)`` of the target. Requests in flight are re-prefilled on the target (prompt + tokens so
-far); KV migration into vLLM needs a KV connector (not done here). Checks: the refill equals vLLM's own
-loaders bit for bit; TP1 probes before and after the round trip are identical; other TPs' top-k
-log-probabilities against teacher-forced TP1 scoring; every in-flight request gets all its tokens once.
+is ``wake_up(weights)`` + ``collective_rpc("nitsum_fill_weights")`` + ``wake_up(kv_cache)`` of the target,
+then ``sleep(2)`` of the source after the resume when memory allows (:mod:`.vllm_scenario`). Requests in
+flight are re-prefilled on the target (prompt + tokens so far); KV migration into vLLM needs a KV connector
+(not done here). Checks: the refill equals vLLM's own loaders bit for bit; TP1 probes before and after the
+round trip are identical (and a repeat before it, the control); other TPs' top-k log-probabilities against
+teacher-forced TP1 scoring; every in-flight request gets all its tokens once. Partial results are written
+after every engine start and every switch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +28,28 @@ import torch
 import torch.multiprocessing as mp
 
 from nitsum_opt.models.spec import ModelSpec
+from nitsum_runtime.vllm_scenario import run_scenario
+from nitsum_runtime.watchdog import process_tree
 from nitsum_runtime.weights import ResidentWeightStore
 from nitsum_runtime.worker_ext import publish_store
 
 
 class EngineHandle:
-    """One vLLM engine process driven over a pipe, with timeouts; killed by process group on close."""
+    """One vLLM engine process driven over a pipe (:func:`~nitsum_runtime.vllm_process.engine_process`).
 
-    def __init__(self, name: str, gpu_ids: tuple[int, ...], model_dir: str, llm_kwargs: dict[str, Any]) -> None:
+    Every command carries a deadline that the engine's watchdog enforces (an overdue command, or one engine
+    step, is answered with the engine's state and where it blocks); this side waits ``grace_s`` longer and
+    then reports the process tree. :meth:`send` / :meth:`wait` let a command run while another engine works
+    (the old engine's sleep during the new one's first step). :meth:`close` kills the process group."""
+
+    def __init__(
+        self, name: str, gpu_ids: tuple[int, ...], model_dir: str, llm_kwargs: dict[str, Any], grace_s: float = 20.0
+    ) -> None:
         self.name, self.gpu_ids, self.model_dir, self.llm_kwargs = name, gpu_ids, model_dir, llm_kwargs
+        self.grace_s = grace_s
         self.proc: Any = None
         self.conn: Any = None
+        self._pending: tuple[str, float] | None = None
 
     def start(self, timeout_s: float) -> dict[str, Any]:
         from nitsum_runtime.vllm_process import engine_process
@@ -49,9 +62,25 @@ class EngineHandle:
         self.proc.start()
         return self._answer(timeout_s, "start")
 
-    def call(self, name: str, timeout_s: float = 180.0, **kwargs: Any) -> Any:
-        self.conn.send((name, kwargs))
-        return self._answer(timeout_s, name)
+    def send(self, name: str, timeout_s: float = 120.0, **kwargs: Any) -> None:
+        """Start command ``name`` (its watchdog deadline: ``timeout_s``); collect the answer with :meth:`wait`."""
+        if self._pending is not None:
+            raise RuntimeError(f"engine {self.name}: {self._pending[0]!r} is still running; wait() for it first")
+        self.conn.send((name, kwargs, timeout_s))
+        self._pending = (name, timeout_s)
+
+    def wait(self) -> Any:
+        """Answer of the command started by :meth:`send`."""
+        if self._pending is None:
+            raise RuntimeError(f"engine {self.name}: no command is running")
+        name, timeout_s = self._pending
+        self._pending = None
+        return self._answer(timeout_s + self.grace_s, name)
+
+    def call(self, name: str, timeout_s: float = 120.0, **kwargs: Any) -> Any:
+        """Run command ``name`` and return its answer."""
+        self.send(name, timeout_s, **kwargs)
+        return self.wait()
 
     def _answer(self, timeout_s: float, what: str) -> Any:
         deadline = time.monotonic() + timeout_s
@@ -59,23 +88,27 @@ class EngineHandle:
             if not self.proc.is_alive():
                 raise RuntimeError(f"engine {self.name} died during {what!r} (exit {self.proc.exitcode})")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"engine {self.name}: {what!r} got no answer within {timeout_s:.0f} s")
+                tree = process_tree(self.proc.pid)
+                raise TimeoutError(
+                    f"engine {self.name}: {what!r} got no answer within {timeout_s:.0f} s, not even from its "
+                    f"watchdog (process {self.proc.pid} alive; children: {tree})"
+                )
         ok, value = self.conn.recv()
         if not ok:
             raise RuntimeError(f"engine {self.name}: {what!r} failed:\n{value}")
         return value
 
     def close(self) -> None:
+        """Kill the engine's process group (engine, engine core, workers). No orderly shutdown: it can take
+        minutes, and vLLM 0.26 unmaps the memory of an engine asleep at level 2 a second time when it frees
+        it (``CuMemAllocator._python_free_callback`` skips that only on ROCm), printing "CUDA Error: invalid
+        argument at cumem_allocator.cpp" per allocation; the driver frees everything when the processes end."""
         if self.proc is None:
             return
-        with contextlib.suppress(Exception):
-            if self.proc.is_alive():
-                self.conn.send(("stop", {}))
-                self.proc.join(timeout=20)
-        if self.proc.is_alive():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.join(timeout=10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.join(timeout=30)
+        self.proc = None
 
 
 def write_model_dir(spec: ModelSpec, path: Path) -> None:
@@ -103,74 +136,6 @@ def write_model_dir(spec: ModelSpec, path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _prompts(spec: ModelSpec, n: int, length: int, salt: int) -> list[list[int]]:
-    return [[(salt + 31 * i + 17 * j) % spec.vocab_size for j in range(length + i)] for i in range(n)]
-
-
-def _max_sorted_diff(a: list[list[float]], b: list[list[float]]) -> float:
-    return max(abs(x - y) for x, y in zip(sorted(a[1], reverse=True), sorted(b[1], reverse=True), strict=True))
-
-
-class _Switcher:
-    """Switches between engines and keeps the in-flight requests' ledger (tokens per request, all engines)."""
-
-    def __init__(self, log: Any) -> None:
-        self.log = log
-        self.rows: list[dict[str, Any]] = []
-        self.tokens: dict[str, list[int]] = {}
-        self.prompts: dict[str, list[int]] = {}
-        self.max_tokens: dict[str, int] = {}
-
-    def wake(self, e: EngineHandle) -> dict[str, float]:
-        t = {"wake_weights_s": e.call("wake_weights")}
-        a = time.perf_counter()
-        fill = e.call("rpc", method="nitsum_fill_weights")
-        t["fill_s"] = time.perf_counter() - a
-        t["fill_bytes"] = sum(r["bytes_copied"] for r in fill)
-        t["wake_kv_s"] = e.call("wake_kv")
-        return t
-
-    def add_all(self, e: EngineHandle) -> None:
-        for r, prompt in self.prompts.items():
-            left = self.max_tokens[r] - len(self.tokens[r])
-            if left > 0:
-                e.call("add", request_id=r, prompt=prompt + self.tokens[r], max_tokens=left)
-
-    def harvest(self, e: EngineHandle) -> int:
-        """Stop every request on ``e``, keep the tokens it generated; returns how many are unfinished."""
-        partial = e.call("abort", request_ids=list(self.prompts))
-        unfinished = 0
-        for r, toks in partial.items():
-            self.tokens[r] += toks
-            unfinished += len(self.tokens[r]) < self.max_tokens[r]
-        return unfinished
-
-    def switch(self, src: EngineHandle, dst: EngineHandle, label: str) -> None:
-        t0 = time.perf_counter()
-        in_flight = self.harvest(src)
-        sleep_s = src.call("sleep")
-        w = self.wake(dst)
-        resumed = time.perf_counter()
-        self.add_all(dst)
-        dst.call("step", n=1)
-        first_token_s = time.perf_counter() - resumed
-        row = {
-            "switch": label,
-            "in_flight": in_flight,
-            "sleep_s": sleep_s,
-            **w,
-            "pause_to_resume_s": resumed - t0,
-            "reprefill_first_token_s": first_token_s,
-        }
-        self.rows.append(row)
-        self.log(
-            f"  vLLM {label:<10} pause->resume {row['pause_to_resume_s'] * 1e3:8.1f} ms (sleep "
-            f"{sleep_s * 1e3:.1f}, wake weights {w['wake_weights_s'] * 1e3:.1f}, "
-            f"fill {w['fill_s'] * 1e3:.1f}, "
-            f"wake KV {w['wake_kv_s'] * 1e3:.1f}); re-prefill to first token {first_token_s * 1e3:.1f} ms"
-        )
-
-
 def run_vllm_switch(
     out_dir: Path,
     spec: ModelSpec,
@@ -181,8 +146,10 @@ def run_vllm_switch(
     start_timeout_s: float = 150.0,
     tolerance: float = 0.15,
     log: Any = print,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run benchmark (c) (see the module docstring); the summary is also written to ``vllm_switch.json``."""
+    """Run benchmark (c) (see the module docstring); ``checkpoint(summary)`` gets the partial summary after
+    every engine start and every switch (it is also written to ``vllm_switch.json`` each time)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = [g for g in ((0,), (0, 1), (0, 1, 2, 3)) if max(g) < world]
     llm_kwargs = {
@@ -196,7 +163,15 @@ def run_vllm_switch(
         "disable_log_stats": True,
         "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16]},
     }
-    summary: dict[str, Any] = {"engines": {}, "checks": {}}
+    summary: dict[str, Any] = {"engines": {}, "checks": {}, "complete": False}
+
+    def save(partial: dict[str, Any] | None = None) -> None:
+        if partial is not None:
+            summary.update(partial)
+        (out_dir / "vllm_switch.json").write_text(json.dumps(summary, indent=2, default=str))
+        if checkpoint is not None:
+            checkpoint(summary)
+
     engines: dict[int, EngineHandle] = {}
     with tempfile.TemporaryDirectory(prefix="nitsum-vllm-") as tmp:
         write_model_dir(spec, Path(tmp) / "model")
@@ -207,104 +182,40 @@ def run_vllm_switch(
         publish_store(stores, handles)
         summary["store_build_s"] = time.perf_counter() - t0
         log(f"resident stores: {world} x {stores[0].nbytes / 2**30:.1f} GiB in {summary['store_build_s']:.1f} s")
+        budget_gib = gpu_memory_utilization * torch.cuda.mem_get_info(0)[1] / 2**30
         try:
             for g in groups:
                 e = EngineHandle(f"tp{len(g)}", g, str(Path(tmp) / "model"), llm_kwargs)
                 engines[len(g)] = e
-                info = e.start(start_timeout_s)
-                e.call("rpc", method="nitsum_attach_store", args=(spec.model_dump_json(), handles))
-                fill = e.call("rpc", method="nitsum_fill_weights")
-                check = e.call("rpc", method="nitsum_check_fill", timeout_s=300)
-                kv_info = e.call("rpc", method="nitsum_kv_info")
-                sleep_s = e.call("sleep")
-                summary["engines"][e.name] = {
-                    "start_s": info["start_s"],
-                    "first_fill": fill,
-                    "check_fill": check,
-                    "kv_info": kv_info,
-                    "first_sleep_s": sleep_s,
-                }
-                log(
-                    f"engine {e.name} started in {info['start_s']:.1f} s; refill vs vLLM loaders: "
-                    f"{sum(len(c['mismatched']) for c in check)} mismatched of "
-                    f"{sum(c['checked'] for c in check)}; "
-                    f"KV cache {kv_info[0]}"
-                )
-            summary.update(_scenario(engines, spec, tolerance, log))
+                summary["engines"][e.name] = _start_engine(e, spec, handles, start_timeout_s, log)
+                save()
+            save(run_scenario(engines, spec, tolerance, log, budget_gib, checkpoint=save))
+            summary["complete"] = True
         finally:
             for e in engines.values():
                 e.close()
             del stores
-    (out_dir / "vllm_switch.json").write_text(json.dumps(summary, indent=2, default=str))
+            save()
     return summary
 
 
-def _scenario(engines: dict[int, EngineHandle], spec: ModelSpec, tolerance: float, log: Any) -> dict[str, Any]:
-    sw = _Switcher(log)
-    order = [tp for tp in (1, 2, 4, 1) if tp in engines]
-    probes = _prompts(spec, 4, 48, salt=5)
-    out: dict[str, Any] = {}
-    first = engines[order[0]]
-    w = sw.wake(first)
-    sw.rows.append(
-        {
-            "switch": "start",
-            "in_flight": 0,
-            "sleep_s": 0.0,
-            **w,
-            "pause_to_resume_s": 0.0,
-            "reprefill_first_token_s": 0.0,
-        }
+def _start_engine(e: EngineHandle, spec: ModelSpec, handles: str, timeout_s: float, log: Any) -> dict[str, Any]:
+    """Start ``e``, attach the resident store, fill and cross-check its weights, put it to sleep."""
+    info = e.start(timeout_s)
+    e.call("rpc", 60, method="nitsum_attach_store", args=(spec.model_dump_json(), handles))
+    fill = e.call("rpc", 60, method="nitsum_fill_weights")
+    check = e.call("rpc", 150, method="nitsum_check_fill")
+    kv_info = e.call("rpc", 60, method="nitsum_kv_info")
+    sleep_s = e.call("sleep", 60)
+    log(
+        f"engine {e.name} started in {info['start_s']:.1f} s; refill vs vLLM loaders: "
+        f"{sum(len(c['mismatched']) for c in check)} mismatched of {sum(c['checked'] for c in check)}; "
+        f"KV cache {kv_info[0]}"
     )
-    probe_out = {"tp1-before": first.call("generate", prompts=probes, max_tokens=16, k=5, prompt_logprobs=False)}
-    for i, p in enumerate(_prompts(spec, 3, 96, salt=11)):
-        r = f"live{i}"
-        sw.prompts[r], sw.tokens[r], sw.max_tokens[r] = p, [], 40
-    sw.add_all(first)
-    first.call("step", n=8)
-    for a, b in itertools.pairwise(order):
-        sw.switch(engines[a], engines[b], f"tp{a}->tp{b}")
-        engines[b].call("step", n=8)
-        if b != 1:  # LLM.generate would also run the live requests: take them out, probe, put them back
-            sw.harvest(engines[b])
-            probe_out[f"tp{b}"] = engines[b].call("generate", prompts=probes, max_tokens=16, k=5, prompt_logprobs=False)
-            sw.add_all(engines[b])
-    last = engines[order[-1]]
-    last.call("step", n=64)
-    sw.harvest(last)
-    probe_out["tp1-after"] = last.call("generate", prompts=probes, max_tokens=16, k=5, prompt_logprobs=False)
-    out["switches"] = sw.rows
-    out["checks"] = {
-        "tp1_probes_bit_identical": probe_out["tp1-before"] == probe_out["tp1-after"],
-        "in_flight_complete": {r: len(t) for r, t in sw.tokens.items()},
-        "no_request_lost": all(len(t) == sw.max_tokens[r] for r, t in sw.tokens.items()),
+    return {
+        "start_s": info["start_s"],
+        "first_fill": fill,
+        "check_fill": check,
+        "kv_info": kv_info,
+        "first_sleep_s": sleep_s,
     }
-    for name, outs in probe_out.items():
-        if not name.startswith("tp1"):
-            diff, agree = _score(last, probes, outs)
-            out["checks"][f"{name}_max_logprob_diff"] = diff
-            out["checks"][f"{name}_greedy_agreement"] = agree
-            out["checks"][f"{name}_within_tolerance"] = diff <= tolerance
-    out["checks"]["tolerance"] = tolerance
-    log(f"vLLM checks: {out['checks']}")
-    return out
-
-
-def _score(tp1: EngineHandle, probes: list[list[int]], outs: list[dict[str, Any]]) -> tuple[float, float]:
-    """Teacher-forced TP1 scoring of another TP's probe outputs: max sorted top-k difference, agreement."""
-    scored = tp1.call(
-        "generate",
-        prompts=[p + o["token_ids"][:-1] for p, o in zip(probes, outs, strict=True)],
-        max_tokens=1,
-        k=5,
-        prompt_logprobs=True,
-    )
-    diff, agree, total = 0.0, 0, 0
-    for p, o, s in zip(probes, outs, scored, strict=True):
-        rows = s["prompt_top"] + [s["top"][0]]
-        for i, top in enumerate(o["top"]):
-            ref = rows[len(p) - 1 + i]
-            diff = max(diff, _max_sorted_diff(top, ref))
-            agree += o["token_ids"][i] == ref[0][0]
-            total += 1
-    return diff, agree / max(1, total)

@@ -3,16 +3,21 @@
     python -m nitsum_runtime.gpu_bench kv     --out DIR     # (a) NCCL p2p vs KV migration bandwidth
     python -m nitsum_runtime.gpu_bench switch --out DIR     # (b) reference engine TP1->2->4->1, 100 switches
     python -m nitsum_runtime.gpu_bench vllm   --out DIR     # (c) vLLM engines, refill from resident weights
+    python -m nitsum_runtime.gpu_bench summary --out DIR    # a few lines per benchmark found under DIR
 
 Defaults: Llama-3.1-8B shape, bf16, NCCL on all visible GPUs (at most 4). ``--model tiny --backend gloo
 --world 2 --quick`` runs the same code on CPU in seconds (the CI smoke test). Exit status: 0 when every check
-passed, 1 when a check failed (the report says which), 2 when the benchmark could not run.
+passed, 1 when a check failed (the report says which), 2 when the benchmark could not run (or was stopped by
+SIGTERM, the GPU script's time limit: engines are closed and the partial report is written first). Every
+benchmark writes ``summary.json`` (with ``status`` PASS, FAIL, ERROR or, while (c) runs, INCOMPLETE) and
+``report.md``; (c) rewrites both after every engine start and every switch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import traceback
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from nitsum_opt.models.spec import ModelSpec, model_preset
+from nitsum_runtime.bench_report import compact_summary, report_kv, report_switch, report_vllm
 
 #: A tiny Llama for CPU smoke runs of the benchmark code.
 TINY = ModelSpec(
@@ -71,92 +77,18 @@ def _plot_kv(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _report_kv(s: dict[str, Any], args: argparse.Namespace) -> tuple[str, bool]:
-    ok = s["all_exact"] and (args.quick or s["largest_remote_ratio"] >= 0.7)
-    lines = [
-        f"# (a) KV migration vs NCCL point-to-point ({args.model}, {args.backend}, {args.world} ranks)",
-        "",
-        f"{args.backend} p2p GPU0->GPU1 best: **{s['p2p_gb_per_s']:.1f} GB/s**; largest remote migration "
-        f"(tp1->tp1 gpu0->gpu1, best chunk {s['largest_remote_best_chunk_bytes'] >> 10} KiB): "
-        f"**{s['largest_remote_ratio']:.2f} x p2p** (target >= 0.70); every "
-        f"migration bit-exact: **{s['all_exact']}**",
-        "",
-        "| case | tokens | chunk MiB | link MB | time ms | link GB/s | x p2p | exact |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in s["kv_rows"]:
-        lines.append(
-            f"| {r['case']} | {r['tokens']} | {r['chunk_bytes'] >> 20} | {r['link_bytes'] / 1e6:.1f} | "
-            f"{r['seconds_min'] * 1e3:.3f} | {r['link_gb_per_s']:.1f} | "
-            f"{r['link_gb_per_s'] / s['p2p_gb_per_s']:.2f} | {r['exact']} |"
-        )
-    lines += ["", "| p2p bytes | time ms | GB/s |", "|---|---|---|"]
-    lines += [f"| {r['bytes']} | {r['seconds_min'] * 1e3:.3f} | {r['gb_per_s']:.1f} |" for r in s["p2p_rows"]]
-    return "\n".join(lines) + "\n", ok
+class BenchmarkInterrupted(RuntimeError):
+    """SIGTERM (the GPU script's time limit) arrived: stop, clean up, write what was measured."""
 
 
-def _report_switch(s: dict[str, Any], args: argparse.Namespace) -> tuple[str, bool]:
-    rt, loop = s["round_trip"], s["loop"]
-    times = sorted(loop["pause_to_resume_s"])
-    p50 = times[len(times) // 2] if times else 0.0
-    worst = max((t["report"]["pause_to_resume_s"] for t in rt["transitions"] if t["label"] != "start"), default=0)
-    ok = rt["passed"] and loop["lost"] == 0 and s["same_weights_on_all_gpus"] and (args.quick or worst <= 0.5)
-    lines = [
-        f"# (b) Reference engine TP switching ({args.model}, {args.backend}, {args.world} ranks)",
-        "",
-        f"- cluster start (processes, NCCL, resident weights): {s['cluster_start_s']:.1f} s; "
-        f"same weights on all GPUs: {s['same_weights_on_all_gpus']}",
-        f"- TP1 probes before/after the round trip bit-identical: **{rt['probe_bit_identical']}**",
-        f"- max |sorted top-5 logprob diff| vs teacher-forced TP1: **{rt['max_logprob_diff']:.4g}** "
-        f"(tolerance {rt['tolerance']}); per engine {rt['max_logprob_diff_by_engine']}",
-        f"- greedy agreement with TP1: {rt['greedy_agreement']:.3f}; ledger ok: {rt['ledger_ok']}",
-        f"- switch loop: {loop['switches']} switches, {loop['submitted']} requests, lost **{loop['lost']}**, "
-        f"{loop['migrated']} migrations, {loop['reprefilled']} re-prefills; "
-        f"pause->resume p50 {p50 * 1e3:.1f} ms, max {max(times, default=0) * 1e3:.1f} ms",
-        f"- slowest round-trip switch {worst * 1e3:.1f} ms (target <= 500 ms)",
-        "",
-        "| switch | in flight | pause->resume ms | migrated | KV MB | weights GB | steps (ms) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for t in rt["transitions"]:
-        r = t["report"]
-        steps = ", ".join(f"{x['kind']} {x['seconds'] * 1e3:.1f}" for x in r["steps"])
-        lines.append(
-            f"| {t['label']} | {t['in_flight']} | {r['pause_to_resume_s'] * 1e3:.1f} | "
-            f"{sum(m['method'] == 'migrate' for m in r['moves'])} | {r['kv_bytes_moved'] / 1e6:.1f} | "
-            f"{r['weight_bytes_filled'] / 1e9:.2f} | {steps} |"
-        )
-    return "\n".join(lines) + "\n", ok
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise BenchmarkInterrupted("stopped by SIGTERM (the step's time limit); results so far are partial")
 
 
-def _report_vllm(s: dict[str, Any], args: argparse.Namespace) -> tuple[str, bool]:
-    c = s.get("checks", {})
-    mism = {n: sum(len(x["mismatched"]) for x in e["check_fill"]) for n, e in s["engines"].items()}
-    within = all(v for k, v in c.items() if k.endswith("_within_tolerance"))
-    ok = bool(c.get("tp1_probes_bit_identical")) and bool(c.get("no_request_lost")) and not any(mism.values())
-    ok = ok and within
-    lines = [
-        f"# (c) vLLM engines switching TP by weight reuse ({args.model}, {args.world} GPUs)",
-        "",
-        f"- resident stores built in {s.get('store_build_s', 0):.1f} s",
-        *[
-            f"- engine {n}: start (restart cost) {e['start_s']:.1f} s, refill mismatches vs vLLM loaders "
-            f"{mism[n]}, KV cache {e['kv_info'][0]}"
-            for n, e in s["engines"].items()
-        ],
-        f"- checks: {json.dumps(c)}",
-        "",
-        "| switch | in flight | pause->resume ms | sleep ms | wake weights ms | fill ms | wake KV ms | "
-        "re-prefill first token ms |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in s.get("switches", []):
-        lines.append(
-            f"| {r['switch']} | {r['in_flight']} | {r['pause_to_resume_s'] * 1e3:.1f} | "
-            f"{r['sleep_s'] * 1e3:.1f} | {r['wake_weights_s'] * 1e3:.1f} | {r['fill_s'] * 1e3:.1f} | "
-            f"{r['wake_kv_s'] * 1e3:.1f} | {r['reprefill_first_token_s'] * 1e3:.1f} |"
-        )
-    return "\n".join(lines) + "\n", ok
+def _write(out: Path, summary: dict[str, Any], report: str, status: str) -> None:
+    summary["status"] = status
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "report.md").write_text(report)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,6 +96,14 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     spec = _spec(args.model)
     t0 = time.perf_counter()
+    partial: dict[str, Any] = {}
+    footer = f"\nCommand: `{' '.join(sys.argv)}`\n"
+
+    def checkpoint(s: dict[str, Any]) -> None:  # partial results of the vLLM benchmark, as they come
+        partial.clear()
+        partial.update(s)
+        _write(out, partial, report_vllm(partial, args)[0] + footer, "INCOMPLETE")
+
     try:
         if args.part == "kv":
             from nitsum_runtime.bench_kv import run_kv_bandwidth
@@ -183,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
             )
             _plot_kv(summary, out / "kv_bandwidth.png")
-            report, ok = _report_kv(summary, args)
+            report, ok = report_kv(summary, args)
         elif args.part == "switch":
             from nitsum_runtime.bench_switch import run_reference_switch
 
@@ -201,23 +141,39 @@ def run(args: argparse.Namespace) -> int:
                 loop_switches=4 if args.quick else 100,
                 tolerance=args.tolerance,
             )
-            report, ok = _report_switch(summary, args)
+            report, ok = report_switch(summary, args)
         else:
             from nitsum_runtime.bench_vllm import run_vllm_switch
 
-            summary = run_vllm_switch(out, spec, args.world, tolerance=args.tolerance)
-            report, ok = _report_vllm(summary, args)
-    except Exception:
+            summary = run_vllm_switch(out, spec, args.world, tolerance=args.tolerance, checkpoint=checkpoint)
+            report, ok = report_vllm(summary, args)
+    except Exception as exc:
         msg = traceback.format_exc()
         (out / "ERROR.txt").write_text(msg)
         print(f"benchmark {args.part} could not run:\n{msg}", file=sys.stderr)
+        if partial:  # the vLLM benchmark got somewhere: keep its partial report, with what stopped it
+            partial["error"] = msg
+            partial["error_summary"] = _one_line(exc)
+            _write(out, partial, report_vllm(partial, args)[0] + footer, "ERROR")
+        else:
+            _write(
+                out,
+                {"error": msg, "error_summary": _one_line(exc)},
+                f"# {args.part}: ERROR\n\n```\n{msg}```\n",
+                "ERROR",
+            )
         return 2
-    report += f"\nWall time {time.perf_counter() - t0:.1f} s. Command: `{' '.join(sys.argv)}`\n"
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "report.md").write_text(report)
+    report += f"\nWall time {time.perf_counter() - t0:.1f} s.{footer}"
+    _write(out, summary, report, "PASS" if ok else "FAIL")
     print(report)
     print(f"{args.part}: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """Exception type and the first two lines of its message (for the compact summary)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {' | '.join(lines[:2])}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("part", choices=["kv", "switch", "vllm"])
+    p.add_argument("part", choices=["kv", "switch", "vllm", "summary"])
     p.add_argument("--out", required=True, help="folder for CSV/JSON/PNG/markdown results")
     p.add_argument("--model", default="llama-3.1-8b", help="bundled model shape, or 'tiny' for smoke runs")
     p.add_argument("--world", type=int, default=4, help="ranks = GPUs used (GPU ids 0..world-1)")
@@ -240,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
     args = p.parse_args(argv)
+    if args.part == "summary":
+        print(compact_summary(Path(args.out)))
+        return 0
     if args.backend == "nccl":
         import torch
 
@@ -247,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             found = torch.cuda.device_count() if torch.cuda.is_available() else 0
             print(f"need {args.world} CUDA GPUs, found {found}", file=sys.stderr)
             return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
     return run(args)
 
 

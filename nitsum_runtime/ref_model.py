@@ -10,12 +10,14 @@ all-reduce.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nitsum_opt.models.spec import Frozen, ModelSpec
 from nitsum_runtime.sharding import TpLayout
@@ -85,6 +87,11 @@ class RefModelConfig(Frozen):
     """RoPE base (Llama 3 uses 500000)."""
     rms_norm_eps: float = Field(default=1e-5, gt=0)
     """RMSNorm epsilon."""
+    deterministic: bool = True
+    """Run-to-run bit-reproducible kernels: attention on PyTorch's math SDPA backend (float32 softmax, plain
+    GEMMs) instead of fused kernels whose algorithm choice is not guaranteed to be reproducible, and, in the
+    rank processes, ``torch.use_deterministic_algorithms`` (stable ``topk`` tie-breaking where the torch build
+    has it). The bit-identity checks of the switch benchmarks rely on it; costs little at reference sizes."""
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -136,18 +143,22 @@ class _SeqCtx:
             self.mask = (torch.arange(s.context_len)[None, :] <= rows).to(device)
 
 
-def _attention(q: torch.Tensor, cache: torch.Tensor, ctxs: Sequence[_SeqCtx], head_dim: int) -> torch.Tensor:
+def _attention(
+    q: torch.Tensor, cache: torch.Tensor, ctxs: Sequence[_SeqCtx], head_dim: int, deterministic: bool
+) -> torch.Tensor:
     """Causal attention of each request's new tokens over its cached context (``q``: ``[T, H_l, D]``)."""
     flat = cache.view(-1, cache.shape[2], cache.shape[3])
     out = torch.empty_like(q)
-    for c in ctxs:
-        kv = flat.index_select(0, c.slots).transpose(0, 1)  # [Hkv_l, ctx, 2D]
-        k, v = kv[..., :head_dim], kv[..., head_dim:]
-        qs = q[c.rows].transpose(0, 1)  # [H_l, Tq, D]
-        groups = qs.shape[0] // k.shape[0]
-        k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-        o = F.scaled_dot_product_attention(qs[None], k[None], v[None], attn_mask=c.mask)[0]
-        out[c.rows] = o.transpose(0, 1)
+    backend = sdpa_kernel(SDPBackend.MATH) if deterministic else contextlib.nullcontext()
+    with backend:
+        for c in ctxs:
+            kv = flat.index_select(0, c.slots).transpose(0, 1)  # [Hkv_l, ctx, 2D]
+            k, v = kv[..., :head_dim], kv[..., head_dim:]
+            qs = q[c.rows].transpose(0, 1)  # [H_l, Tq, D]
+            groups = qs.shape[0] // k.shape[0]
+            k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+            o = F.scaled_dot_product_attention(qs[None], k[None], v[None], attn_mask=c.mask)[0]
+            out[c.rows] = o.transpose(0, 1)
     return out
 
 
@@ -181,7 +192,7 @@ def forward(
         k = _rope(k.view(-1, lay.kv_heads_local, d), positions, cfg.rope_theta)
         flat = cache.view(-1, cache.shape[2], cache.shape[3])
         flat.index_copy_(0, slots, torch.cat([k, v.view(-1, lay.kv_heads_local, d)], dim=-1))
-        attn = _attention(q, cache, ctxs, d).reshape(-1, ql)
+        attn = _attention(q, cache, ctxs, d, cfg.deterministic).reshape(-1, ql)
         h = h + comm.all_reduce(attn @ params[f"{p}.self_attn.o_proj.weight"].t())
         x = _rms_norm(h, params[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps)
         gate, up = (x @ params[f"{p}.mlp.gate_up_proj.weight"].t()).split([il, il], dim=-1)

@@ -10,10 +10,11 @@ is allocated.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from nitsum_runtime.kv_migration import (
 )
 from nitsum_runtime.procs import init_rank, watch_parent
 from nitsum_runtime.ref_model import BatchInput, RefModelConfig, TopK, TpComm, forward
-from nitsum_runtime.sharding import shard_plan
+from nitsum_runtime.sharding import plan_mismatches, shard_plan
 from nitsum_runtime.weights import FillReport, ResidentWeightStore, fill_shard
 
 
@@ -146,9 +147,15 @@ class RankWorker:
         shard = self._awake(engine_id)
         return fill_shard(self.store, shard.params or {}, shard.tp, shard.local_rank)
 
+    def cmd_check_fill(self, engine_id: str) -> list[str]:
+        """Parameters of ``engine_id`` on this rank that differ from the resident store's shard (bit for bit)."""
+        shard = self._awake(engine_id)
+        plan = shard_plan(self.cfg.spec, shard.tp, shard.local_rank)
+        return plan_mismatches(plan, self.store.tensors, shard.params or {})
+
     def cmd_forward(self, engine_id: str, batch: BatchInput) -> list[TopK] | None:
         shard = self._awake(engine_id)
-        with torch.inference_mode():
+        with torch.inference_mode(), deterministic_algorithms(self.cfg.model.deterministic):
             rows = forward(
                 self.cfg.spec,
                 self.cfg.model,
@@ -232,14 +239,45 @@ def _build_store(cfg: ClusterConfig, device: torch.device) -> ResidentWeightStor
     return ResidentWeightStore.dummy(cfg.spec, cfg.seed, device, torch_dtype(cfg.dtype))
 
 
+def configure_determinism(device: torch.device) -> None:
+    """Process-wide settings for bit-reproducible forward passes (:attr:`RefModelConfig.deterministic`):
+    cuDNN deterministic, the default cuBLAS backend (reproducible with the fixed ``CUBLAS_WORKSPACE_CONFIG``
+    that :func:`worker_main` sets), and no filling of uninitialised memory by deterministic mode (every buffer
+    the engine reads is written first; filling would add to the measured wake time)."""
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.preferred_blas_library("cublas")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` for the duration of a forward pass (warning, not failing, on an op
+    without a deterministic implementation); KV migration and refills keep torch's default kernels."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
+
 def worker_main(rank: int, cfg: ClusterConfig, init_file: str, inbox: Any, outbox: Any) -> None:
     """Entry of a rank process: own session, join the process group, build the store, serve commands."""
     os.setsid()
     watch_parent()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS handle exists
     if cfg.backend == "gloo":
         torch.set_num_threads(1)
     try:
         device = init_rank(rank, cfg.world_size, init_file, cfg.backend, cfg.timeout_s)
+        if cfg.model.deterministic:
+            configure_determinism(device)
         groups = {tuple(g): dist.new_group(list(g)) for g in cfg.groups if len(g) > 1}
         t0 = time.perf_counter()
         store = _build_store(cfg, device)

@@ -10,6 +10,11 @@ engines of a node share that cluster (one process per GPU), so KV migrates betwe
 Scheduling: every unfinished request runs each iteration (decode: one token; a request without cached KV:
 its whole prompt, plus the tokens generated so far after a re-prefill) while the iteration's token budget and
 the free blocks last; the others wait. No preemption: a request that cannot get blocks waits.
+
+KV placement is canonical: an engine that holds no request (just woken, or idle again) hands out blocks
+0, 1, 2, ... in order, so the same requests submitted to an idle engine get the same blocks whatever the
+engine served before. Results do not depend on placement, but checks that compare runs bit for bit (the TP1
+probes before and after a round trip) then compare runs that differ in nothing at all.
 """
 
 from __future__ import annotations
@@ -68,7 +73,11 @@ class ReferenceEngine:
         self.chunk_bytes = chunk_bytes
         self._state = EngineState.ASLEEP
         self._reqs: dict[str, _Req] = {}
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._free: list[int] = self._all_blocks()
+
+    def _all_blocks(self) -> list[int]:
+        """The free list of an idle engine: ``pop()`` hands out block 0 first."""
+        return list(range(self.num_blocks - 1, -1, -1))
 
     @property
     def engine_id(self) -> str:
@@ -157,6 +166,26 @@ class ReferenceEngine:
     def _release(self, req: _Req) -> None:
         self._free += reversed(req.blocks)
         req.blocks = []
+        if len(self._free) == self.num_blocks:  # idle again: canonical placement for what comes next
+            self._free = self._all_blocks()
+
+    def free_blocks(self) -> tuple[int, ...]:
+        """Free KV blocks in the order they will be handed out."""
+        return tuple(reversed(self._free))
+
+    def blocks_of(self, request_id: str) -> tuple[int, ...]:
+        """KV blocks a request holds now."""
+        req = self._reqs.get(request_id)
+        if req is None:
+            raise EngineError(f"engine {self._engine_id} holds no request {request_id!r}")
+        return tuple(req.blocks)
+
+    def check_weights(self) -> dict[int, list[str]]:
+        """Compare the engine's parameters with its shard of each rank's resident store, bit for bit; returns
+        the mismatched parameter names per rank (empty lists: the refill is exact)."""
+        self._need_awake("check the weights of")
+        found = self.cluster.call(self._gpu_ids, "check_fill", engine_id=self._engine_id)
+        return dict(zip(self._gpu_ids, found, strict=True))
 
     def step(self) -> list[TokenEvent]:
         if self._state is not EngineState.AWAKE or not self._reqs:

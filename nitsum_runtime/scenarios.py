@@ -1,10 +1,13 @@
 """End-to-end TP-switch scenarios on a reference-engine pool, shared by the CPU tests and the H200 benchmark.
 
 * :func:`run_round_trip`: one instance goes TP1 -> TP2 -> TP4 -> TP1 while requests decode (their KV migrated
-  at every switch), then the same switches with no request in flight. Checks: probe requests run at TP1
-  before and after give bit-identical tokens and log-probabilities; every step of the switched requests is
-  compared with a teacher-forced TP1 scoring of the same tokens (sorted top-k log-probabilities within
-  ``tolerance``); the pool's ledger has every request complete exactly once.
+  at every switch), then the same switches with no request in flight. Checks: probe requests run alone on the
+  TP1 engine before and after give bit-identical tokens and log-probabilities (same engine, same GPU, same
+  batch, same KV placement; a second probe run before any switch is the control that the engine itself is
+  run-to-run reproducible, and the engine's weights are compared bit for bit with the resident store before
+  both runs); every step of the switched requests is compared with a teacher-forced TP1 scoring of the same
+  tokens (sorted top-k log-probabilities within ``tolerance``); the pool's ledger has every request complete
+  exactly once. A difference is reported with where and how it first appears (:mod:`.probe_check`).
 * :func:`run_switch_loop`: ``n`` switches through a cycle of layouts with requests always in flight, new ones
   submitted as others finish; zero lost or duplicated requests.
 """
@@ -21,6 +24,7 @@ from nitsum_opt.plan import Instance, Plan, PlanStatus, Provenance, TierAllocati
 from nitsum_runtime.engine import GenerationRequest, TokenEvent
 from nitsum_runtime.executor import TransitionExecutor, TransitionReport
 from nitsum_runtime.pool import EnginePool, candidate_groups
+from nitsum_runtime.probe_check import ProbeComparison, Step, compare_probe_runs
 from nitsum_runtime.ref_cluster import RankCluster
 from nitsum_runtime.ref_model import TopK
 from nitsum_runtime.reference_engine import ReferenceEngine
@@ -110,6 +114,15 @@ class RoundTripResult(Frozen):
     """Every switch (with requests, then without)."""
     probe_bit_identical: bool
     """TP1 probe outputs before and after the round trip are identical, tokens and log-probabilities."""
+    probe_comparison: ProbeComparison
+    """Before vs after the round trip, with the first difference if any."""
+    probe_repeat: ProbeComparison
+    """Control: the probes run twice in a row before any switch (same engine, nothing in between)."""
+    probe_engines: tuple[str, ...]
+    """Engines that produced the probe tokens (before, repeat, after): one TP1 engine on one GPU."""
+    weight_mismatches: tuple[str, ...]
+    """``before:`` / ``after:`` + ``rank r: name`` of every TP1 engine parameter that differed from the
+    resident store when the probes ran (empty: bit-exact refills)."""
     max_logprob_diff: float
     """Largest |difference| of sorted top-k log-probabilities vs teacher-forced TP1, over every step."""
     max_logprob_diff_by_engine: dict[str, float]
@@ -135,6 +148,26 @@ def _probe_requests(spec: ModelSpec, n: int, prompt_len: int, max_tokens: int, t
         )
         for i in range(n)
     ]
+
+
+def _run_probes(pool: EnginePool, probes: Sequence[GenerationRequest], tag: str) -> list[list[Step]]:
+    """Submit copies of ``probes`` (ids prefixed by ``tag``), decode them to the end, return their steps."""
+    reqs = [p.model_copy(update={"request_id": f"{tag}{p.request_id}"}) for p in probes]
+    for r in reqs:
+        pool.submit(TIER, r)
+    _drain(pool, [r.request_id for r in reqs])
+    return [[(e.token_id, e.top.token_ids, e.top.logprobs) for e in pool.outputs[r.request_id]] for r in reqs]
+
+
+def _probe_engines(pool: EnginePool, tag: str) -> set[str]:
+    return {e.engine_id for rid, evs in pool.outputs.items() if rid.startswith(tag) for e in evs}
+
+
+def _weight_mismatches(pool: EnginePool, gpu_ids: Sequence[int], when: str) -> list[str]:
+    check = getattr(pool.engine(gpu_ids), "check_weights", None)
+    if check is None:
+        return []
+    return [f"{when}: rank {r}: {name}" for r, names in check().items() for name in names]
 
 
 def _drain(pool: EnginePool, ids: Sequence[str], max_steps: int = 100_000) -> None:
@@ -165,6 +198,8 @@ def run_round_trip(
     on_switch: Callable[[TransitionSummary], None] | None = None,
 ) -> RoundTripResult:
     """Switch one instance along ``path`` with ``live`` requests decoding (see module docstring)."""
+    if tuple(path[0]) != tuple(path[-1]):
+        raise ValueError(f"path {list(path)} must end on the GPU group it starts on: the probes compare one engine")
     plans = [pinned_plan([g]) for g in path]
     transitions: list[TransitionSummary] = []
 
@@ -179,10 +214,10 @@ def run_round_trip(
             on_switch(summary)
 
     switch(None, plans[0], "start")
-    probe_a = _probe_requests(spec, probes, prompt_len, max_tokens, "probe-a")
-    for r in probe_a:
-        pool.submit(TIER, r)
-    _drain(pool, [r.request_id for r in probe_a])
+    probe_reqs = _probe_requests(spec, probes, prompt_len, max_tokens, "")
+    mismatches = _weight_mismatches(pool, path[0], "before")
+    before = _run_probes(pool, probe_reqs, "probe-a")
+    repeat = _run_probes(pool, probe_reqs, "probe-r")
     reqs = _probe_requests(spec, live, prompt_len + 3, max_tokens, "live")
     for r in reqs:
         pool.submit(TIER, r)
@@ -196,15 +231,13 @@ def run_round_trip(
     _drain(pool, [r.request_id for r in reqs])
     for (cur, nxt), label in zip(itertools.pairwise(plans), labels, strict=True):
         switch(cur, nxt, f"{label} idle")
-    probe_b = [r.model_copy(update={"request_id": r.request_id.replace("probe-a", "probe-b")}) for r in probe_a]
-    for r in probe_b:
-        pool.submit(TIER, r)
-    _drain(pool, [r.request_id for r in probe_b])
-    identical = all(
-        [(e.token_id, e.top) for e in pool.outputs[a.request_id]]
-        == [(e.token_id, e.top) for e in pool.outputs[b.request_id]]
-        for a, b in zip(probe_a, probe_b, strict=True)
-    )
+    mismatches += _weight_mismatches(pool, path[-1], "after")
+    after = _run_probes(pool, probe_reqs, "probe-b")
+    names = [r.request_id for r in probe_reqs]
+    comparison = compare_probe_runs(before, after, names)
+    control = compare_probe_runs(before, repeat, names)
+    engines = tuple(sorted(_probe_engines(pool, "probe-")))
+    identical = comparison.identical and len(engines) == 1
     diffs, agree, total = _teacher_forced(pool, reqs)
     by_engine: dict[str, float] = {}
     for engine_id, d in diffs:
@@ -214,13 +247,17 @@ def run_round_trip(
     return RoundTripResult(
         transitions=tuple(transitions),
         probe_bit_identical=identical,
+        probe_comparison=comparison,
+        probe_repeat=control,
+        probe_engines=engines,
+        weight_mismatches=tuple(mismatches),
         max_logprob_diff=max_diff,
         max_logprob_diff_by_engine=by_engine,
         greedy_agreement=agree / max(1, total),
         tolerance=tolerance,
         requests=len(reqs),
         ledger_ok=ledger_ok,
-        passed=identical and ledger_ok and max_diff <= tolerance,
+        passed=identical and control.identical and not mismatches and ledger_ok and max_diff <= tolerance,
     )
 
 

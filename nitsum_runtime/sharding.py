@@ -310,6 +310,21 @@ def apply_plan(plan: ShardPlan, full: Mapping[str, torch.Tensor], params: Mappin
     return copied
 
 
+def plan_mismatches(plan: ShardPlan, full: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> list[str]:
+    """Engine parameters that differ, bit for bit, from what :func:`apply_plan` writes (sorted names; empty
+    when the shard is exactly the plan's slices of ``full`` and its padding is zero)."""
+    bad: set[str] = set()
+    with torch.no_grad():
+        for c in plan.copies:
+            want = full[c.src].narrow(c.dim, c.src_start, c.length)
+            if not torch.equal(params[c.dst].narrow(c.dim, c.dst_start, c.length), want):
+                bad.add(c.dst)
+        for z in plan.zeros:
+            if bool(params[z.dst].narrow(0, z.dst_start, z.length).ne(0).any()):
+                bad.add(z.dst)
+    return sorted(bad)
+
+
 def slice_shard(spec: ModelSpec, full: Mapping[str, torch.Tensor], tp: int, rank: int) -> dict[str, torch.Tensor]:
     """New tensors holding rank ``rank``'s shard at ``tp`` (same device and dtype as ``full``)."""
     check_full_weights(spec, full)

@@ -4,6 +4,13 @@
 own process and session, serving commands from a pipe: attach the resident store, fill weights,
 sleep(level 2), wake weights / KV, generate (greedy, top-k and prompt log-probabilities), and step-by-step
 requests (add, step, abort) for requests in flight across a switch. vLLM is imported inside the process only.
+
+Stepping: vLLM 0.26's ``LLMEngine.step()`` (``v1/engine/llm_engine.py``) blocks in
+``SyncMPClient.get_output()`` until the engine core sends outputs, and an engine core without requests sends
+none (``EngineCore.step`` returns ``{}``; ``run_busy_loop`` then waits for input): a step on an engine whose
+requests have all finished waits forever. :func:`run_steps` stops as soon as nothing is unfinished, as
+``LLM._run_engine`` does. Every command runs under the watchdog of :mod:`.watchdog` (each engine step has
+its own deadline), which answers with the engine's state and the stuck thread's stack instead of silence.
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from nitsum_runtime.procs import watch_parent
+from nitsum_runtime.watchdog import Progress, process_tree, serve_commands
 
 
 def _top(logprobs: dict[int, Any] | None, k: int) -> list[list[float]]:
@@ -24,11 +33,53 @@ def _top(logprobs: dict[int, Any] | None, k: int) -> list[list[float]]:
     return [[int(t) for t, _ in items], [float(lp.logprob) for _, lp in items]]
 
 
+def run_steps(
+    step: Callable[[], list[Any]],
+    has_unfinished: Callable[[], bool],
+    n: int,
+    progress: Progress,
+    step_timeout_s: float,
+) -> tuple[int, list[Any]]:
+    """Up to ``n`` engine steps, stopping when no request is unfinished (a step then would wait forever);
+    each step is one watchdog unit of ``step_timeout_s``. Returns (steps run, their outputs)."""
+    outputs: list[Any] = []
+    for k in range(n):
+        if not has_unfinished():
+            return k, outputs
+        progress.begin(f"step {k + 1} of {n}", step_timeout_s)
+        outputs += step()
+    return n, outputs
+
+
 class _Engine:
-    def __init__(self, llm: Any, sampling_cls: Any) -> None:
-        self.llm, self.sp = llm, sampling_cls
+    def __init__(self, llm: Any, sampling_cls: Any, progress: Progress) -> None:
+        self.llm, self.sp, self.progress = llm, sampling_cls, progress
         self.partial: dict[str, list[int]] = {}
         self.external: dict[str, str] = {}
+        self.memory = "awake"  # what sleep/wake left resident: awake | asleep | weights (KV still asleep)
+        self.steps_run = 0
+
+    def describe(self) -> dict[str, Any]:
+        """State for watchdog reports: read from Python objects only (the engine may be stuck)."""
+        le = self.llm.llm_engine
+        resources = getattr(le.engine_core, "resources", None)
+        return {
+            "memory": self.memory,
+            "steps_run": self.steps_run,
+            "unfinished_in_output_processor": le.output_processor.get_num_unfinished_requests(),
+            "tokens_per_request": {r: len(t) for r, t in self.partial.items()},
+            "engine_core_dead": getattr(resources, "engine_dead", None),
+        }
+
+    def sleep(self) -> float:
+        t = self.timed(self.llm.sleep, level=2)
+        self.memory = "asleep"
+        return t
+
+    def wake(self, tags: list[str]) -> float:
+        t = self.timed(self.llm.wake_up, tags=tags)
+        self.memory = "awake" if "kv_cache" in tags else "weights"
+        return t
 
     def rpc(self, method: str, args: tuple[Any, ...] = ()) -> list[Any]:
         return self.llm.collective_rpc(method, args=args)
@@ -66,15 +117,23 @@ class _Engine:
         self.external[internal] = request_id
         self.partial[request_id] = []
 
-    def step(self, n: int) -> dict[str, Any]:
+    def step(self, n: int, step_timeout_s: float = 60.0) -> dict[str, Any]:
+        """Up to ``n`` steps (fewer when every request finished); tokens so far of every request."""
+        le = self.llm.llm_engine
+        ran, outputs = run_steps(le.step, le.has_unfinished_requests, n, self.progress, step_timeout_s)
+        self.steps_run += ran
         finished = []
-        for _ in range(n):
-            for out in self.llm.llm_engine.step():
-                rid = self.external.get(out.request_id, out.request_id)
-                self.partial[rid] = list(out.outputs[0].token_ids)
-                if out.finished:
-                    finished.append(rid)
-        return {"tokens": {r: list(t) for r, t in self.partial.items()}, "finished": finished}
+        for out in outputs:
+            rid = self.external.get(out.request_id, out.request_id)
+            self.partial[rid] = list(out.outputs[0].token_ids)
+            if out.finished:
+                finished.append(rid)
+        return {
+            "tokens": {r: list(t) for r, t in self.partial.items()},
+            "finished": finished,
+            "steps": ran,
+            "unfinished": bool(le.has_unfinished_requests()),
+        }
 
     def abort(self, request_ids: list[str]) -> dict[str, list[int]]:
         """Stop requests (finished ones too) and hand back the tokens each generated on this engine."""
@@ -85,11 +144,13 @@ class _Engine:
 
 
 def engine_process(conn: Any, gpu_ids: list[int], model_dir: str, llm_kwargs: dict[str, Any]) -> None:
-    """Entry of an engine process: build the ``LLM`` on ``gpu_ids`` and serve ``(command, kwargs)`` pairs
-    from ``conn`` until ``stop``; every answer is ``(ok, value or traceback)``."""
+    """Entry of an engine process: build the ``LLM`` on ``gpu_ids`` and serve ``(command, kwargs, deadline_s)``
+    from ``conn`` until ``stop`` (:func:`~nitsum_runtime.watchdog.serve_commands`); every answer is
+    ``(ok, value or traceback or watchdog report)``."""
     os.setsid()
     watch_parent()
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+    progress = Progress()
     try:
         t0 = time.perf_counter()
         from nitsum_runtime.vllm_engine import llm_classes
@@ -105,30 +166,24 @@ def engine_process(conn: Any, gpu_ids: list[int], model_dir: str, llm_kwargs: di
             worker_extension_cls="nitsum_runtime.worker_ext.NitsumWorkerExtension",
             **llm_kwargs,
         )
-        eng = _Engine(llm, SamplingParams)
-        conn.send((True, {"start_s": time.perf_counter() - t0}))
+        eng = _Engine(llm, SamplingParams, progress)
+        conn.send((True, {"start_s": time.perf_counter() - t0, "pid": os.getpid(), "children": process_tree()}))
     except BaseException:
         conn.send((False, traceback.format_exc()))
         return
     commands = {
         "rpc": eng.rpc,
-        "sleep": lambda: eng.timed(llm.sleep, level=2),
-        "wake_weights": lambda: eng.timed(llm.wake_up, tags=["weights"]),
-        "wake_kv": lambda: eng.timed(llm.wake_up, tags=["kv_cache"]),
+        "sleep": eng.sleep,
+        "wake_weights": lambda: eng.wake(["weights"]),
+        "wake_kv": lambda: eng.wake(["kv_cache"]),
         "generate": eng.generate,
         "add": eng.add,
         "step": eng.step,
         "abort": eng.abort,
+        "describe": eng.describe,
     }
-    while True:
-        name, kwargs = conn.recv()
-        if name == "stop":
-            try:  # end vLLM's engine-core and worker processes before this one exits
-                llm.llm_engine.engine_core.shutdown()
-            finally:
-                conn.send((True, None))
-            break
-        try:
-            conn.send((True, commands[name](**kwargs)))
-        except BaseException:
-            conn.send((False, traceback.format_exc()))
+    serve_commands(conn, commands, eng.describe, progress)
+    try:  # "stop": end vLLM's engine-core and worker processes before this one exits
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        conn.send((True, None))

@@ -30,7 +30,7 @@ import torch
 
 from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.kv_migration import gather_kv, scatter_kv, token_slots
-from nitsum_runtime.sharding import shard_plan
+from nitsum_runtime.sharding import plan_mismatches, shard_plan
 from nitsum_runtime.weights import ResidentWeightStore, fill_shard
 
 
@@ -167,6 +167,14 @@ class NitsumWorkerExtension:
                 params[name].data.copy_(snapshot)
         torch.cuda.synchronize()
         return {"rank": rank, "tp": tp, "checked": len(sources), "mismatched": mismatched}
+
+    def nitsum_fill_mismatches(self) -> dict[str, Any]:
+        """Parameters that differ now, bit for bit, from this rank's shard of the resident copy (cheap: one
+        device-side comparison per parameter; run before probes to rule out weights as a cause)."""
+        store = self._nitsum_store
+        tp, rank = self._nitsum_rank()
+        bad = plan_mismatches(shard_plan(store.spec, tp, rank), store.tensors, self._nitsum_params())
+        return {"rank": rank, "tp": tp, "mismatched": bad}
 
     def nitsum_kv_info(self) -> dict[str, Any]:
         """Shape, strides and dtype of the per-layer KV caches (to confirm the NHD layout assumption)."""

@@ -3,12 +3,15 @@
 #
 #   bash benchmarks/gpu/run_runtime_h200.sh core    # GPU tests (no vLLM) + (a) KV bandwidth + (b) reference switch
 #   bash benchmarks/gpu/run_runtime_h200.sh vllm    # (c) vLLM engines switching TP (needs vLLM in /tmp/site)
+#   bash benchmarks/gpu/run_runtime_h200.sh rerun   # (b) then (c), one command of < 7 min (about 4.5 expected):
+#                                                   # switch <= 90 s, vllm <= 300 s, compact summary at the end
 #   bash benchmarks/gpu/run_runtime_h200.sh vllm-test|kv|switch|tests   # single steps
 #
 # CPU dry run of the same steps (what CI-like checks use): NITSUM_MIN_GPUS=0
 #   NITSUM_BENCH_ARGS="--model tiny --backend gloo --world 2 --quick --dtype float32 --tolerance 1e-3"
 #
-# Each step runs in its own session (setsid) under a timeout; rank and engine processes lead their own
+# Each step runs in its own session (setsid) under a timeout: at the limit the benchmark gets SIGTERM, closes
+# its engines and writes its partial report (SIGKILL 15 s later); rank and engine processes lead their own
 # sessions and exit when their parent dies. Exit status: 0 all passed, 1 a check failed, 2 could not run.
 set -uo pipefail
 part=${1:-core}
@@ -66,6 +69,7 @@ pytest_gpu() {  # pytest_gpu NAME TIMEOUT -k EXPR
     -o addopts="--import-mode=importlib" -m gpu "$ROOT/tests/runtime/test_gpu_runtime.py" -k "$3" \
     --junitxml "$OUT/$1.xml"
 }
+have_vllm() { python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"; }
 case $part in
   tests)  pytest_gpu gpu_tests 240 "not vllm" ;;
   kv)     step kv 240 python3 -m nitsum_runtime.gpu_bench kv --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
@@ -74,13 +78,22 @@ case $part in
     pytest_gpu gpu_tests 150 "not vllm"
     step kv 150 python3 -m nitsum_runtime.gpu_bench kv --out "$OUT" ${NITSUM_BENCH_ARGS:-}
     step switch 270 python3 -m nitsum_runtime.gpu_bench switch --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
+  rerun)
+    step switch 90 python3 -m nitsum_runtime.gpu_bench switch --out "$OUT" ${NITSUM_BENCH_ARGS:-}
+    if have_vllm; then
+      step vllm 300 python3 -m nitsum_runtime.gpu_bench vllm --out "$OUT" ${NITSUM_BENCH_ARGS:-}
+    else
+      say "!! vLLM not found (install the bundles into /tmp/site): (c) skipped"; status=2
+    fi ;;
   vllm|vllm-test)
-    python3 -c "import vllm" >>"$log" 2>&1 || { say "FATAL: vLLM not importable; install the bundles into /tmp/site"; exit 2; }
+    have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; }
     if [ "$part" = vllm-test ]; then pytest_gpu gpu_vllm_test 240 "vllm"
     else step vllm 540 python3 -m nitsum_runtime.gpu_bench vllm --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
-  *) say "unknown part $part (core|vllm|vllm-test|tests|kv|switch)"; exit 2 ;;
+  *) say "unknown part $part (core|vllm|rerun|vllm-test|tests|kv|switch)"; exit 2 ;;
 esac
 nvidia-smi --query-gpu=index,memory.used --format=csv 2>&1 | tee -a "$log"
 { echo "# Runtime on H200 ($part), status $status"; echo; for f in "$OUT"/*/report.md; do [ -f "$f" ] && cat "$f" && echo; done; } > "$OUT/REPORT_$part.md"
 say "done: status=$status; report $OUT/REPORT_$part.md"
+echo "== summary" | tee -a "$log"
+python3 -m nitsum_runtime.gpu_bench summary --out "$OUT" 2>&1 | tee -a "$log"
 exit $status

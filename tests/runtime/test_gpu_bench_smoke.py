@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from nitsum_runtime.gpu_bench import main
+from nitsum_runtime.watchdog import process_tree
 
 SMOKE = ["--model", "tiny", "--backend", "gloo", "--world", "2", "--quick", "--dtype", "float32"]
 
@@ -43,3 +48,29 @@ def test_failed_check_gives_exit_status_1(tmp_path: Path) -> None:
 
 def test_missing_gpus_give_exit_status_2(tmp_path: Path) -> None:
     assert main(["kv", "--out", str(tmp_path), "--world", "64"]) == 2
+
+
+def test_sigterm_stops_a_benchmark_cleanly_with_a_report(tmp_path: Path) -> None:
+    # The GPU script's time limit sends SIGTERM: processes are closed, the summary says why, status 2.
+    cmd = [sys.executable, "-m", "nitsum_runtime.gpu_bench", "switch", "--out", str(tmp_path), *SMOKE]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    children: list[int] = []
+    while len(children) < 2 and time.monotonic() < deadline:  # both rank processes are up
+        time.sleep(0.2)
+        children = [p["pid"] for p in process_tree(proc.pid) if p["name"].startswith("python")]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 2
+    summary = json.loads((tmp_path / "switch" / "summary.json").read_text())
+    assert summary["status"] == "ERROR" and summary["error_summary"].startswith("BenchmarkInterrupted: stopped by")
+    time.sleep(1.5)  # rank processes also exit on their own once their parent is gone
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+    assert children and not alive
+
+
+def _state(pid: int) -> str:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return text[text.rindex(")") + 2]

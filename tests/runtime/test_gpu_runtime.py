@@ -70,7 +70,9 @@ def test_reference_round_trip_on_nccl() -> None:
         ex = TransitionExecutor(pool, SHORT, policy="migrate")
         res = run_round_trip(pool, ex, SHORT, live=3, prompt_len=64, max_tokens=16, steps_between=3, tolerance=0.15)
         pool.sleep_all()
-    assert res.probe_bit_identical and res.ledger_ok
+    assert res.probe_repeat.identical, res.probe_repeat  # control: the engine is run-to-run reproducible
+    assert res.probe_bit_identical and res.ledger_ok, res.probe_comparison
+    assert res.weight_mismatches == ()
     assert res.max_logprob_diff <= 0.15, res.max_logprob_diff_by_engine
     assert all(t.report.ok for t in res.transitions)
 
@@ -109,6 +111,9 @@ def test_vllm_refill_matches_vllm_loaders(tmp_path: Path) -> None:
         engine.call("rpc", method="nitsum_fill_weights")
         engine.call("wake_kv")
         again = engine.call("generate", prompts=[[1, 2, 3, 4]], max_tokens=4, k=5, prompt_logprobs=False)
+        engine.call("add", request_id="x", prompt=[5, 6, 7], max_tokens=3)
+        stepped = engine.call("step", n=10, step_timeout_s=30)  # returns once "x" finished: no idle step
+        state = engine.call("describe")
     finally:
         engine.close()
     assert [len(c["mismatched"]) for c in checks] == [0, 0] and checks[0]["checked"] > 0
@@ -116,3 +121,5 @@ def test_vllm_refill_matches_vllm_loaders(tmp_path: Path) -> None:
     assert info[0]["nhd_contiguous"] and info[0]["logical_shape"][1:] == [4, 16, 256]
     assert all(torch.equal(b, new) for b in back)
     assert len(again[0]["token_ids"]) == 4
+    assert stepped["steps"] < 10 and not stepped["unfinished"] and len(stepped["tokens"]["x"]) == 3
+    assert state["memory"] == "awake" and state["unfinished_in_output_processor"] == 0

@@ -55,7 +55,11 @@ def test_round_trip_tp1_tp2_tp4_tp1_with_migration(make_pool: Callable[..., Engi
     assert all(t.report.pause_to_resume_s > 0 for t in res.transitions if t.label != "start")
     records = {r.request_id: r for r in pool.records()}
     assert records["live0"].engines == ("rt-tp1-g0", "rt-tp2-g0-1", "rt-tp4-g0-1-2-3", "rt-tp1-g0")
+    assert res.probe_comparison.identical and res.probe_comparison.steps == 2 * 10
+    assert res.probe_repeat.identical and res.probe_engines == ("rt-tp1-g0",) and res.weight_mismatches == ()
     assert res.passed
+    with pytest.raises(ValueError, match="must end on the GPU group it starts on"):
+        run_round_trip(pool, ex, tiny_llama, path=((0,), (0, 1), (1,)))
 
 
 def test_round_trip_with_reprefill_instead_of_migration(
@@ -188,3 +192,27 @@ def test_sleep_refuses_an_engine_with_requests(make_pool: Callable[..., EnginePo
     pool.submit(TIER, GenerationRequest(request_id="s", prompt_token_ids=(1, 2), max_tokens=3))
     with pytest.raises(EngineError, match="still holds requests"):
         pool.engine((2,)).sleep()
+
+
+def test_idle_engine_places_kv_canonically_and_its_weights_match_the_store(
+    make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec
+) -> None:
+    pool = make_pool(32, "can-")
+    ex = TransitionExecutor(pool, tiny_llama)
+    ex.execute(None, pinned_plan([(1,)]))
+    engine = pool.engine((1,))
+    fresh = engine.free_blocks()  # type: ignore[attr-defined]
+    assert fresh == tuple(range(32))
+    # A history that scrambles the free list: different lengths, finishing in another order than they came.
+    for i, (n, m) in enumerate([(9, 5), (3, 2), (14, 3), (5, 6)]):
+        pool.submit(TIER, GenerationRequest(request_id=f"h{i}", prompt_token_ids=tuple(range(1, n + 1)), max_tokens=m))
+    for _ in range(4):
+        pool.step()
+    assert engine.free_blocks() != fresh  # type: ignore[attr-defined]
+    while pool.unfinished():
+        pool.step()
+    assert engine.free_blocks() == fresh  # type: ignore[attr-defined]
+    pool.submit(TIER, GenerationRequest(request_id="p", prompt_token_ids=tuple(range(1, 10)), max_tokens=2))
+    pool.step()
+    assert engine.blocks_of("p") == (0, 1, 2)  # type: ignore[attr-defined]
+    assert engine.check_weights() == {1: []}  # type: ignore[attr-defined]

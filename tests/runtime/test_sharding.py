@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from nitsum_opt.models.spec import ModelSpec
-from nitsum_runtime.sharding import TpLayout, full_weight_shapes, pad_vocab, shard_plan, slice_shard
+from nitsum_runtime.sharding import (
+    TpLayout,
+    full_weight_shapes,
+    pad_vocab,
+    plan_mismatches,
+    shard_plan,
+    slice_shard,
+)
 from nitsum_runtime.weights import ResidentWeightStore, fill_shard
 
 TINY = ModelSpec(
@@ -109,3 +116,12 @@ def test_tied_embeddings_have_no_lm_head() -> None:
     tied = TINY.model_copy(update={"tie_word_embeddings": True})
     assert "lm_head.weight" not in full_weight_shapes(tied)
     assert "lm_head.weight" not in shard_plan(tied, 2, 1).shapes
+
+
+def test_plan_mismatches_names_every_parameter_that_differs(full: dict[str, torch.Tensor]) -> None:
+    plan = shard_plan(TINY, 4, 3)  # the last rank holds vocabulary padding rows
+    shard = slice_shard(TINY, full, 4, 3)
+    assert plan_mismatches(plan, full, shard) == []
+    shard["model.layers.1.mlp.down_proj.weight"][0, 5] += 2**-20  # one element, one ulp-sized change
+    shard["lm_head.weight"][-1, 0] = 1.0  # a padding row that must stay zero
+    assert plan_mismatches(plan, full, shard) == ["lm_head.weight", "model.layers.1.mlp.down_proj.weight"]
