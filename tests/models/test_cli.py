@@ -43,7 +43,7 @@ def test_capacity_table_json(h) -> None:
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert set(payload["rates_rps"]) == {"interactive", "agents", "background"}
-    assert len(payload["rates_rps"]["interactive"]) == 12
+    assert len(payload["rates_rps"]["interactive"]) == 9  # the bundled H200 model: TP 1, 2, 4 × 3 roles
     assert all(r > 0 for row in payload["rates_rps"].values() for r in row.values())
 
 
