@@ -55,18 +55,12 @@ from scipy.optimize import nnls
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .features import ArchitectureConstants, FloatArray, allreduce_message_bytes, as_composition
+from .basis import DEFAULT_EAGER_KNOTS_TOKENS, DEFAULT_KNOTS_TOKENS, Basis, basis_names, design_matrix
+from .features import ArchitectureConstants, FloatArray, as_composition
 from .ranges import RANGE_FEATURES, OutOfProfileRangeWarning, RangeGuard, profiled_ranges
 from .spec import ModelSpec
-from .step_regime import (
-    VLLM_CUSTOM_ALLREDUCE_MAX_BYTES,
-    VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE,
-    cuda_graph_capture_sizes,
-    padded_tokens,
-)
+from .step_regime import VLLM_CUSTOM_ALLREDUCE_MAX_BYTES, VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE, cuda_graph_capture_sizes
 
-DEFAULT_KNOTS_TOKENS: tuple[int, ...] = (0, 32, 64, 128, 256, 512, 1024, 2048)
-DEFAULT_EAGER_KNOTS_TOKENS: tuple[int, ...] = (1024, 2048, 4096)
 DEFAULT_QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.99)
 
 __all__ = [
@@ -80,68 +74,6 @@ __all__ = [
     "basis_names",
     "design_matrix",
 ]
-
-
-@dataclass(frozen=True)
-class Basis:
-    """What the design matrix is built from: roofline knots, eager knots and the engine's two thresholds."""
-
-    roofline_knots_tokens: tuple[int, ...] = DEFAULT_KNOTS_TOKENS
-    eager_knots_tokens: tuple[int, ...] = DEFAULT_EAGER_KNOTS_TOKENS
-    cuda_graph_max_tokens: int = VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE
-    custom_allreduce_max_bytes: int = VLLM_CUSTOM_ALLREDUCE_MAX_BYTES
-
-    def names(self) -> list[str]:
-        """Names of the design-matrix columns."""
-        return (
-            ["const"]
-            + [f"gemm_roofline_{int(k)}" for k in self.roofline_knots_tokens]
-            + ["attn_prefill_flops", "kv_read_bytes", "num_prefill_seqs", "num_decode_seqs"]
-            + ["has_prefill", "has_decode", "eager_step"]
-            + [f"eager_underlap_{int(k)}" for k in self.eager_knots_tokens]
-            + ["allreduce_nccl_bytes"]
-        )
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad parameter."""
-        for name, knots in (("roofline", self.roofline_knots_tokens), ("eager", self.eager_knots_tokens)):
-            if any(k < 0 for k in knots) or len(set(knots)) != len(knots):
-                raise ValueError(f"{name}_knots_tokens={knots} must be distinct and >= 0")
-        if self.cuda_graph_max_tokens < 0 or self.custom_allreduce_max_bytes < 0:
-            raise ValueError(
-                f"cuda_graph_max_tokens={self.cuda_graph_max_tokens} and custom_allreduce_max_bytes="
-                f"{self.custom_allreduce_max_bytes} must be >= 0"
-            )
-
-
-def basis_names(basis: Basis) -> list[str]:
-    """Names of the design-matrix columns of ``basis``."""
-    return basis.names()
-
-
-def design_matrix(consts: ArchitectureConstants, comp: FloatArray, basis: Basis) -> FloatArray:
-    """Design matrix (rows of ``comp``; columns :func:`basis_names`)."""
-    tp, n_pre, pre_tok, pairs, n_dec, dec_ctx = (comp[:, i] for i in range(6))
-    tokens = pre_tok + n_dec
-    eager = tokens > basis.cuda_graph_max_tokens
-    graph_tokens = padded_tokens(tokens, cuda_graph_capture_sizes(basis.cuda_graph_max_tokens))
-    gemm_scale = 2.0 * consts.layer_linear_params / tp
-    message = allreduce_message_bytes(consts, tokens)
-    nccl = (tp > 1) & (message >= basis.custom_allreduce_max_bytes)
-    cols = [np.ones_like(tp)]
-    cols += [gemm_scale * np.maximum(graph_tokens, float(k)) for k in basis.roofline_knots_tokens]
-    cols += [
-        4.0 * pairs * consts.head_dim * consts.q_heads_per_gpu(tp) * consts.num_layers,
-        dec_ctx * consts.kv_bytes_per_token_per_gpu(tp),
-        n_pre,
-        n_dec,
-        (n_pre > 0).astype(float),
-        (n_dec > 0).astype(float),
-        eager.astype(float),
-    ]
-    cols += [np.where(eager, np.maximum(0.0, float(k) - tokens), 0.0) for k in basis.eager_knots_tokens]
-    cols.append(np.where(nccl, 2.0 * consts.num_layers * message, 0.0))
-    return np.column_stack(cols)
 
 
 def _relative_nnls(a: FloatArray, y: FloatArray) -> FloatArray:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nitsum_opt.models.features import ArchitectureConstants, attention_pairs, iteration_features
+from nitsum_opt.models.features import COMPOSITION_COLUMNS, ArchitectureConstants, attention_pairs, iteration_features
 from nitsum_opt.models.heldout import evaluate_heldout
 from nitsum_opt.models.latency import Basis, IterationTimeModel, design_matrix
 from nitsum_opt.models.spec import MODEL_PRESETS
@@ -170,3 +170,12 @@ def test_eager_terms_recover_a_cpu_floor(h) -> None:
     for tp in (1, 2, 4):
         assert with_eager[tp].mean_mape_pct < 2.5, with_eager[tp]  # ~1 % (2 % noise, averaged over repeats)
         assert without[tp].mean_mape_pct > 3 * with_eager[tp].mean_mape_pct, (without[tp], with_eager[tp])
+
+
+def test_bad_basis_parameters_are_named(synthetic: pd.DataFrame) -> None:
+    x = synthetic[list(COMPOSITION_COLUMNS)].to_numpy(float)
+    y = synthetic["step_time_ms"].to_numpy(float)
+    with pytest.raises(ValueError, match=r"eager_knots_tokens=\(1024, 1024\) must be distinct"):
+        IterationTimeModel(spec=LLAMA, eager_knots_tokens=(1024, 1024)).fit(x, y)
+    with pytest.raises(ValueError, match=r"cuda_graph_max_tokens=-1 must be in \[0, 1048576\]"):
+        IterationTimeModel(spec=LLAMA, cuda_graph_max_tokens=-1).fit(x, y)
