@@ -5,7 +5,11 @@ Usage: ``python benchmarks/latency_models.py [PROFILE] [--out benchmarks/results
 
 Families, all evaluated with the same GroupKFold(5) on ``config_id`` (MAPE against held-out configuration means):
 
-* ``roofline-nnls`` (ours): per TP, non-negative mix of physical roofline terms (:mod:`nitsum_opt.models.latency`);
+* ``roofline-nnls`` (ours): per TP, non-negative mix of physical roofline terms (:mod:`nitsum_opt.models.latency`),
+  with the engine's step regimes (CUDA graph vs eager, custom all-reduce vs NCCL) taken from the profile's engine
+  arguments;
+* ``roofline-nnls-v1``: the same without the step-regime terms (the model before they were added: no eager
+  floor, no NCCL bytes, no graph padding);
 * ``hist-gbdt``: per TP, scikit-learn ``HistGradientBoostingRegressor`` on the six composition columns plus
   total tokens, log target;
 * ``random-forest``: per TP, ``RandomForestRegressor`` (Vidur's choice) on the same inputs;
@@ -34,6 +38,7 @@ from nitsum_opt.models.features import COMPOSITION_COLUMNS
 from nitsum_opt.models.heldout import heldout_splits
 from nitsum_opt.models.latency import IterationTimeModel
 from nitsum_opt.models.profile_schema import load_meta, load_profile, meta_path_for
+from nitsum_opt.models.step_regime import StepRegimeLimits
 
 DEFAULT_PROFILE = Path("models/data/profiles/h100-public-composed/llama-3.1-8b.csv.gz")
 
@@ -70,9 +75,18 @@ class PerTp:
         return float(self.predict(np.array([row], dtype=float))[0])
 
 
-def families(spec) -> dict[str, Callable[[], object]]:
+def families(spec, limits: StepRegimeLimits) -> dict[str, Callable[[], object]]:
     return {
-        "roofline-nnls": lambda: IterationTimeModel(spec=spec),
+        "roofline-nnls": lambda: IterationTimeModel(
+            spec=spec,
+            cuda_graph_max_tokens=limits.cuda_graph_max_tokens,
+            custom_allreduce_max_bytes=limits.custom_allreduce_max_bytes,
+        ),
+        # every step "eager" (a constant column, collinear with the intercept), no reverse hinges, no padding,
+        # no NCCL switch: exactly the basis of the first version
+        "roofline-nnls-v1": lambda: IterationTimeModel(
+            spec=spec, eager_knots_tokens=(), cuda_graph_max_tokens=0, custom_allreduce_max_bytes=2**62
+        ),
         "hist-gbdt": lambda: PerTp(lambda: HistGradientBoostingRegressor(max_iter=300, random_state=0), True),
         "random-forest": lambda: PerTp(lambda: RandomForestRegressor(n_estimators=100, random_state=0), True),
         "linear-ols": lambda: PerTp(LinearRegression, False),
@@ -95,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency_models.json"))
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
-    spec = load_meta(meta_path_for(args.profile)).model
+    meta = load_meta(meta_path_for(args.profile))
+    spec = meta.model
+    limits = StepRegimeLimits.from_engine_args(meta.engine_args)
     df = load_profile(args.profile, spec)
     comp = df[list(COMPOSITION_COLUMNS)].to_numpy(float)
     y = df["step_time_ms"].to_numpy(float)
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "families": {},
     }
     one = (2, 1, 512, 131328, 32, 32 * 1024)
-    for name, make in families(spec).items():
+    for name, make in families(spec, limits).items():
         pred = np.empty(len(y))
         fit_s = 0.0
         for train, test in splits:
@@ -124,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             "mape_pct_per_tp": {str(int(k)): float(v) for k, v in ape.mean().items()},
             "max_ape_pct_per_tp": {str(int(k)): float(v) for k, v in ape.max().items()},
             "fit_s_per_fold": fit_s / len(splits),
-            "predict_one_us": per_call_us(scalar, one, n=20_000 if name == "roofline-nnls" else 200),
+            "predict_one_us": per_call_us(scalar, one, n=20_000 if name.startswith("roofline") else 200),
         }
     pm = fit_performance_model(args.profile)
     result["performance_model_calls_us"] = {

@@ -42,6 +42,7 @@ _LAZY: dict[str, str] = {
     "build_capacity_cells": "capacity",
     "capacity_cell": "capacity",
     "simulate_instance": "reqsim",
+    "StepRegimeLimits": "step_regime",
 }
 
 

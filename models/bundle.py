@@ -23,14 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .features import COMPOSITION_COLUMNS, FloatArray
 from .heldout import HeldoutReport, evaluate_heldout, fit_models
-from .latency import DEFAULT_QUANTILES, IterationTimeModel, basis_names
+from .latency import DEFAULT_QUANTILES, IterationTimeModel
 from .memory import estimate_kv_cache_tokens, gpu_memory_gib
 from .profile_schema import ProfileError, ProfileMeta, load_meta, load_profile, meta_path_for, profile_sha256
 from .quantile import IterationTimeQuantileModel
 from .spec import ModelSpec, model_preset
+from .step_regime import StepRegimeLimits
 
 FORMAT = "nitsum.performance-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_FILE_BYTES = 16 * 1024 * 1024
 PROFILES_DIR = Path(__file__).parent / "data" / "profiles"
 #: Bundled profile sets, most preferred first (a plain model name resolves to the first set that has it).
@@ -69,7 +70,7 @@ class PerformanceModelDoc(BaseModel):
 
     format: Literal["nitsum.performance-model"]
     """Format tag; anything else is a foreign file."""
-    format_version: Literal[1]
+    format_version: Literal[2]
     """Version of this layout."""
     spec: ModelSpec
     """Architecture."""
@@ -251,7 +252,7 @@ class PerformanceModel:
             quant = IterationTimeQuantileModel.from_params(mean, doc.quantile_model)
         except (ValidationError, ValueError, KeyError, TypeError) as exc:
             raise fail(f"invalid content: {exc}") from None
-        if doc.feature_names != basis_names(mean.roofline_knots_tokens):
+        if doc.feature_names != list(mean.feature_names_):
             raise fail("feature names do not match the mean model")
         if {int(k) for k in doc.kv_cache_tokens} != set(mean.tps_):
             raise fail("kv_cache_tokens must cover exactly the model's TP degrees")
@@ -306,8 +307,11 @@ def fit_performance_model(
     gpu = str(df["gpu"].iloc[0])
     if meta is not None and meta.gpu != gpu:
         raise ProfileError(f"profile {profile_path}: gpu {gpu!r} differs from the meta file's {meta.gpu!r}")
-    report = evaluate_heldout(df, spec, n_splits=n_splits, quantiles=quantiles, random_state=random_state)
-    qmodel = fit_models(df, spec, quantiles=quantiles, random_state=random_state)
+    limits = StepRegimeLimits.from_engine_args(meta.engine_args if meta is not None else {})
+    report = evaluate_heldout(
+        df, spec, n_splits=n_splits, quantiles=quantiles, random_state=random_state, limits=limits
+    )
+    qmodel = fit_models(df, spec, quantiles=quantiles, random_state=random_state, limits=limits)
     tps = sorted(int(t) for t in df["tp"].unique())
     kv, kv_source = _kv_capacity(meta, spec, gpu, tps)
     doc = PerformanceModelDoc(

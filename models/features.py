@@ -17,13 +17,19 @@ feature                    definition (per GPU of the TP group)                 
 ``kv_read_bytes``          decode_context_tokens · kv_bytes_per_token_per_gpu                           bytes
 ``allreduce_bytes``        2 · layers · tokens · hidden · dtype_bytes (0 at TP 1)                       bytes
 ``allreduce_count``        2 · layers (0 at TP 1)                                                        ops
+``graph_tokens``           tokens rounded up to the next CUDA-graph capture size (unchanged if eager)    tokens
+``eager_step``             1 if tokens exceed the largest CUDA-graph capture size (no graph), else 0     —
+``allreduce_nccl_bytes``   ``allreduce_bytes`` of steps whose message (tokens · hidden · dtype_bytes)    bytes
+                           reaches the custom all-reduce limit and goes to NCCL (0 otherwise)
 =========================  =======================================================================  ========
 
 ``layer_linear_params`` are the weights of the QKV, output, gate/up and down projections of every layer;
 ``q_heads_per_gpu = heads / tp`` and ``kv_heads_per_gpu = max(1, kv_heads / tp)`` (vLLM replicates KV heads
 when TP exceeds their number). A GEMM over ``m`` rows streams its weights once and does ``2·m`` FLOP per
 weight, so ``max(gemm_flops / peak_flops, weight_bytes / bandwidth)`` is its roofline time; the latency model
-builds its basis from exactly these quantities (see :mod:`.latency`).
+builds its basis from exactly these quantities (see :mod:`.latency`). The last three features depend on the
+engine's two thresholds (:class:`.step_regime.StepRegimeLimits`: CUDA-graph capture size, custom all-reduce
+limit), why they matter is in :mod:`.step_regime`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .spec import ModelSpec
+from .step_regime import StepRegimeLimits, cuda_graph_capture_sizes, padded_tokens
 
 #: Columns of a composition matrix, in order (the profile-schema columns the models consume).
 COMPOSITION_COLUMNS: tuple[str, ...] = (
@@ -56,6 +63,9 @@ PHYSICAL_FEATURES: tuple[str, ...] = (
     "kv_read_bytes",
     "allreduce_bytes",
     "allreduce_count",
+    "graph_tokens",
+    "eager_step",
+    "allreduce_nccl_bytes",
 )
 
 FloatArray = npt.NDArray[np.float64]
@@ -129,11 +139,22 @@ def as_composition(x: npt.ArrayLike) -> FloatArray:
     return arr
 
 
-def iteration_features(constants: ArchitectureConstants, composition: npt.ArrayLike) -> dict[str, FloatArray]:
-    """The physical features of every row of ``composition`` (columns :data:`COMPOSITION_COLUMNS`).
+def allreduce_message_bytes(constants: ArchitectureConstants, tokens: FloatArray) -> FloatArray:
+    """Bytes of one all-reduce message (the activations of every token of the step)."""
+    return tokens * constants.hidden_size * constants.dtype_bytes
+
+
+def iteration_features(
+    constants: ArchitectureConstants,
+    composition: npt.ArrayLike,
+    limits: StepRegimeLimits | None = None,
+) -> dict[str, FloatArray]:
+    """The physical features of every row of ``composition`` (columns :data:`COMPOSITION_COLUMNS`), for an
+    engine with ``limits`` (vLLM 0.26's defaults when omitted).
 
     Returns a dict keyed by :data:`PHYSICAL_FEATURES`, each an array of length ``n``.
     """
+    lim = limits or StepRegimeLimits()
     comp = as_composition(composition)
     tp, n_pre, pre_tok, pairs, n_dec, dec_ctx = (comp[:, i] for i in range(comp.shape[1]))
     c = constants
@@ -141,6 +162,8 @@ def iteration_features(constants: ArchitectureConstants, composition: npt.ArrayL
     num_seqs = n_pre + n_dec
     q_heads = c.q_heads_per_gpu(tp)
     multi_gpu = (tp > 1).astype(float)
+    allreduce_bytes = multi_gpu * 2.0 * c.num_layers * allreduce_message_bytes(c, tokens)
+    to_nccl = allreduce_message_bytes(c, tokens) >= lim.custom_allreduce_max_bytes
     return {
         "tokens": tokens,
         "num_seqs": num_seqs,
@@ -149,8 +172,11 @@ def iteration_features(constants: ArchitectureConstants, composition: npt.ArrayL
         "attn_prefill_flops": 4.0 * pairs * c.head_dim * q_heads * c.num_layers,
         "attn_decode_flops": 4.0 * dec_ctx * c.head_dim * q_heads * c.num_layers,
         "kv_read_bytes": dec_ctx * c.kv_bytes_per_token_per_gpu(tp),
-        "allreduce_bytes": multi_gpu * 2.0 * c.num_layers * tokens * c.hidden_size * c.dtype_bytes,
+        "allreduce_bytes": allreduce_bytes,
         "allreduce_count": multi_gpu * 2.0 * c.num_layers,
+        "graph_tokens": padded_tokens(tokens, cuda_graph_capture_sizes(lim.cuda_graph_max_tokens)),
+        "eager_step": (tokens > lim.cuda_graph_max_tokens).astype(float),
+        "allreduce_nccl_bytes": np.where(to_nccl, allreduce_bytes, 0.0),
     }
 
 

@@ -31,6 +31,7 @@ from .latency import (
 )
 from .quantile import IterationTimeQuantileModel
 from .spec import ModelSpec
+from .step_regime import StepRegimeLimits
 
 
 class TpHeldoutError(BaseModel):
@@ -88,9 +89,11 @@ def heldout_predictions(
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
     random_state: int = 0,
     roofline_knots_tokens: tuple[int, ...] = DEFAULT_KNOTS_TOKENS,
+    limits: StepRegimeLimits | None = None,
 ) -> pd.DataFrame:
     """The profile with out-of-fold ``pred_mean_ms`` and ``pred_q<q>_ms`` columns (each row predicted by
-    models that never saw its configuration) and a ``fold`` column."""
+    models that never saw its configuration) and a ``fold`` column. ``limits``: the profiled engine's
+    thresholds (vLLM 0.26's defaults when omitted)."""
     x = profile[list(COMPOSITION_COLUMNS)].to_numpy(dtype=float)
     y = profile["step_time_ms"].to_numpy(dtype=float)
     groups = profile["config_id"].to_numpy()
@@ -101,12 +104,9 @@ def heldout_predictions(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OutOfProfileRangeWarning)
         for fold, (train, test) in enumerate(heldout_splits(groups, n_splits, random_state)):
-            qmodel = IterationTimeQuantileModel(
-                spec=spec,
-                quantiles=tuple(quantiles),
-                roofline_knots_tokens=roofline_knots_tokens,
-                random_state=random_state,
-            ).fit(x[train], y[train], groups=groups[train])
+            qmodel = _quantile_estimator(spec, quantiles, random_state, roofline_knots_tokens, limits).fit(
+                x[train], y[train], groups=groups[train]
+            )
             mean[test] = qmodel.mean_model_.predict(x[test])
             qpred[test] = qmodel.predict(x[test])
             out.loc[out.index[test], "fold"] = fold
@@ -114,6 +114,24 @@ def heldout_predictions(
     for j, q in enumerate(quantiles):
         out[f"pred_q{q:g}_ms"] = qpred[:, j]
     return out
+
+
+def _quantile_estimator(
+    spec: ModelSpec,
+    quantiles: Sequence[float],
+    random_state: int,
+    roofline_knots_tokens: tuple[int, ...],
+    limits: StepRegimeLimits | None,
+) -> IterationTimeQuantileModel:
+    lim = limits or StepRegimeLimits()
+    return IterationTimeQuantileModel(
+        spec=spec,
+        quantiles=tuple(quantiles),
+        roofline_knots_tokens=roofline_knots_tokens,
+        random_state=random_state,
+        cuda_graph_max_tokens=lim.cuda_graph_max_tokens,
+        custom_allreduce_max_bytes=lim.custom_allreduce_max_bytes,
+    )
 
 
 def summarize(pred: pd.DataFrame, quantiles: Sequence[float], method: str) -> HeldoutReport:
@@ -144,9 +162,10 @@ def evaluate_heldout(
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
     random_state: int = 0,
     roofline_knots_tokens: tuple[int, ...] = DEFAULT_KNOTS_TOKENS,
+    limits: StepRegimeLimits | None = None,
 ) -> HeldoutReport:
     """Held-out MAPE (mean model) and coverage (quantile model) per TP, grouping folds by ``config_id``."""
-    pred = heldout_predictions(profile, spec, n_splits, quantiles, random_state, roofline_knots_tokens)
+    pred = heldout_predictions(profile, spec, n_splits, quantiles, random_state, roofline_knots_tokens, limits)
     method = (
         f"GroupKFold({n_splits}, shuffled, seed {random_state}) on config_id; MAPE vs held-out config means, "
         "coverage over held-out rows"
@@ -160,16 +179,14 @@ def fit_models(
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
     random_state: int = 0,
     roofline_knots_tokens: tuple[int, ...] = DEFAULT_KNOTS_TOKENS,
+    limits: StepRegimeLimits | None = None,
 ) -> IterationTimeQuantileModel:
     """Fit the quantile model (and with it the final mean model, ``.mean_model_``) on the whole profile."""
     x = profile[list(COMPOSITION_COLUMNS)].to_numpy(dtype=float)
     y = profile["step_time_ms"].to_numpy(dtype=float)
-    return IterationTimeQuantileModel(
-        spec=spec,
-        quantiles=tuple(quantiles),
-        roofline_knots_tokens=roofline_knots_tokens,
-        random_state=random_state,
-    ).fit(x, y, groups=profile["config_id"].to_numpy())
+    return _quantile_estimator(spec, quantiles, random_state, roofline_knots_tokens, limits).fit(
+        x, y, groups=profile["config_id"].to_numpy()
+    )
 
 
 __all__ = [

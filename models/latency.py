@@ -1,39 +1,52 @@
 """Mean iteration time (a scikit-learn estimator), per TP degree, with a pure-Python fast path.
 
 **Mean model** (:class:`IterationTimeModel`). For each TP degree, the step time is a *non-negative*
-combination of physically meaningful terms (features from :mod:`.features`, ``T`` = tokens through the GEMMs):
+combination of physically meaningful terms (features from :mod:`.features`; ``T`` = tokens through the GEMMs,
+``T_g`` = ``T`` rounded up to the next CUDA-graph capture size when the step runs as a graph):
 
     t_ms = c0                                  fixed per-step cost (weight-streaming floor, launches, CPU)
-         + Σ_k a_k · (2·P/tp) · max(T, τ_k)     GEMM rooflines: weight-bound below τ_k tokens, compute above
+         + Σ_k a_k · (2·P/tp) · max(T_g, τ_k)   GEMM rooflines: weight-bound below τ_k tokens, compute above
          + b1 · attn_prefill_flops              causal attention of the prefill part (compute-bound)
          + b2 · kv_read_bytes                   decode attention (memory-bound: KV bytes read)
          + b3 · num_prefill_seqs                per-sequence work (LM-head rows, sampling, metadata)
          + b4 · num_decode_seqs
          + e1 · [prefill part present]          fixed cost of each phase's attention kernels
          + e2 · [decode part present]
+         + f0 · [eager]                         a step beyond the CUDA-graph sizes launches every kernel
+         + Σ_j f_j · [eager] · max(0, σ_j − T)  ... and the GPU idles until the launches are done
+         + g · allreduce_nccl_bytes             all-reduce messages above the custom all-reduce limit (NCCL)
 
 ``P`` are the layer weights; ``τ_0 = 0`` gives the pure-compute term. A GEMM over ``T`` rows costs ``max(FLOPs
 / peak, bytes / bandwidth)``, and ``2·P/tp · max(T, τ)`` is exactly that roofline with its ridge at ``τ``
 tokens (= FLOP/byte for bf16); real kernels change regime gradually, so a non-negative mix of rooflines with
 ridges at ``roofline_knots_tokens`` fits them. Within one TP the all-reduce volume is proportional to ``T``,
-so its cost is carried by the same terms (and its fixed latency by ``c0``). Coefficients are found by
-non-negative least squares on the *relative* error (rows divided by the measured time, repeats of a
-configuration averaged first), so every term keeps its physical sign and the fit minimises the error that MAPE
-measures.
+so its cost is carried by the same terms (and its fixed latency by ``c0``), except where vLLM switches from its
+custom all-reduce to NCCL (``g``).
+
+*Eager steps* (more tokens than ``cuda_graph_max_tokens``, see :mod:`.step_regime`) are launched kernel by
+kernel from Python. Their time is ``max(CPU launch time L, GPU time G(T))``; ``max(L, G) = G + max(0, L − G)``
+and, with ``G`` growing in ``T``, the excess ``max(0, L − G)`` is a convex, decreasing function of ``T`` that
+vanishes once the GPU work outlasts the launches. The reverse hinges ``max(0, σ_j − T)`` (``σ`` =
+``eager_knots_tokens``) with non-negative weights represent exactly such functions, so mid-size steps get
+their CPU floor and large ones none. This is what makes TP4 no faster than TP2 at 1–2k tokens on H200.
+
+Coefficients are found by non-negative least squares on the *relative* error (rows divided by the measured
+time, repeats of a configuration averaged first), so every term keeps its physical sign and the fit minimises
+the error that MAPE measures.
 
 Prediction is a dot product: :meth:`IterationTimeModel.predict_ms` evaluates one step in pure Python from
-folded per-TP coefficients (a few µs, see ``benchmarks/RESULTS.md``), for the simulator's inner loop.
+folded per-TP coefficients (about 1 µs, see ``benchmarks/RESULTS.md``), for the simulator's inner loop.
 
 The quantile variant lives in :mod:`.quantile`.
 
 Extrapolation: predicting for a composition outside the range profiled at that TP warns once per feature
-(:class:`OutOfProfileRangeWarning`) naming the feature, the value and the range.
+(:class:`OutOfProfileRangeWarning`, :mod:`.ranges`) naming the feature, the value and the range.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
+from bisect import bisect_left
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,57 +55,25 @@ from scipy.optimize import nnls
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
+from .basis import DEFAULT_EAGER_KNOTS_TOKENS, DEFAULT_KNOTS_TOKENS, Basis, basis_names, design_matrix
 from .features import ArchitectureConstants, FloatArray, as_composition
+from .ranges import RANGE_FEATURES, OutOfProfileRangeWarning, RangeGuard, profiled_ranges
 from .spec import ModelSpec
+from .step_regime import VLLM_CUSTOM_ALLREDUCE_MAX_BYTES, VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE, cuda_graph_capture_sizes
 
-DEFAULT_KNOTS_TOKENS: tuple[int, ...] = (0, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.99)
 
-#: Composition quantities whose profiled range is guarded (name -> how to compute it from a composition row).
-RANGE_FEATURES: tuple[str, ...] = (
-    "tokens",
-    "num_prefill_seqs",
-    "prefill_attention_pairs",
-    "num_decode_seqs",
-    "decode_context_tokens",
-)
-
-
-class OutOfProfileRangeWarning(UserWarning):
-    """A prediction was asked for outside the range the model was profiled on (it extrapolates)."""
-
-
-def _range_values(comp: FloatArray) -> FloatArray:
-    """Columns of :data:`RANGE_FEATURES` for a composition matrix."""
-    return np.column_stack([comp[:, 2] + comp[:, 4], comp[:, 1], comp[:, 3], comp[:, 4], comp[:, 5]])
-
-
-def basis_names(knots_tokens: Sequence[int]) -> list[str]:
-    """Names of the design-matrix columns for the given roofline knots."""
-    return (
-        ["const"]
-        + [f"gemm_roofline_{int(k)}" for k in knots_tokens]
-        + ["attn_prefill_flops", "kv_read_bytes", "num_prefill_seqs", "num_decode_seqs"]
-        + ["has_prefill", "has_decode"]
-    )
-
-
-def design_matrix(consts: ArchitectureConstants, comp: FloatArray, knots_tokens: Sequence[int]) -> FloatArray:
-    """Design matrix (rows of ``comp``; columns :func:`basis_names`)."""
-    tp, n_pre, pre_tok, pairs, n_dec, dec_ctx = (comp[:, i] for i in range(6))
-    tokens = pre_tok + n_dec
-    gemm_scale = 2.0 * consts.layer_linear_params / tp
-    cols = [np.ones_like(tp)]
-    cols += [gemm_scale * np.maximum(tokens, float(k)) for k in knots_tokens]
-    cols += [
-        4.0 * pairs * consts.head_dim * consts.q_heads_per_gpu(tp) * consts.num_layers,
-        dec_ctx * consts.kv_bytes_per_token_per_gpu(tp),
-        n_pre,
-        n_dec,
-        (n_pre > 0).astype(float),
-        (n_dec > 0).astype(float),
-    ]
-    return np.column_stack(cols)
+__all__ = [
+    "DEFAULT_EAGER_KNOTS_TOKENS",
+    "DEFAULT_KNOTS_TOKENS",
+    "DEFAULT_QUANTILES",
+    "RANGE_FEATURES",
+    "Basis",
+    "IterationTimeModel",
+    "OutOfProfileRangeWarning",
+    "basis_names",
+    "design_matrix",
+]
 
 
 def _relative_nnls(a: FloatArray, y: FloatArray) -> FloatArray:
@@ -122,52 +103,47 @@ def _check_target(y: npt.ArrayLike, n_rows: int) -> FloatArray:
     return arr
 
 
-class _RangeGuard:
-    """Warn once per feature when a prediction leaves the profiled range of its TP."""
+@dataclass(frozen=True, slots=True)
+class _FastTp:
+    """Per-TP coefficients folded for :meth:`IterationTimeModel.predict_ms` (ms per unit of each quantity)."""
 
-    def __init__(self, model_name: str, ranges: dict[int, list[list[float]]]) -> None:
-        self.model_name = model_name
-        self.ranges = ranges
-        self.warned: set[str] = set()
-
-    def warn(self, feature: str, tp: int, value: float) -> None:
-        if feature in self.warned:
-            return
-        self.warned.add(feature)
-        lo, hi = self.ranges[tp][RANGE_FEATURES.index(feature)]
-        warnings.warn(
-            f"{self.model_name} latency model: {feature}={value:,.0f} at tp={tp} is outside the profiled "
-            "range "
-            f"[{lo:,.0f}, {hi:,.0f}]; the prediction extrapolates (profile larger batches to cover it). "
-            "Warned once per feature.",
-            OutOfProfileRangeWarning,
-            stacklevel=4,
-        )
-
-    def check_matrix(self, comp: FloatArray) -> None:
-        values = _range_values(comp)
-        for tp in np.unique(comp[:, 0]).astype(int):
-            rows = comp[:, 0] == tp
-            bounds = np.asarray(self.ranges[int(tp)])
-            v = values[rows]
-            outside = (v < bounds[:, 0]) | (v > bounds[:, 1])
-            for j in np.flatnonzero(outside.any(axis=0)):
-                self.warn(RANGE_FEATURES[j], int(tp), float(v[outside[:, j], j][0]))
+    const: float
+    per_token: float  # pure-compute roofline term (knot 0)
+    hinges: tuple[tuple[float, float], ...]  # (knot tokens, ms per token) of the other rooflines
+    per_pair: float
+    per_kv_token: float
+    per_prefill_seq: float
+    per_decode_seq: float
+    has_prefill: float
+    has_decode: float
+    eager: float
+    underlaps: tuple[tuple[float, float], ...]  # (eager knot tokens, ms per token below it)
+    nccl_per_token: float
+    nccl_min_tokens: float  # steps with at least this many tokens all-reduce through NCCL
+    ranges: tuple[tuple[float, float], ...]
 
 
 class IterationTimeModel(RegressorMixin, BaseEstimator):
     """Mean iteration time (ms) from a composition matrix (columns :data:`.features.COMPOSITION_COLUMNS`).
 
     Parameters are only stored here (scikit-learn contract); ``fit`` learns one coefficient vector per TP.
+    ``cuda_graph_max_tokens`` and ``custom_allreduce_max_bytes`` describe the profiled engine
+    (:class:`.step_regime.StepRegimeLimits`; vLLM 0.26's defaults).
     """
 
     def __init__(
         self,
         spec: ModelSpec | None = None,
         roofline_knots_tokens: tuple[int, ...] = DEFAULT_KNOTS_TOKENS,
+        eager_knots_tokens: tuple[int, ...] = DEFAULT_EAGER_KNOTS_TOKENS,
+        cuda_graph_max_tokens: int = VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE,
+        custom_allreduce_max_bytes: int = VLLM_CUSTOM_ALLREDUCE_MAX_BYTES,
     ) -> None:
         self.spec = spec
         self.roofline_knots_tokens = roofline_knots_tokens
+        self.eager_knots_tokens = eager_knots_tokens
+        self.cuda_graph_max_tokens = cuda_graph_max_tokens
+        self.custom_allreduce_max_bytes = custom_allreduce_max_bytes
 
     # -- fitting ---------------------------------------------------------------------------------------------
     def _constants(self) -> ArchitectureConstants:
@@ -178,16 +154,24 @@ class IterationTimeModel(RegressorMixin, BaseEstimator):
             )
         return ArchitectureConstants.from_spec(self.spec)
 
+    def _basis(self) -> Basis:
+        basis = Basis(
+            roofline_knots_tokens=tuple(int(k) for k in self.roofline_knots_tokens),
+            eager_knots_tokens=tuple(int(k) for k in self.eager_knots_tokens),
+            cuda_graph_max_tokens=int(self.cuda_graph_max_tokens),
+            custom_allreduce_max_bytes=int(self.custom_allreduce_max_bytes),
+        )
+        basis.validate()
+        return basis
+
     def fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> IterationTimeModel:
         """Fit per-TP coefficients by relative non-negative least squares; returns ``self``."""
         consts = self._constants()
-        knots = tuple(int(k) for k in self.roofline_knots_tokens)
-        if any(k < 0 for k in knots) or len(set(knots)) != len(knots):
-            raise ValueError(f"roofline_knots_tokens={self.roofline_knots_tokens} must be distinct and >= 0")
+        basis = self._basis()
         comp = as_composition(X)
         target = _check_target(y, comp.shape[0])
         comp_u, target_u = _aggregate(comp, target)
-        n_basis = len(basis_names(knots))
+        n_basis = len(basis.names())
         coef: dict[int, FloatArray] = {}
         ranges: dict[int, list[list[float]]] = {}
         for tp in np.unique(comp_u[:, 0]).astype(int):
@@ -197,44 +181,52 @@ class IterationTimeModel(RegressorMixin, BaseEstimator):
                     f"tp={tp} has {int(rows.sum())} distinct configurations; the model has {n_basis} "
                     "coefficients per TP: profile more configurations at this TP"
                 )
-            coef[int(tp)] = _relative_nnls(design_matrix(consts, comp_u[rows], knots), target_u[rows])
-            values = _range_values(comp[comp[:, 0] == tp])
-            ranges[int(tp)] = np.column_stack([values.min(axis=0), values.max(axis=0)]).tolist()
+            coef[int(tp)] = _relative_nnls(design_matrix(consts, comp_u[rows], basis), target_u[rows])
+            ranges[int(tp)] = profiled_ranges(comp[comp[:, 0] == tp])
         self.coef_ = coef
         self.ranges_ = ranges
         self.tps_ = tuple(sorted(coef))
-        self.feature_names_ = tuple(basis_names(knots))
+        self.feature_names_ = tuple(basis.names())
         self.n_features_in_ = comp.shape[1]
         self._prepare()
         return self
 
     # -- state that is derived from the learned coefficients (rebuilt after loading) -------------------------
+    def _fold(self, tp: int, c: FloatArray, consts: ArchitectureConstants, basis: Basis) -> _FastTp:
+        n_roof, n_eager = len(basis.roofline_knots_tokens), len(basis.eager_knots_tokens)
+        gemm_scale = 2.0 * consts.layer_linear_params / tp
+        roof_coef = zip(basis.roofline_knots_tokens, c[1 : 1 + n_roof], strict=True)
+        roof = [(float(k), float(a) * gemm_scale) for k, a in roof_coef if a > 0]
+        tail = [float(v) for v in c[1 + n_roof : 1 + n_roof + 7]]
+        under = zip(basis.eager_knots_tokens, c[8 + n_roof : 8 + n_roof + n_eager], strict=True)
+        message_per_token = consts.hidden_size * consts.dtype_bytes
+        multi_gpu = tp > 1
+        return _FastTp(
+            const=float(c[0]),
+            per_token=sum(a for k, a in roof if k == 0.0),
+            hinges=tuple((k, a) for k, a in roof if k > 0.0),
+            per_pair=tail[0] * 4.0 * consts.head_dim * float(consts.q_heads_per_gpu(tp)) * consts.num_layers,
+            per_kv_token=tail[1] * float(consts.kv_bytes_per_token_per_gpu(tp)),
+            per_prefill_seq=tail[2],
+            per_decode_seq=tail[3],
+            has_prefill=tail[4],
+            has_decode=tail[5],
+            eager=tail[6],
+            underlaps=tuple((float(k), float(a)) for k, a in under if a > 0),
+            nccl_per_token=float(c[-1]) * 2.0 * consts.num_layers * message_per_token if multi_gpu else 0.0,
+            nccl_min_tokens=basis.custom_allreduce_max_bytes / message_per_token if multi_gpu else float("inf"),
+            ranges=tuple((float(lo), float(hi)) for lo, hi in self.ranges_[tp]),
+        )
+
     def _prepare(self) -> None:
         consts = self._constants()
-        knots = [float(k) for k in self.roofline_knots_tokens]
-        fast: dict[int, tuple[Any, ...]] = {}
-        for tp, c in self.coef_.items():
-            gemm_scale = 2.0 * consts.layer_linear_params / tp
-            hinge = [(k, float(a) * gemm_scale) for k, a in zip(knots, c[1 : 1 + len(knots)], strict=True) if a > 0]
-            linear = sum(a for k, a in hinge if k == 0.0)
-            hinge = [(k, a) for k, a in hinge if k > 0.0]
-            tail = c[1 + len(knots) :]
-            attn = 4.0 * consts.head_dim * float(consts.q_heads_per_gpu(tp)) * consts.num_layers
-            fast[tp] = (
-                float(c[0]),
-                float(linear),
-                tuple(hinge),
-                float(tail[0]) * attn,
-                float(tail[1]) * float(consts.kv_bytes_per_token_per_gpu(tp)),
-                float(tail[2]),
-                float(tail[3]),
-                tuple(tuple(r) for r in self.ranges_[tp]),
-                float(tail[4]),
-                float(tail[5]),
-            )
-        self._fast = fast
+        basis = self._basis()
+        self._fast = {tp: self._fold(tp, c, consts, basis) for tp, c in self.coef_.items()}
+        self._graph_max = basis.cuda_graph_max_tokens
+        self._graph_sizes = cuda_graph_capture_sizes(basis.cuda_graph_max_tokens)
         self._consts_cache = consts
-        self._guard = _RangeGuard(self.spec.name if self.spec else "?", self.ranges_)
+        self._basis_cache = basis
+        self._guard = RangeGuard(self.spec.name if self.spec else "?", self.ranges_)
 
     def _check_tp(self, tp: int) -> None:
         if tp not in self.coef_:
@@ -248,29 +240,26 @@ class IterationTimeModel(RegressorMixin, BaseEstimator):
         """Mean step time in ms for every row of the composition matrix ``X``."""
         check_is_fitted(self, "coef_")
         comp = as_composition(X)
-        consts = self._constants()
-        out = np.empty(comp.shape[0])
         for tp in np.unique(comp[:, 0]).astype(int):
             self._check_tp(int(tp))
-            rows = comp[:, 0] == tp
-            out[rows] = design_matrix(consts, comp[rows], self.roofline_knots_tokens) @ self.coef_[int(tp)]
+        out = self.predict_trusted(comp)
         self._guard.check_matrix(comp)
         return out
 
     def predict_trusted(self, comp: FloatArray) -> FloatArray:
         """Like :meth:`predict` for a float64 ``(n, 6)`` composition built by trusted code: no validation and
         no range warnings (the capacity builder probes far outside any profile on purpose)."""
-        consts = self._consts_cache
+        consts, basis = self._consts_cache, self._basis_cache
         tps = comp[:, 0]
         first = int(tps[0])
         if (tps == first).all():
             self._check_tp(first)
-            return design_matrix(consts, comp, self.roofline_knots_tokens) @ self.coef_[first]
+            return design_matrix(consts, comp, basis) @ self.coef_[first]
         out = np.empty(comp.shape[0])
         for tp in np.unique(tps).astype(int):
             self._check_tp(int(tp))
             rows = tps == tp
-            out[rows] = design_matrix(consts, comp[rows], self.roofline_knots_tokens) @ self.coef_[int(tp)]
+            out[rows] = design_matrix(consts, comp[rows], basis) @ self.coef_[int(tp)]
         return out
 
     def predict_ms(
@@ -282,22 +271,36 @@ class IterationTimeModel(RegressorMixin, BaseEstimator):
         num_decode_seqs: int,
         decode_context_tokens: int,
     ) -> float:
-        """Mean time of one step, in ms, in pure Python (the simulator's inner loop; a few µs)."""
+        """Mean time of one step, in ms, in pure Python (the simulator's inner loop; about 1 µs)."""
         try:
-            c0, lin, hinge, b_attn, b_kv, b_pre, b_dec, rng, e_pre, e_dec = self._fast[tp]
+            f = self._fast[tp]
         except (KeyError, AttributeError):
             check_is_fitted(self, "coef_")
             self._check_tp(tp)
             raise
         tokens = prefill_tokens + num_decode_seqs
-        t = c0 + lin * tokens + b_attn * prefill_attention_pairs + b_kv * decode_context_tokens
-        t += b_pre * num_prefill_seqs + b_dec * num_decode_seqs
+        t = f.const + f.per_pair * prefill_attention_pairs + f.per_kv_token * decode_context_tokens
+        t += f.per_prefill_seq * num_prefill_seqs + f.per_decode_seq * num_decode_seqs
         if num_prefill_seqs:
-            t += e_pre
+            t += f.has_prefill
         if num_decode_seqs:
-            t += e_dec
-        for k, a in hinge:
-            t += a * (tokens if tokens > k else k)
+            t += f.has_decode
+        if tokens > self._graph_max:
+            gemm_tokens = tokens
+            t += f.eager
+            for k, a in f.underlaps:
+                if tokens < k:
+                    t += a * (k - tokens)
+        else:
+            sizes = self._graph_sizes
+            i = bisect_left(sizes, tokens)
+            gemm_tokens = sizes[i] if i < len(sizes) else tokens
+        if tokens >= f.nccl_min_tokens:
+            t += f.nccl_per_token * tokens
+        t += f.per_token * gemm_tokens
+        for k, a in f.hinges:
+            t += a * (gemm_tokens if gemm_tokens > k else k)
+        rng = f.ranges
         if (
             tokens > rng[0][1]
             or num_prefill_seqs > rng[1][1]
@@ -306,23 +309,21 @@ class IterationTimeModel(RegressorMixin, BaseEstimator):
             or decode_context_tokens > rng[4][1]
             or tokens < rng[0][0]
         ):
-            self._warn_scalar(
-                tp,
-                (tokens, num_prefill_seqs, prefill_attention_pairs, num_decode_seqs, decode_context_tokens),
+            self._guard.check_scalar(
+                tp, (tokens, num_prefill_seqs, prefill_attention_pairs, num_decode_seqs, decode_context_tokens)
             )
         return t
-
-    def _warn_scalar(self, tp: int, values: tuple[float, ...]) -> None:
-        for j, (v, (lo, hi)) in enumerate(zip(values, self._fast[tp][7], strict=True)):
-            if v < lo or v > hi:
-                self._guard.warn(RANGE_FEATURES[j], tp, float(v))
 
     # -- persistence (plain numbers only) --------------------------------------------------------------------
     def to_params(self) -> dict[str, Any]:
         """Learned state as plain JSON-able numbers."""
         check_is_fitted(self, "coef_")
+        basis = self._basis()
         return {
-            "roofline_knots_tokens": [int(k) for k in self.roofline_knots_tokens],
+            "roofline_knots_tokens": list(basis.roofline_knots_tokens),
+            "eager_knots_tokens": list(basis.eager_knots_tokens),
+            "cuda_graph_max_tokens": basis.cuda_graph_max_tokens,
+            "custom_allreduce_max_bytes": basis.custom_allreduce_max_bytes,
             "feature_names": list(self.feature_names_),
             "coef": {str(tp): [float(v) for v in c] for tp, c in self.coef_.items()},
             "ranges": {str(tp): r for tp, r in self.ranges_.items()},
@@ -331,8 +332,14 @@ class IterationTimeModel(RegressorMixin, BaseEstimator):
     @classmethod
     def from_params(cls, spec: ModelSpec, params: dict[str, Any]) -> IterationTimeModel:
         """Rebuild a fitted model from :meth:`to_params` output (validated)."""
-        model = cls(spec=spec, roofline_knots_tokens=tuple(int(k) for k in params["roofline_knots_tokens"]))
-        names = basis_names(model.roofline_knots_tokens)
+        model = cls(
+            spec=spec,
+            roofline_knots_tokens=tuple(int(k) for k in params["roofline_knots_tokens"]),
+            eager_knots_tokens=tuple(int(k) for k in params["eager_knots_tokens"]),
+            cuda_graph_max_tokens=int(params["cuda_graph_max_tokens"]),
+            custom_allreduce_max_bytes=int(params["custom_allreduce_max_bytes"]),
+        )
+        names = model._basis().names()
         if list(params["feature_names"]) != names:
             raise ValueError(f"feature names {params['feature_names']} do not match this version's {names}")
         coef = {int(tp): np.asarray(c, dtype=float) for tp, c in params["coef"].items()}

@@ -23,6 +23,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .features import FloatArray, as_composition
 from .latency import (
+    DEFAULT_EAGER_KNOTS_TOKENS,
     DEFAULT_KNOTS_TOKENS,
     DEFAULT_QUANTILES,
     IterationTimeModel,
@@ -30,6 +31,7 @@ from .latency import (
     _check_target,
 )
 from .spec import ModelSpec
+from .step_regime import VLLM_CUSTOM_ALLREDUCE_MAX_BYTES, VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE
 
 
 def _conformal_quantile(values: FloatArray, q: float) -> float:
@@ -44,7 +46,8 @@ class IterationTimeQuantileModel(BaseEstimator):
     band.
 
     ``fit(X, y, groups)`` holds out whole configurations (``groups`` = ``config_id``; identical compositions
-    when omitted) to calibrate; ``predict`` returns shape ``(n, len(quantiles))`` in ms.
+    when omitted) to calibrate; ``predict`` returns shape ``(n, len(quantiles))`` in ms. The knot and engine
+    parameters are those of the mean model (:class:`.latency.IterationTimeModel`).
     """
 
     def __init__(
@@ -55,6 +58,9 @@ class IterationTimeQuantileModel(BaseEstimator):
         n_splits: int = 5,
         roofline_knots_tokens: tuple[int, ...] = DEFAULT_KNOTS_TOKENS,
         random_state: int = 0,
+        eager_knots_tokens: tuple[int, ...] = DEFAULT_EAGER_KNOTS_TOKENS,
+        cuda_graph_max_tokens: int = VLLM_MAX_CUDAGRAPH_CAPTURE_SIZE,
+        custom_allreduce_max_bytes: int = VLLM_CUSTOM_ALLREDUCE_MAX_BYTES,
     ) -> None:
         self.spec = spec
         self.quantiles = quantiles
@@ -62,6 +68,18 @@ class IterationTimeQuantileModel(BaseEstimator):
         self.n_splits = n_splits
         self.roofline_knots_tokens = roofline_knots_tokens
         self.random_state = random_state
+        self.eager_knots_tokens = eager_knots_tokens
+        self.cuda_graph_max_tokens = cuda_graph_max_tokens
+        self.custom_allreduce_max_bytes = custom_allreduce_max_bytes
+
+    def _mean_estimator(self) -> IterationTimeModel:
+        return IterationTimeModel(
+            spec=self.spec,
+            roofline_knots_tokens=self.roofline_knots_tokens,
+            eager_knots_tokens=self.eager_knots_tokens,
+            cuda_graph_max_tokens=self.cuda_graph_max_tokens,
+            custom_allreduce_max_bytes=self.custom_allreduce_max_bytes,
+        )
 
     def fit(
         self, X: npt.ArrayLike, y: npt.ArrayLike, groups: npt.ArrayLike | None = None
@@ -75,7 +93,7 @@ class IterationTimeQuantileModel(BaseEstimator):
         comp = as_composition(X)
         target = _check_target(y, comp.shape[0])
         grp = np.unique(comp, axis=0, return_inverse=True)[1].ravel() if groups is None else np.asarray(groups).ravel()
-        base = IterationTimeModel(spec=self.spec, roofline_knots_tokens=self.roofline_knots_tokens)
+        base = self._mean_estimator()
         oof = np.empty_like(target)
         splitter = GroupKFold(n_splits=self.n_splits, shuffle=True, random_state=self.random_state)
         with warnings.catch_warnings():
@@ -167,6 +185,9 @@ class IterationTimeQuantileModel(BaseEstimator):
             n_splits=int(params["n_splits"]),
             roofline_knots_tokens=mean_model.roofline_knots_tokens,
             random_state=int(params["random_state"]),
+            eager_knots_tokens=mean_model.eager_knots_tokens,
+            cuda_graph_max_tokens=mean_model.cuda_graph_max_tokens,
+            custom_allreduce_max_bytes=mean_model.custom_allreduce_max_bytes,
         )
         edges = {int(tp): [float(v) for v in e] for tp, e in params["band_edges_ms"].items()}
         ratios = {int(tp): [[float(v) for v in row] for row in r] for tp, r in params["ratios"].items()}

@@ -22,6 +22,7 @@ from nitsum_opt.models.capacity import build_capacity_cells, load_tiers_file
 from nitsum_opt.models.latency import IterationTimeModel
 from nitsum_opt.models.plots import plot_tp_effect
 from nitsum_opt.models.profile_schema import ProfileError, load_meta, load_profile, meta_path_for
+from nitsum_opt.models.step_regime import StepRegimeLimits
 
 models_app = typer.Typer(help="Fit, inspect and plot the iteration-time models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -130,7 +131,8 @@ def plot(
     """Plot decode step time and per-GPU throughput vs batch size per TP, and prefill time vs tokens."""
     try:
         meta_file = meta_path_for(profile)
-        spec = load_meta(meta_file).model if meta_file.is_file() else None
+        meta = load_meta(meta_file) if meta_file.is_file() else None
+        spec = meta.model if meta is not None else None
         df = load_profile(profile, spec)
         if model is not None:
             mean_model = load_performance_model(model).mean_model
@@ -145,7 +147,12 @@ def plot(
                 "num_decode_seqs",
                 "decode_context_tokens",
             ]
-            mean_model = IterationTimeModel(spec=spec).fit(df[cols].to_numpy(float), df["step_time_ms"].to_numpy())
+            limits = StepRegimeLimits.from_engine_args(meta.engine_args if meta is not None else {})
+            mean_model = IterationTimeModel(
+                spec=spec,
+                cuda_graph_max_tokens=limits.cuda_graph_max_tokens,
+                custom_allreduce_max_bytes=limits.custom_allreduce_max_bytes,
+            ).fit(df[cols].to_numpy(float), df["step_time_ms"].to_numpy())
         gpu = str(df["gpu"].iloc[0])
         title = f"{df['model'].iloc[0]} on {gpu}"
         paths = plot_tp_effect(df, mean_model, out_dir, title=title, context=context)
