@@ -14,10 +14,7 @@ after every engine start and every switch.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,90 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 from nitsum_opt.models.spec import ModelSpec
+from nitsum_runtime.engine_handle import EngineHandle
 from nitsum_runtime.vllm_scenario import run_scenario
-from nitsum_runtime.watchdog import process_tree
 from nitsum_runtime.weights import ResidentWeightStore
 from nitsum_runtime.worker_ext import publish_store
-
-
-class EngineHandle:
-    """One vLLM engine process driven over a pipe (:func:`~nitsum_runtime.vllm_process.engine_process`).
-
-    Every command carries a deadline that the engine's watchdog enforces (an overdue command, or one engine
-    step, is answered with the engine's state and where it blocks); this side waits ``grace_s`` longer and
-    then reports the process tree. :meth:`send` / :meth:`wait` let a command run while another engine works
-    (the old engine's sleep during the new one's first step). :meth:`close` kills the process group."""
-
-    def __init__(
-        self, name: str, gpu_ids: tuple[int, ...], model_dir: str, llm_kwargs: dict[str, Any], grace_s: float = 20.0
-    ) -> None:
-        self.name, self.gpu_ids, self.model_dir, self.llm_kwargs = name, gpu_ids, model_dir, llm_kwargs
-        self.grace_s = grace_s
-        self.proc: Any = None
-        self.conn: Any = None
-        self._pending: tuple[str, float] | None = None
-
-    def start(self, timeout_s: float) -> dict[str, Any]:
-        from nitsum_runtime.vllm_process import engine_process
-
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=engine_process, args=(child, list(self.gpu_ids), self.model_dir, self.llm_kwargs)
-        )
-        self.proc.start()
-        return self._answer(timeout_s, "start")
-
-    def send(self, name: str, timeout_s: float = 120.0, **kwargs: Any) -> None:
-        """Start command ``name`` (its watchdog deadline: ``timeout_s``); collect the answer with :meth:`wait`."""
-        if self._pending is not None:
-            raise RuntimeError(f"engine {self.name}: {self._pending[0]!r} is still running; wait() for it first")
-        self.conn.send((name, kwargs, timeout_s))
-        self._pending = (name, timeout_s)
-
-    def wait(self) -> Any:
-        """Answer of the command started by :meth:`send`."""
-        if self._pending is None:
-            raise RuntimeError(f"engine {self.name}: no command is running")
-        name, timeout_s = self._pending
-        self._pending = None
-        return self._answer(timeout_s + self.grace_s, name)
-
-    def call(self, name: str, timeout_s: float = 120.0, **kwargs: Any) -> Any:
-        """Run command ``name`` and return its answer."""
-        self.send(name, timeout_s, **kwargs)
-        return self.wait()
-
-    def _answer(self, timeout_s: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while not self.conn.poll(1.0):
-            if not self.proc.is_alive():
-                raise RuntimeError(f"engine {self.name} died during {what!r} (exit {self.proc.exitcode})")
-            if time.monotonic() > deadline:
-                tree = process_tree(self.proc.pid)
-                raise TimeoutError(
-                    f"engine {self.name}: {what!r} got no answer within {timeout_s:.0f} s, not even from its "
-                    f"watchdog (process {self.proc.pid} alive; children: {tree})"
-                )
-        ok, value = self.conn.recv()
-        if not ok:
-            raise RuntimeError(f"engine {self.name}: {what!r} failed:\n{value}")
-        return value
-
-    def close(self) -> None:
-        """Kill the engine's process group (engine, engine core, workers). No orderly shutdown: it can take
-        minutes, and vLLM 0.26 unmaps the memory of an engine asleep at level 2 a second time when it frees
-        it (``CuMemAllocator._python_free_callback`` skips that only on ROCm), printing "CUDA Error: invalid
-        argument at cumem_allocator.cpp" per allocation; the driver frees everything when the processes end."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.join(timeout=30)
-        self.proc = None
 
 
 def write_model_dir(spec: ModelSpec, path: Path) -> None:
@@ -208,12 +127,12 @@ def _start_engine(e: EngineHandle, spec: ModelSpec, handles: str, timeout_s: flo
     kv_info = e.call("rpc", 60, method="nitsum_kv_info")
     sleep_s = e.call("sleep", 60)
     log(
-        f"engine {e.name} started in {info['start_s']:.1f} s; refill vs vLLM loaders: "
+        f"engine {e.name} started in {info.start_s:.1f} s; refill vs vLLM loaders: "
         f"{sum(len(c['mismatched']) for c in check)} mismatched of {sum(c['checked'] for c in check)}; "
         f"KV cache {kv_info[0]}"
     )
     return {
-        "start_s": info["start_s"],
+        "start_s": info.start_s,
         "first_fill": fill,
         "check_fill": check,
         "kv_info": kv_info,

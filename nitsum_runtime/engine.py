@@ -1,7 +1,8 @@
 """The ``Engine`` protocol the pool and the transition executor drive, and the values that cross it.
 
 Two implementations: :class:`nitsum_runtime.reference_engine.ReferenceEngine` (plain torch, CPU and GPU) and
-the vLLM adapter (``nitsum_runtime.vllm_engine``). An engine is one TP group of GPUs running one model copy;
+:class:`nitsum_runtime.vllm_pool_engine.VllmEngine` (a vLLM engine in its own process). This module imports
+neither torch nor vLLM. An engine is one TP group of GPUs running one model copy;
 it is *asleep* (no weights, no KV: memory free for other engines), *awake* (serving) or *paused* (awake,
 requests kept, no progress). A request leaves an engine as a :class:`RequestSnapshot` (tokens so far and where
 its KV lives) and joins another by :meth:`Engine.import_requests`, either with its KV migrated from the source
@@ -17,7 +18,6 @@ from typing import Protocol, runtime_checkable
 from pydantic import Field
 
 from nitsum_opt.models.spec import Frozen
-from nitsum_runtime.ref_model import TopK
 
 
 class EngineError(RuntimeError):
@@ -26,6 +26,15 @@ class EngineError(RuntimeError):
 
 class EngineCapacityError(EngineError):
     """The engine has no room (KV blocks or memory) for what was asked."""
+
+
+class TopK(Frozen):
+    """Top-k next-token log-probabilities of one row (ids sorted by decreasing log-probability)."""
+
+    token_ids: tuple[int, ...]
+    """Most likely next tokens; the first is the greedy choice."""
+    logprobs: tuple[float, ...]
+    """Their log-probabilities (float32 log-softmax over the whole vocabulary)."""
 
 
 class EngineState(StrEnum):

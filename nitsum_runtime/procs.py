@@ -13,7 +13,6 @@ import os
 import queue
 import signal
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -24,20 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def watch_parent(interval_s: float = 1.0) -> None:
-    """Exit this process as soon as its parent dies (a daemon thread polls the parent pid): rank processes
-    lead their own sessions, so nothing else would end a rank stuck in a collective after the controller is
-    killed."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(interval_s)
-            if os.getppid() != parent:
-                os._exit(3)
-
-    threading.Thread(target=watch, name="nitsum-parent-watch", daemon=True).start()
+from nitsum_runtime.watchdog import watch_parent as watch_parent  # re-export (it needs no torch)
 
 
 class RankFailure(RuntimeError):

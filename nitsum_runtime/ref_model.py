@@ -20,6 +20,7 @@ from pydantic import Field
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nitsum_opt.models.spec import Frozen, ModelSpec
+from nitsum_runtime.engine import TopK
 from nitsum_runtime.sharding import TpLayout
 
 
@@ -50,15 +51,6 @@ class BatchInput(Frozen):
     """Per-request metadata."""
     top_k: int = Field(default=5, ge=1)
     """Log-probabilities returned per row."""
-
-
-class TopK(Frozen):
-    """Top-k next-token log-probabilities of one row (ids sorted by decreasing log-probability)."""
-
-    token_ids: tuple[int, ...]
-    """Most likely next tokens; the first is the greedy choice."""
-    logprobs: tuple[float, ...]
-    """Their log-probabilities (float32 log-softmax over the whole vocabulary)."""
 
 
 class TpComm:

@@ -3,7 +3,16 @@
 :func:`engine_process` runs one vLLM engine (``LLM`` with sleep mode and the Nitsum worker extension) in its
 own process and session, serving commands from a pipe: attach the resident store, fill weights,
 sleep(level 2), wake weights / KV, generate (greedy, top-k and prompt log-probabilities), and step-by-step
-requests (add, step, abort) for requests in flight across a switch. vLLM is imported inside the process only.
+requests (add, step, abort) for requests in flight across a switch, and, for the pool engine
+(:class:`~nitsum_runtime.vllm_pool_engine.VllmEngine`), typed commands: ``add_many`` (all or nothing),
+``step_events`` (new tokens with their top-k) and ``kv_blocks`` (where a request's KV lives). The command set is
+:class:`~nitsum_runtime.vllm_protocol.EngineCommands`. vLLM is imported inside the process only.
+
+Engine core in this process: with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` in ``env`` (the pool engine's setting)
+vLLM runs its engine core in-process (``InprocClient``): one ``step()`` is exactly one scheduler iteration, an
+engine nobody steps makes no progress (what *pause* means), and the scheduler can be read for ``kv_blocks``. With
+vLLM's default (a separate engine-core process, benchmark (c)) the core's busy loop keeps stepping on its own
+whenever requests are unfinished, and ``step()`` only collects its outputs.
 
 Stepping: vLLM 0.26's ``LLMEngine.step()`` (``v1/engine/llm_engine.py``) blocks in
 ``SyncMPClient.get_output()`` until the engine core sends outputs, and an engine core without requests sends
@@ -21,16 +30,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from nitsum_runtime.procs import watch_parent
-from nitsum_runtime.watchdog import Progress, process_tree, serve_commands
+from nitsum_runtime.vllm_protocol import AddSpec, EngineStarted, KvBlocks, StepAnswer, command_table, new_tokens, top_of
+from nitsum_runtime.watchdog import Progress, process_tree, serve_commands, watch_parent
 
 
 def _top(logprobs: dict[int, Any] | None, k: int) -> list[list[float]]:
     """``[[token ids...], [logprobs...]]`` of the k most likely entries of one vLLM logprob dict."""
-    if not logprobs:
-        return [[], []]
-    items = sorted(logprobs.items(), key=lambda kv: -kv[1].logprob)[:k]
-    return [[int(t) for t, _ in items], [float(lp.logprob) for _, lp in items]]
+    top = top_of(logprobs, k)
+    return [list(top.token_ids), list(top.logprobs)]
 
 
 def run_steps(
@@ -56,6 +63,9 @@ class _Engine:
         self.llm, self.sp, self.progress = llm, sampling_cls, progress
         self.partial: dict[str, list[int]] = {}
         self.external: dict[str, str] = {}
+        self.internal: dict[str, str] = {}
+        self.top_k: dict[str, int] = {}  # requests added by add_many: k of their log-probabilities
+        self.reported: dict[str, int] = {}  # tokens step_events already handed out
         self.memory = "awake"  # what sleep/wake left resident: awake | asleep | weights (KV still asleep)
         self.steps_run = 0
 
@@ -113,15 +123,45 @@ class _Engine:
 
     def add(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
         params = self.sp(temperature=0.0, max_tokens=max_tokens, detokenize=False, ignore_eos=True)
+        self._add(request_id, prompt, params)
+
+    def _add(self, request_id: str, prompt: list[int], params: Any) -> None:
+        if request_id in self.partial:
+            raise ValueError(f"request {request_id!r} is already in this engine")
         internal = self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
         self.external[internal] = request_id
+        self.internal[request_id] = internal
         self.partial[request_id] = []
 
-    def step(self, n: int, step_timeout_s: float = 60.0) -> dict[str, Any]:
-        """Up to ``n`` steps (fewer when every request finished); tokens so far of every request."""
+    def add_many(self, requests: list[AddSpec]) -> None:
+        """Add requests with top-k log-probabilities; on a failure abort the ones added, then raise."""
+        added: list[str] = []
+        try:
+            for r in requests:
+                params = self.sp(
+                    temperature=0.0,
+                    max_tokens=r.max_tokens,
+                    logprobs=r.top_k,
+                    prompt_logprobs=r.top_k if r.prompt_logprobs else None,
+                    detokenize=False,
+                    ignore_eos=True,
+                )
+                self._add(r.request_id, list(r.prompt_token_ids), params)
+                self.top_k[r.request_id], self.reported[r.request_id] = r.top_k, 0
+                added.append(r.request_id)
+        except BaseException:
+            self.abort(added)
+            raise
+
+    def _run(self, n: int, step_timeout_s: float) -> tuple[int, list[Any], bool]:
         le = self.llm.llm_engine
         ran, outputs = run_steps(le.step, le.has_unfinished_requests, n, self.progress, step_timeout_s)
         self.steps_run += ran
+        return ran, outputs, bool(le.has_unfinished_requests())
+
+    def step(self, n: int, step_timeout_s: float = 60.0) -> dict[str, Any]:
+        """Up to ``n`` steps (fewer when every request finished); tokens so far of every request."""
+        ran, outputs, unfinished = self._run(n, step_timeout_s)
         finished = []
         for out in outputs:
             rid = self.external.get(out.request_id, out.request_id)
@@ -132,31 +172,90 @@ class _Engine:
             "tokens": {r: list(t) for r, t in self.partial.items()},
             "finished": finished,
             "steps": ran,
-            "unfinished": bool(le.has_unfinished_requests()),
+            "unfinished": unfinished,
         }
+
+    def step_events(self, n: int, step_timeout_s: float) -> StepAnswer:
+        """Up to ``n`` steps; for requests added by :meth:`add_many`, the tokens not handed out yet."""
+        ran, outputs, unfinished = self._run(n, step_timeout_s)
+        latest: dict[str, Any] = {}
+        for out in outputs:  # cumulative outputs: the last one of a request holds everything
+            latest[self.external.get(out.request_id, out.request_id)] = out
+        events = []
+        for rid, out in latest.items():
+            c = out.outputs[0]
+            self.partial[rid] = list(c.token_ids)
+            if rid not in self.top_k:
+                continue
+            ev = new_tokens(
+                rid, c.token_ids, c.logprobs, out.prompt_logprobs, self.reported[rid], self.top_k[rid], out.finished
+            )
+            self.reported[rid] += len(ev.token_ids)
+            if ev.token_ids or ev.finished:
+                events.append(ev)
+            if out.finished:
+                self._forget(rid)
+        return StepAnswer(events=tuple(events), steps=ran, unfinished=unfinished)
+
+    def _forget(self, rid: str) -> list[int]:
+        self.external.pop(self.internal.pop(rid, ""), None)
+        self.top_k.pop(rid, None)
+        self.reported.pop(rid, None)
+        return self.partial.pop(rid)
+
+    def kv_blocks(self, request_ids: list[str]) -> list[KvBlocks]:
+        """Block ids and computed tokens of the requests with KV, read from the in-process scheduler (empty
+        with a separate engine-core process)."""
+        sched = self._scheduler()
+        if sched is None:
+            return []
+        out = []
+        for rid in request_ids:
+            req = sched.requests.get(self.internal.get(rid, ""))
+            if req is None or not req.num_computed_tokens:
+                continue
+            blocks = sched.kv_cache_manager.get_block_ids(req.request_id)[0]
+            out.append(KvBlocks(request_id=rid, block_ids=tuple(blocks), num_computed_tokens=req.num_computed_tokens))
+        return out
+
+    def _scheduler(self) -> Any:
+        core = getattr(self.llm.llm_engine.engine_core, "engine_core", None)  # InprocClient -> EngineCore
+        return getattr(core, "scheduler", None)
+
+    def started(self, start_s: float) -> EngineStarted:
+        cfg = self.llm.llm_engine.vllm_config
+        return EngineStarted(
+            start_s=start_s,
+            pid=os.getpid(),
+            children=tuple(process_tree()),
+            max_model_len=cfg.model_config.max_model_len,
+            block_size=cfg.cache_config.block_size,
+            num_gpu_blocks=cfg.cache_config.num_gpu_blocks or 0,
+            kv_blocks_readable=self._scheduler() is not None,
+        )
 
     def abort(self, request_ids: list[str]) -> dict[str, list[int]]:
         """Stop requests (finished ones too) and hand back the tokens each generated on this engine."""
         known = [r for r in request_ids if r in self.partial]
         if known:
             self.llm.llm_engine.abort_request(known)
-        return {r: self.partial.pop(r) for r in known}
+        return {r: self._forget(r) for r in known}
 
 
-def engine_process(conn: Any, gpu_ids: list[int], model_dir: str, llm_kwargs: dict[str, Any]) -> None:
-    """Entry of an engine process: build the ``LLM`` on ``gpu_ids`` and serve ``(command, kwargs, deadline_s)``
-    from ``conn`` until ``stop`` (:func:`~nitsum_runtime.watchdog.serve_commands`); every answer is
-    ``(ok, value or traceback or watchdog report)``."""
+def engine_process(
+    conn: Any, gpu_ids: list[int], model_dir: str, llm_kwargs: dict[str, Any], env: dict[str, str] | None = None
+) -> None:
+    """Entry of an engine process: lead a new session, set ``env``, build the ``LLM`` on ``gpu_ids`` and serve
+    it (:func:`serve_engine`)."""
     os.setsid()
     watch_parent()
+    os.environ.update(env or {})
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
-    progress = Progress()
-    try:
-        t0 = time.perf_counter()
+
+    def build() -> tuple[Any, Any]:
         from nitsum_runtime.vllm_engine import llm_classes
 
         LLM, SamplingParams = llm_classes()
-
         llm = LLM(
             model=model_dir,
             load_format="dummy",
@@ -166,23 +265,26 @@ def engine_process(conn: Any, gpu_ids: list[int], model_dir: str, llm_kwargs: di
             worker_extension_cls="nitsum_runtime.worker_ext.NitsumWorkerExtension",
             **llm_kwargs,
         )
-        eng = _Engine(llm, SamplingParams, progress)
-        conn.send((True, {"start_s": time.perf_counter() - t0, "pid": os.getpid(), "children": process_tree()}))
+        return llm, SamplingParams
+
+    serve_engine(conn, build)
+
+
+def serve_engine(conn: Any, build: Callable[[], tuple[Any, Any]]) -> None:
+    """Build ``(LLM, SamplingParams)`` and serve ``(command, kwargs, deadline_s)`` from ``conn`` until ``stop``
+    (:func:`~nitsum_runtime.watchdog.serve_commands`); every answer is ``(ok, value or traceback or watchdog
+    report)``, the first one :class:`~nitsum_runtime.vllm_protocol.EngineStarted`. ``build`` makes a vLLM
+    ``LLM`` here, or the CPU stand-in in :mod:`nitsum_runtime.toy_vllm`."""
+    progress = Progress()
+    try:
+        t0 = time.perf_counter()
+        llm, sampling_cls = build()
+        eng = _Engine(llm, sampling_cls, progress)
+        conn.send((True, eng.started(time.perf_counter() - t0)))
     except BaseException:
         conn.send((False, traceback.format_exc()))
         return
-    commands = {
-        "rpc": eng.rpc,
-        "sleep": eng.sleep,
-        "wake_weights": lambda: eng.wake(["weights"]),
-        "wake_kv": lambda: eng.wake(["kv_cache"]),
-        "generate": eng.generate,
-        "add": eng.add,
-        "step": eng.step,
-        "abort": eng.abort,
-        "describe": eng.describe,
-    }
-    serve_commands(conn, commands, eng.describe, progress)
+    serve_commands(conn, command_table(eng), eng.describe, progress)
     try:  # "stop": end vLLM's engine-core and worker processes before this one exits
         llm.llm_engine.engine_core.shutdown()
     finally:

@@ -48,6 +48,21 @@ class Progress:
             return self.unit, time.monotonic() - self.started
 
 
+def watch_parent(interval_s: float = 1.0) -> None:
+    """Exit this process as soon as its parent dies (a daemon thread polls the parent pid): rank and engine
+    processes lead their own sessions, so nothing else would end a rank stuck in a collective after the controller is
+    killed."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="nitsum-parent-watch", daemon=True).start()
+
+
 def process_tree(pid: int | None = None) -> list[dict[str, Any]]:
     """Descendants of ``pid`` (default: this process) from ``/proc``: pid, parent, name and state
     (``R`` running, ``S`` sleeping, ``D`` in the kernel, ``Z`` dead but not reaped); empty off Linux."""

@@ -1,0 +1,426 @@
+"""A vLLM engine behind the :class:`~nitsum_runtime.engine.Engine` protocol, so that the pool and the transition
+executor drive vLLM exactly as they drive the reference engine.
+
+The engine runs in its own process and session (:func:`~nitsum_runtime.vllm_process.engine_process`, the only
+code that imports vLLM, through :mod:`nitsum_runtime.vllm_engine`), driven over a pipe with the typed commands
+of :mod:`nitsum_runtime.vllm_protocol`; this object is the controller's side and never imports vLLM. Its engine
+core runs inside the engine process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so one :meth:`VllmEngine.step` is
+one scheduler iteration and an engine nobody steps makes no progress:
+
+* **pause / resume** only stop and restart stepping; the requests and their KV stay in vLLM, so a rollback
+  resumes them where they were.
+* **sleep** is vLLM's ``sleep(level=2)`` (weights and KV discarded; the engine must hold no request);
+  **wake** is ``wake_up(["weights"])`` then ``wake_up(["kv_cache"])``; **fill_weights** is the worker
+  extension's ``nitsum_fill_weights`` (each rank's shard copied from the resident copy on its GPU through CUDA
+  IPC, never from disk), without which the weights are undefined after a wake.
+* With ``defer_sleep`` (default) :meth:`VllmEngine.sleep` sends the command and returns: in a transition the
+  source sleeps after the commit while the target resumes, so the release of its memory overlaps the target's
+  first steps instead of lying on the pause -> resume path. The memory is released before any engine sharing
+  a GPU with it wakes (:meth:`VllmEngine.wake` settles its siblings' pending sleeps first), and before any
+  other command to the engine itself.
+* **Requests move by re-prefill only.** :meth:`VllmEngine.can_migrate_from` is False: bringing external KV
+  into a vLLM engine needs a KV connector (``kv_connector_module_path``) so that its scheduler counts those
+  tokens as computed, and none exists yet. :meth:`VllmEngine.import_requests` therefore takes
+  ``kv_source=None`` only and re-adds each request as its prompt followed by the tokens generated so far,
+  asking only for the tokens still missing (all or nothing); the executor prices this as re-prefill
+  (:func:`~nitsum_runtime.switch_cost.kv_switch_cost` with ``can_migrate=False``). :meth:`export_requests`
+  still reports where the KV lives (vLLM block ids, read from the in-process scheduler) for that connector.
+* Every command has a deadline (:class:`VllmDeadlines`) enforced by the engine process's watchdog, which
+  answers a stuck command (or engine step) with the engine's state and the blocked stack, then exits. A lost
+  process (crash, watchdog, no answer) marks the engine failed and kills its process group; the requests it
+  held are still exported from this side's copy (tokens so far, no KV), so a transition can move them to
+  another engine and none is lost. :meth:`VllmEngine.restart` starts a fresh process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from nitsum_opt.models.spec import Frozen, ModelSpec
+from nitsum_runtime.engine import (
+    EngineCapacityError,
+    EngineError,
+    EngineState,
+    FillSummary,
+    GenerationRequest,
+    ImportResult,
+    KvDescriptor,
+    RequestSnapshot,
+    TokenEvent,
+)
+from nitsum_runtime.engine_handle import EngineCommandFailed, EngineHandle, EngineNoAnswer, EngineProcessLost
+from nitsum_runtime.vllm_protocol import AddSpec, EngineStarted, KvBlocks, StepAnswer
+
+
+class VllmDeadlines(Frozen):
+    """Deadlines (seconds) of the commands to a vLLM engine process, enforced by its watchdog."""
+
+    start_s: float = Field(default=300.0, gt=0)
+    """Building the engine (measured on H200: 47-60 s, 75-82 s with batch-invariant kernels)."""
+    step_s: float = Field(default=30.0, gt=0)
+    """One engine step."""
+    call_s: float = Field(default=90.0, gt=0)
+    """A worker RPC (refill, checks), adding, aborting or locating requests."""
+    memory_s: float = Field(default=60.0, gt=0)
+    """Sleep or wake."""
+    grace_s: float = Field(default=20.0, ge=0)
+    """Extra wait for the watchdog's own answer before the process is declared lost."""
+
+
+class EngineStartReport(Frozen):
+    """What :meth:`VllmEngine.start` did."""
+
+    engine_id: str
+    """Engine."""
+    started: EngineStarted
+    """The process's start answer (build time, limits)."""
+    fill_bytes: int = Field(ge=0)
+    """Bytes of the first refill from the resident store, all ranks."""
+    checked: int = Field(ge=0)
+    """Parameters cross-checked against vLLM's own weight loaders (0: check skipped)."""
+    mismatched: tuple[str, ...]
+    """``rank r: name`` of every parameter whose refill differs from vLLM's loaders (must be empty)."""
+    sleep_s: float = Field(ge=0)
+    """The first sleep."""
+
+
+@dataclass
+class _Held:
+    request: GenerationRequest
+    output: list[int]  # every token generated so far, on any engine
+
+
+class VllmEngine:
+    """One vLLM engine process (a TP group of GPUs) behind the ``Engine`` protocol; see the module docstring.
+    Nothing runs before :meth:`start`; the engine is then asleep."""
+
+    def __init__(
+        self,
+        handle: EngineHandle,
+        spec: ModelSpec,
+        store_handles: str,
+        deadlines: VllmDeadlines | None = None,
+        check_fill_at_start: bool = True,
+        defer_sleep: bool = True,
+    ) -> None:
+        self.handle, self.spec, self.store_handles = handle, spec, store_handles
+        self.deadlines = deadlines or VllmDeadlines()
+        self.check_fill_at_start, self.defer_sleep = check_fill_at_start, defer_sleep
+        self._state = EngineState.ASLEEP
+        self._resident = False  # a wake command was sent since the last sleep
+        self._held: dict[str, _Held] = {}
+        self.started: EngineStarted | None = None
+        self.failure: str | None = None
+        """Why the engine process was lost (None while it serves)."""
+        self.siblings: list[VllmEngine] = []
+        """Engines sharing a GPU with this one (their deferred sleeps finish before this one wakes)."""
+        self.timings: dict[str, float] = {}
+        """Seconds of the latest ``wake_weights``, ``wake_kv``, ``fill`` and ``sleep`` (a deferred sleep when
+        it is collected)."""
+
+    # identity -------------------------------------------------------------------------------------------
+    @property
+    def engine_id(self) -> str:
+        return self.handle.name
+
+    @property
+    def gpu_ids(self) -> tuple[int, ...]:
+        return self.handle.gpu_ids
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    def __repr__(self) -> str:
+        dead = f", failed: {self.failure.splitlines()[0]}" if self.failure else ""
+        return f"VllmEngine({self.engine_id}, {self._state.value}, {len(self._held)} requests{dead})"
+
+    # process ----------------------------------------------------------------------------------------------
+    def launch(self) -> None:
+        """Start the engine process; :meth:`finish_start` completes the start (several may build at once)."""
+        self.handle.launch()
+
+    def finish_start(self) -> EngineStartReport:
+        """Wait for the engine, attach the resident store, fill and cross-check the weights, sleep (level 2)."""
+        d = self.deadlines
+        self.started = self._guard(lambda: self.handle.wait_started(d.start_s), "start")
+        self.failure = None
+        self.rpc("nitsum_attach_store", self.spec.model_dump_json(), self.store_handles)
+        fills = self._call("rpc", d.call_s, method="nitsum_fill_weights")
+        checks = self._call("rpc", 2 * d.call_s, method="nitsum_check_fill") if self.check_fill_at_start else []
+        sleep_s = self._call("sleep", d.memory_s)
+        self._state, self._resident = EngineState.ASLEEP, False
+        return EngineStartReport(
+            engine_id=self.engine_id,
+            started=self.started,
+            fill_bytes=sum(f["bytes_copied"] for f in fills),
+            checked=sum(c["checked"] for c in checks),
+            mismatched=tuple(f"rank {c['rank']}: {n}" for c in checks for n in c["mismatched"]),
+            sleep_s=sleep_s,
+        )
+
+    def start(self) -> EngineStartReport:
+        """:meth:`launch` then :meth:`finish_start`."""
+        self.launch()
+        return self.finish_start()
+
+    def restart(self) -> EngineStartReport:
+        """A fresh engine process (after a failure); the engine must hold no request."""
+        if self._held:
+            raise EngineError(
+                f"engine {self.engine_id} still holds {sorted(self._held)}; move them to another engine "
+                "(a transition away from it) before restarting it"
+            )
+        self.close()
+        return self.start()
+
+    def close(self) -> None:
+        """Kill the engine's process group (teardown; requests held are forgotten)."""
+        self.handle.close()
+        self._held.clear()
+        self._state, self._resident = EngineState.ASLEEP, False
+
+    def settle(self, raise_errors: bool = False) -> None:
+        """Collect a deferred sleep; a failed one marks the engine failed (and raises if asked)."""
+        if self.handle.pending != "sleep":
+            return
+        try:
+            self.timings["sleep_s"] = self.handle.wait()
+        except (EngineCommandFailed, EngineProcessLost, EngineNoAnswer) as exc:
+            self._fail(f"deferred sleep failed: {exc}")  # memory state unknown: end the process, which frees it
+            if raise_errors:
+                raise EngineError(f"engine {self.engine_id}: {exc}") from None
+
+    def _fail(self, why: str) -> None:
+        self.failure = why
+        self.handle.close()
+
+    def _guard(self, fn: Any, what: str) -> Any:
+        try:
+            return fn()
+        except EngineCommandFailed as exc:
+            raise EngineError(str(exc)) from None
+        except (EngineProcessLost, EngineNoAnswer) as exc:
+            self._fail(str(exc))
+            raise EngineError(f"{exc}\nengine {self.engine_id} is lost; restart() it") from None
+
+    def _call(self, name: str, timeout_s: float, **kwargs: Any) -> Any:
+        self.settle(raise_errors=True)
+        if self.failure is not None:
+            why = self.failure.splitlines()[0]
+            raise EngineError(f"engine {self.engine_id} was lost earlier ({why}); restart() it")
+        return self._guard(lambda: self.handle.call(name, timeout_s, **kwargs), name)
+
+    def rpc(self, method: str, *args: Any) -> list[Any]:
+        """Run a worker-extension method on every rank (one answer per rank)."""
+        return self._call("rpc", self.deadlines.call_s, method=method, args=args)
+
+    # lifecycle --------------------------------------------------------------------------------------------
+    def wake(self) -> None:
+        if self._state is not EngineState.ASLEEP:
+            return
+        for s in self.siblings:
+            s.settle()  # engines sharing a GPU release their memory first
+        self._resident = True
+        self.timings["wake_weights_s"] = self._call("wake_weights", self.deadlines.memory_s)
+        self.timings["wake_kv_s"] = self._call("wake_kv", self.deadlines.memory_s)
+        self._state = EngineState.AWAKE
+
+    def fill_weights(self) -> FillSummary:
+        self._need_awake("fill the weights of")
+        t0 = time.perf_counter()
+        fills = self.rpc("nitsum_fill_weights")
+        self.timings["fill_s"] = time.perf_counter() - t0
+        return FillSummary(bytes_copied=sum(f["bytes_copied"] for f in fills), seconds=self.timings["fill_s"])
+
+    def check_weights(self) -> dict[int, list[str]]:
+        """Parameters differing, bit for bit, from each rank's shard of the resident store, by GPU."""
+        self._need_awake("check the weights of")
+        return {self.gpu_ids[r["rank"]]: list(r["mismatched"]) for r in self.rpc("nitsum_fill_mismatches")}
+
+    def sleep(self) -> None:
+        if self._held:
+            raise EngineError(
+                f"engine {self.engine_id} still holds requests {sorted(self._held)}; move or drop them before it sleeps"
+            )
+        if self.failure is not None or (self._state is EngineState.ASLEEP and not self._resident):
+            self._state, self._resident = EngineState.ASLEEP, False  # a lost engine holds no memory any more
+            return
+        if self.defer_sleep:
+            self.settle(raise_errors=True)
+            self._guard(lambda: self.handle.send("sleep", self.deadlines.memory_s), "sleep")
+        else:
+            self.timings["sleep_s"] = self._call("sleep", self.deadlines.memory_s)
+        self._state, self._resident = EngineState.ASLEEP, False
+
+    def pause(self) -> None:
+        self._need_awake("pause")
+        self._state = EngineState.PAUSED
+
+    def resume(self) -> None:
+        self._need_awake("resume")
+        if self.failure is not None:
+            raise EngineError(f"engine {self.engine_id} was lost ({self.failure.splitlines()[0]}); it cannot resume")
+        self._state = EngineState.AWAKE
+
+    def _need_awake(self, what: str) -> None:
+        if self._state is EngineState.ASLEEP:
+            raise EngineError(f"cannot {what} engine {self.engine_id}: it is asleep; wake it first")
+
+    # requests ---------------------------------------------------------------------------------------------
+    def request_ids(self) -> tuple[str, ...]:
+        return tuple(self._held)
+
+    def add_request(self, request: GenerationRequest) -> None:
+        self._need_awake("add a request to")
+        self._check_new([request.request_id])
+        self._check_fits(request)
+        self._add([(request, ())])
+
+    def _check_new(self, ids: Sequence[str]) -> None:
+        seen: set[str] = set()
+        for rid in ids:
+            if rid in self._held or rid in seen:
+                raise EngineError(f"request {rid!r} is already on engine {self.engine_id}")
+            seen.add(rid)
+
+    def _check_fits(self, request: GenerationRequest) -> None:
+        limit = self.started.max_model_len if self.started else self.spec.max_model_len
+        total = len(request.prompt_token_ids) + request.max_tokens
+        if total > limit:
+            raise EngineCapacityError(
+                f"request {request.request_id!r} needs {total} tokens (prompt + output); engine "
+                f"{self.engine_id} takes at most max_model_len={limit}"
+            )
+
+    def _add(self, items: Sequence[tuple[GenerationRequest, tuple[int, ...]]]) -> None:
+        specs = []
+        for req, done in items:
+            left = req.max_tokens - len(done)
+            if left < 1:
+                raise EngineError(f"request {req.request_id!r} already has all its {req.max_tokens} tokens")
+            specs.append(
+                AddSpec(
+                    request_id=req.request_id,
+                    prompt_token_ids=req.prompt_token_ids + done,
+                    max_tokens=left,
+                    top_k=req.top_k,
+                    prompt_logprobs=req.prompt_logprobs and not done,
+                )
+            )
+        self._call("add_many", self.deadlines.call_s, requests=specs)  # all or nothing in the engine process
+        for req, done in items:
+            self._held[req.request_id] = _Held(req, list(done))
+
+    def step(self) -> list[TokenEvent]:
+        if self._state is not EngineState.AWAKE or not self._held:
+            return []
+        if self.failure is not None:
+            raise EngineError(
+                f"engine {self.engine_id} was lost ({self.failure.splitlines()[0]}); its requests "
+                f"{sorted(self._held)} wait: move them to another engine (they export from the tokens so far)"
+            )
+        d = self.deadlines
+        answer: StepAnswer = self._call("step_events", d.call_s, n=1, step_timeout_s=d.step_s)
+        events: list[TokenEvent] = []
+        for new in answer.events:
+            held = self._held.get(new.request_id)
+            if held is None:
+                raise EngineError(f"engine {self.engine_id} produced tokens for unknown request {new.request_id!r}")
+            for i, (token, top) in enumerate(zip(new.token_ids, new.top, strict=True)):
+                held.output.append(token)
+                done = len(held.output) >= held.request.max_tokens
+                events.append(
+                    TokenEvent(
+                        request_id=new.request_id,
+                        index=len(held.output) - 1,
+                        token_id=token,
+                        top=top,
+                        finished=done,
+                        engine_id=self.engine_id,
+                        prompt_top=new.prompt_top if i == 0 else (),
+                    )
+                )
+            if new.finished != (len(held.output) == held.request.max_tokens):
+                raise EngineError(
+                    f"engine {self.engine_id}: request {new.request_id!r} has {len(held.output)} of "
+                    f"{held.request.max_tokens} tokens but vLLM says finished={new.finished}"
+                )
+            if new.finished:
+                del self._held[new.request_id]
+        return events
+
+    def export_requests(self, request_ids: Sequence[str]) -> list[RequestSnapshot]:
+        missing = [r for r in request_ids if r not in self._held]
+        if missing:
+            raise EngineError(f"engine {self.engine_id} holds no request {missing}")
+        where = self._kv_blocks(request_ids)
+        out = []
+        for rid in request_ids:
+            held, kv = self._held[rid], where.get(rid)
+            out.append(
+                RequestSnapshot(
+                    request=held.request,
+                    output_token_ids=tuple(held.output),
+                    num_computed_tokens=kv.num_computed_tokens if kv else 0,
+                    kv=self._descriptor(kv) if kv else None,
+                )
+            )
+        return out
+
+    def _kv_blocks(self, request_ids: Sequence[str]) -> dict[str, KvBlocks]:
+        """Where the requests' KV lives; nothing when the engine was lost (its KV is gone with it)."""
+        if self.failure is not None or self.started is None or not self.started.kv_blocks_readable:
+            return {}
+        try:
+            found = self._call("kv_blocks", self.deadlines.call_s, request_ids=list(request_ids))
+        except EngineError:
+            if self.failure is None:
+                raise
+            return {}  # lost just now: export from this side's copy
+        return {b.request_id: b for b in found}
+
+    def _descriptor(self, kv: KvBlocks) -> KvDescriptor:
+        assert self.started is not None
+        return KvDescriptor(
+            engine_id=self.engine_id,
+            gpu_ids=self.gpu_ids,
+            block_ids=kv.block_ids,
+            num_tokens=kv.num_computed_tokens,
+            block_size=self.started.block_size,
+        )
+
+    def can_migrate_from(self, source: object) -> bool:
+        """Always False: KV cannot enter a vLLM engine without a KV connector (not written yet); requests join
+        by re-prefill."""
+        return False
+
+    def import_requests(self, snapshots: Sequence[RequestSnapshot], kv_source: object | None) -> ImportResult:
+        if kv_source is not None:
+            raise EngineError(
+                f"engine {self.engine_id} cannot take KV from {kv_source!r}: vLLM engines need a KV connector for "
+                "that, which does not exist yet; import with kv_source=None to re-prefill"
+            )
+        self._need_awake("import requests into")
+        t0 = time.perf_counter()
+        self._check_new([s.request.request_id for s in snapshots])
+        for s in snapshots:
+            self._check_fits(s.request)
+        self._add([(s.request, s.output_token_ids) for s in snapshots])
+        return ImportResult(migrated=0, reprefilled=len(snapshots), bytes_moved=0, seconds=time.perf_counter() - t0)
+
+    def drop_requests(self, request_ids: Sequence[str]) -> None:
+        known = [r for r in request_ids if r in self._held]
+        for rid in known:
+            del self._held[rid]
+        if known and self.failure is None:
+            try:
+                self._call("abort", self.deadlines.call_s, request_ids=known)
+            except EngineError:
+                if self.failure is None:
+                    raise  # the process lives and refused: its state is unknown, say so
