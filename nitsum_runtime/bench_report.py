@@ -162,7 +162,7 @@ def report_vllm(s: dict[str, Any], args: argparse.Namespace) -> tuple[str, bool]
 def compact_summary(out: Path) -> str:
     """A few lines per benchmark found under ``out`` (``<part>/summary.json``)."""
     lines = []
-    for label, part in (("(a) kv", "kv"), ("(b) switch", "switch"), ("(c) vllm", "vllm")):
+    for label, part in (("(a) kv", "kv"), ("(b) switch", "switch"), ("(c) vllm", "vllm"), ("(d) pool", "pool")):
         path = out / part / "summary.json"
         if not path.exists():
             continue
@@ -177,6 +177,8 @@ def compact_summary(out: Path) -> str:
             lines += _switch_lines(s, out / part)
         elif part == "vllm":
             lines += _vllm_lines(s)
+        elif part == "pool":
+            lines += _pool_lines(s)
         if s.get("error_summary"):
             lines.append(f"    stopped by: {s['error_summary'][:400]}")
     return "\n".join(lines) if lines else f"no summary.json under {out}"
@@ -224,4 +226,26 @@ def _vllm_lines(s: dict[str, Any]) -> list[str]:
             cmp = c.get(key) or {}
             if cmp.get("first_difference"):
                 lines.append(f"    {name} first difference ({cmp['kind']}): {cmp['first_difference']}")
+    return lines
+
+
+def _pool_lines(s: dict[str, Any]) -> list[str]:
+    rows = s.get("switch_rows", [])
+    starts = [f"{k} {e['started']['start_s']:.0f} s" for k, e in s.get("engines", {}).items()]
+    lines = [f"    engines started: {', '.join(starts)}"]
+    if rt := s.get("round_trip"):
+        lines.append(
+            f"    probes before/after identical {rt['probe_bit_identical']}, control "
+            f"{rt['probe_repeat']['identical']}, weights exact {not rt['weight_mismatches']}, "
+            f"max dlogprob {rt['max_logprob_diff']:.3g} (tol {rt['tolerance']}), ledger ok {rt['ledger_ok']}"
+        )
+    trip = [f"{r['switch']} {r['pause_to_resume_ms']:.0f} ms" for r in rows if r["phase"] == "round_trip"]
+    if trip:
+        lines.append(f"    round trip pause->resume: {', '.join(trip[1:])}")
+    loop = sorted(r["pause_to_resume_ms"] for r in rows if r["phase"] == "loop")
+    if loop:
+        lost = f"lost {s['loop']['lost']} of {s['loop']['submitted']}" if "loop" in s else "unfinished"
+        lines.append(
+            f"    switch loop: {len(loop)} switches, {lost}; p50 {loop[len(loop) // 2]:.0f} ms, max {loop[-1]:.0f} ms"
+        )
     return lines

@@ -3,6 +3,7 @@
     python -m nitsum_runtime.gpu_bench kv     --out DIR     # (a) NCCL p2p vs KV migration bandwidth
     python -m nitsum_runtime.gpu_bench switch --out DIR     # (b) reference engine TP1->2->4->1, 100 switches
     python -m nitsum_runtime.gpu_bench vllm   --out DIR     # (c) vLLM engines, refill from resident weights
+    python -m nitsum_runtime.gpu_bench pool   --out DIR     # (d) the executor on a pool of vLLM engines
     python -m nitsum_runtime.gpu_bench summary --out DIR    # a few lines per benchmark found under DIR
 
 Defaults: Llama-3.1-8B shape, bf16, NCCL on all visible GPUs (at most 4). ``--model tiny --backend gloo
@@ -10,7 +11,7 @@ Defaults: Llama-3.1-8B shape, bf16, NCCL on all visible GPUs (at most 4). ``--mo
 passed, 1 when a check failed (the report says which), 2 when the benchmark could not run (or was stopped by
 SIGTERM, the GPU script's time limit: engines are closed and the partial report is written first). Every
 benchmark writes ``summary.json`` (with ``status`` PASS, FAIL, ERROR or, while (c) runs, INCOMPLETE) and
-``report.md``; (c) rewrites both after every engine start and every switch.
+``report.md``; (c) and (d) rewrite both as they go (engine starts, switches).
 """
 
 from __future__ import annotations
@@ -99,10 +100,18 @@ def run(args: argparse.Namespace) -> int:
     partial: dict[str, Any] = {}
     footer = f"\nCommand: `{' '.join(sys.argv)}`\n"
 
-    def checkpoint(s: dict[str, Any]) -> None:  # partial results of the vLLM benchmark, as they come
+    def render(s: dict[str, Any]) -> tuple[str, bool]:
+        if args.part == "pool":
+            from nitsum_runtime.bench_pool import report_pool
+
+            title = f"(d) Transition executor on {args.engines} engines ({args.model}, {args.world} GPUs)"
+            return report_pool(s, args.quick, title)
+        return report_vllm(s, args)
+
+    def checkpoint(s: dict[str, Any]) -> None:  # partial results of the vLLM benchmarks, as they come
         partial.clear()
         partial.update(s)
-        _write(out, partial, report_vllm(partial, args)[0] + footer, "INCOMPLETE")
+        _write(out, partial, render(partial)[0] + footer, "INCOMPLETE")
 
     try:
         if args.part == "kv":
@@ -142,6 +151,23 @@ def run(args: argparse.Namespace) -> int:
                 tolerance=args.tolerance,
             )
             report, ok = report_switch(summary, args)
+        elif args.part == "pool":
+            from nitsum_runtime.bench_pool import run_vllm_pool_bench
+
+            summary = run_vllm_pool_bench(
+                out,
+                spec,
+                args.world,
+                engines=args.engines,
+                switches=args.switches,
+                live=2 if args.quick else 4,
+                prompt_len=8 if args.quick else 256,
+                max_tokens=6 if args.quick else 32,
+                steps_between=1 if args.quick else 4,
+                tolerance=args.tolerance,
+                checkpoint=checkpoint,
+            )
+            report, ok = render(summary)
         else:
             from nitsum_runtime.bench_vllm import run_vllm_switch
 
@@ -151,10 +177,10 @@ def run(args: argparse.Namespace) -> int:
         msg = traceback.format_exc()
         (out / "ERROR.txt").write_text(msg)
         print(f"benchmark {args.part} could not run:\n{msg}", file=sys.stderr)
-        if partial:  # the vLLM benchmark got somewhere: keep its partial report, with what stopped it
+        if partial:  # a vLLM benchmark got somewhere: keep its partial report, with what stopped it
             partial["error"] = msg
             partial["error_summary"] = _one_line(exc)
-            _write(out, partial, report_vllm(partial, args)[0] + footer, "ERROR")
+            _write(out, partial, render(partial)[0] + footer, "ERROR")
         else:
             _write(
                 out,
@@ -182,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("part", choices=["kv", "switch", "vllm", "summary"])
+    p.add_argument("part", choices=["kv", "switch", "vllm", "pool", "summary"])
     p.add_argument("--out", required=True, help="folder for CSV/JSON/PNG/markdown results")
     p.add_argument("--model", default="llama-3.1-8b", help="bundled model shape, or 'tiny' for smoke runs")
     p.add_argument("--world", type=int, default=4, help="ranks = GPUs used (GPU ids 0..world-1)")
@@ -195,11 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         help="max |sorted top-5 logprob diff| accepted across TP degrees (bf16)",
     )
     p.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
+    p.add_argument("--engines", default="vllm", choices=["vllm", "toy"], help="(d): vLLM engines, or the CPU stand-in")
+    p.add_argument("--switches", type=int, default=100, help="(d): switches of the loop")
     args = p.parse_args(argv)
     if args.part == "summary":
         print(compact_summary(Path(args.out)))
         return 0
-    if args.backend == "nccl":
+    if args.backend == "nccl" and not (args.part == "pool" and args.engines == "toy"):
         import torch
 
         if not torch.cuda.is_available() or torch.cuda.device_count() < args.world:

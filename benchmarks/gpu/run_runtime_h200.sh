@@ -5,10 +5,14 @@
 #   bash benchmarks/gpu/run_runtime_h200.sh vllm    # (c) vLLM engines switching TP (needs vLLM in /tmp/site)
 #   bash benchmarks/gpu/run_runtime_h200.sh rerun   # (b) then (c), one command of < 7 min (about 4.5 expected):
 #                                                   # switch <= 90 s, vllm <= 300 s, compact summary at the end
-#   bash benchmarks/gpu/run_runtime_h200.sh vllm-test|kv|switch|tests   # single steps
+#   bash benchmarks/gpu/run_runtime_h200.sh pool    # (d) the transition executor on vLLM engines: TP1->TP2->TP4->TP1
+#                                                   # (TP1->TP2->TP1 with --world 2) + 100 switches, ~5.5 min on
+#                                                   # 4 GPUs, ~3.5 on 2 (needs vLLM in /tmp/site; <= 560 s)
+#   bash benchmarks/gpu/run_runtime_h200.sh vllm-test|pool-test|kv|switch|tests   # single steps
 #
 # CPU dry run of the same steps (what CI-like checks use): NITSUM_MIN_GPUS=0
 #   NITSUM_BENCH_ARGS="--model tiny --backend gloo --world 2 --quick --dtype float32 --tolerance 1e-3"
+#   (part pool: add "--engines toy --switches 10" to run it on the CPU stand-in for vLLM)
 #
 # Each step runs in its own session (setsid) under a timeout: at the limit the benchmark gets SIGTERM, closes
 # its engines and writes its partial report (SIGKILL 15 s later); rank and engine processes lead their own
@@ -68,9 +72,9 @@ step() {  # step NAME TIMEOUT_S CMD...
   [ "$rc" -gt "$status" ] && status=$rc
   return 0
 }
-pytest_gpu() {  # pytest_gpu NAME TIMEOUT -k EXPR
-  step "$1" "$2" python3 -m pytest -q -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" \
-    -o addopts="--import-mode=importlib" -m gpu "$ROOT/tests/runtime/test_gpu_runtime.py" -k "$3" \
+pytest_gpu() {  # pytest_gpu NAME TIMEOUT -k EXPR [TEST FILE under tests/runtime]
+  step "$1" "$2" python3 -m pytest -q -s -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" \
+    -o addopts="--import-mode=importlib" -m gpu "$ROOT/tests/runtime/${4:-test_gpu_runtime.py}" -k "$3" \
     --junitxml "$OUT/$1.xml"
 }
 have_vllm() { python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"; }
@@ -89,11 +93,18 @@ case $part in
     else
       say "!! vLLM not found (install the bundles into /tmp/site): (c) skipped"; status=2
     fi ;;
+  pool|pool-test)
+    case " ${NITSUM_BENCH_ARGS:-} " in
+      *" --engines toy "*) ;;  # CPU dry run on the toy engines: no vLLM needed
+      *) have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; } ;;
+    esac
+    if [ "$part" = pool-test ]; then pytest_gpu gpu_pool_test 560 "pool" test_gpu_vllm_pool.py
+    else step pool 560 python3 -m nitsum_runtime.gpu_bench pool --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
   vllm|vllm-test)
     have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; }
     if [ "$part" = vllm-test ]; then pytest_gpu gpu_vllm_test 240 "vllm"
     else step vllm 540 python3 -m nitsum_runtime.gpu_bench vllm --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
-  *) say "unknown part $part (core|vllm|rerun|vllm-test|tests|kv|switch)"; exit 2 ;;
+  *) say "unknown part $part (core|vllm|pool|rerun|vllm-test|pool-test|tests|kv|switch)"; exit 2 ;;
 esac
 nvidia-smi --query-gpu=index,memory.used --format=csv 2>&1 | tee -a "$log"
 { echo "# Runtime on H200 ($part), status $status"; echo; for f in "$OUT"/*/report.md; do [ -f "$f" ] && cat "$f" && echo; done; } > "$OUT/REPORT_$part.md"

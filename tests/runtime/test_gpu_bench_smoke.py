@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from nitsum_runtime.bench_report import compact_summary
 from nitsum_runtime.gpu_bench import main
 from nitsum_runtime.watchdog import process_tree
 
@@ -74,3 +75,16 @@ def _state(pid: int) -> str:
     except OSError:
         return "gone"
     return text[text.rindex(")") + 2]
+
+
+def test_pool_benchmark_runs_on_cpu_with_toy_engines(tmp_path: Path) -> None:
+    # Benchmark (d) end to end on engine processes running the CPU stand-in for vLLM: the GPU run's code path.
+    args = ["pool", "--out", str(tmp_path), *SMOKE[:4], "--world", "4", "--quick", "--engines", "toy"]
+    assert main([*args, "--switches", "9"]) == 0
+    summary = json.loads((tmp_path / "pool" / "summary.json").read_text())
+    assert summary["status"] == "PASS" and summary["complete"] and summary["loop"]["lost"] == 0
+    assert summary["round_trip"]["probe_bit_identical"] and summary["round_trip"]["max_logprob_diff"] == 0.0
+    rows = list(csv.DictReader((tmp_path / "pool" / "switches.csv").open()))
+    assert [r["switch"] for r in rows if r["phase"] == "round_trip"][1:4] == ["tp1->tp2", "tp2->tp4", "tp4->tp1"]
+    assert sum(r["phase"] == "loop" for r in rows) == 9 and all(r["ok"] == "True" for r in rows)
+    assert "(d) pool: PASS" in compact_summary(tmp_path)
