@@ -26,7 +26,8 @@ from nitsum_opt.models.spec import Frozen, ModelSpec
 from nitsum_runtime.engine_handle import EngineHandle
 from nitsum_runtime.pool import EnginePool, candidate_groups
 from nitsum_runtime.vllm_engine import write_model_dir
-from nitsum_runtime.vllm_pool_engine import EngineStartReport, VllmDeadlines, VllmEngine
+from nitsum_runtime.vllm_pool_engine import VllmEngine
+from nitsum_runtime.vllm_protocol import EngineStartReport, VllmDeadlines
 
 #: Environment of every pool engine process: the engine core runs in it (see :mod:`.vllm_pool_engine`).
 POOL_ENGINE_ENV: dict[str, str] = {

@@ -39,9 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field
-
-from nitsum_opt.models.spec import Frozen, ModelSpec
+from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.engine import (
     EngineCapacityError,
     EngineError,
@@ -54,39 +52,14 @@ from nitsum_runtime.engine import (
     TokenEvent,
 )
 from nitsum_runtime.engine_handle import EngineCommandFailed, EngineHandle, EngineNoAnswer, EngineProcessLost
-from nitsum_runtime.vllm_protocol import AddSpec, EngineStarted, KvBlocks, StepAnswer
-
-
-class VllmDeadlines(Frozen):
-    """Deadlines (seconds) of the commands to a vLLM engine process, enforced by its watchdog."""
-
-    start_s: float = Field(default=300.0, gt=0)
-    """Building the engine (measured on H200: 47-60 s, 75-82 s with batch-invariant kernels)."""
-    step_s: float = Field(default=30.0, gt=0)
-    """One engine step."""
-    call_s: float = Field(default=90.0, gt=0)
-    """A worker RPC (refill, checks), adding, aborting or locating requests."""
-    memory_s: float = Field(default=60.0, gt=0)
-    """Sleep or wake."""
-    grace_s: float = Field(default=20.0, ge=0)
-    """Extra wait for the watchdog's own answer before the process is declared lost."""
-
-
-class EngineStartReport(Frozen):
-    """What :meth:`VllmEngine.start` did."""
-
-    engine_id: str
-    """Engine."""
-    started: EngineStarted
-    """The process's start answer (build time, limits)."""
-    fill_bytes: int = Field(ge=0)
-    """Bytes of the first refill from the resident store, all ranks."""
-    checked: int = Field(ge=0)
-    """Parameters cross-checked against vLLM's own weight loaders (0: check skipped)."""
-    mismatched: tuple[str, ...]
-    """``rank r: name`` of every parameter whose refill differs from vLLM's loaders (must be empty)."""
-    sleep_s: float = Field(ge=0)
-    """The first sleep."""
+from nitsum_runtime.vllm_protocol import (
+    AddSpec,
+    EngineStarted,
+    EngineStartReport,
+    KvBlocks,
+    StepAnswer,
+    VllmDeadlines,
+)
 
 
 @dataclass
@@ -327,6 +300,11 @@ class VllmEngine:
             )
         d = self.deadlines
         answer: StepAnswer = self._call("step_events", d.call_s, n=1, step_timeout_s=d.step_s)
+        if answer.steps == 0:
+            raise EngineError(
+                f"engine {self.engine_id}: the engine process has nothing unfinished, but this side holds "
+                f"{sorted(self._held)} (requests lost inside vLLM)"
+            )
         events: list[TokenEvent] = []
         for new in answer.events:
             held = self._held.get(new.request_id)

@@ -126,8 +126,6 @@ class _Engine:
         self._add(request_id, prompt, params)
 
     def _add(self, request_id: str, prompt: list[int], params: Any) -> None:
-        if request_id in self.partial:
-            raise ValueError(f"request {request_id!r} is already in this engine")
         internal = self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
         self.external[internal] = request_id
         self.internal[request_id] = internal
@@ -138,6 +136,8 @@ class _Engine:
         added: list[str] = []
         try:
             for r in requests:
+                if r.request_id in self.partial:
+                    raise ValueError(f"request {r.request_id!r} is already in this engine")
                 params = self.sp(
                     temperature=0.0,
                     max_tokens=r.max_tokens,

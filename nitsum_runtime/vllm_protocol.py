@@ -95,6 +95,38 @@ class KvBlocks(Frozen):
     """Tokens whose KV is in those blocks."""
 
 
+class VllmDeadlines(Frozen):
+    """Deadlines (seconds) of the commands to a vLLM engine process, enforced by its watchdog."""
+
+    start_s: float = Field(default=300.0, gt=0)
+    """Building the engine (measured on H200: 47-60 s, 75-82 s with batch-invariant kernels)."""
+    step_s: float = Field(default=30.0, gt=0)
+    """One engine step."""
+    call_s: float = Field(default=90.0, gt=0)
+    """A worker RPC (refill, checks), adding, aborting or locating requests."""
+    memory_s: float = Field(default=60.0, gt=0)
+    """Sleep or wake."""
+    grace_s: float = Field(default=20.0, ge=0)
+    """Extra wait for the watchdog's own answer before the process is declared lost."""
+
+
+class EngineStartReport(Frozen):
+    """What :meth:`VllmEngine.start` did."""
+
+    engine_id: str
+    """Engine."""
+    started: EngineStarted
+    """The process's start answer (build time, limits)."""
+    fill_bytes: int = Field(ge=0)
+    """Bytes of the first refill from the resident store, all ranks."""
+    checked: int = Field(ge=0)
+    """Parameters cross-checked against vLLM's own weight loaders (0: check skipped)."""
+    mismatched: tuple[str, ...]
+    """``rank r: name`` of every parameter whose refill differs from vLLM's loaders (must be empty)."""
+    sleep_s: float = Field(ge=0)
+    """The first sleep."""
+
+
 class EngineCommands(Protocol):
     """Commands an engine process serves (keyword arguments, as sent over the pipe)."""
 

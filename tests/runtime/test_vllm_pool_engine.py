@@ -22,7 +22,8 @@ from nitsum_runtime.pool import EnginePool
 from nitsum_runtime.scenarios import TIER, pinned_plan, run_round_trip, run_switch_loop
 from nitsum_runtime.toy_vllm import toy_engine_process, toy_tokens, toy_top, write_toy_store
 from nitsum_runtime.vllm_pool import VllmPoolSettings, build_vllm_pool, close_pool, start_waves
-from nitsum_runtime.vllm_pool_engine import VllmDeadlines, VllmEngine
+from nitsum_runtime.vllm_pool_engine import VllmEngine
+from nitsum_runtime.vllm_protocol import VllmDeadlines
 
 SEED = 7  # the toy resident store
 VOCAB = 100  # tiny_llama's
