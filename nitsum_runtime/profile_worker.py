@@ -64,7 +64,7 @@ def _log(msg: str) -> None:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Profile one engine; returns the process exit code."""
-    from nitsum_runtime.vllm_engine import EngineSettings, VllmEngine, configure_environment, vllm_version
+    from nitsum_runtime.vllm_engine import EngineSettings, InProcessVllmEngine, configure_environment, vllm_version
 
     configure_environment()
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -99,7 +99,7 @@ def run_worker(args: argparse.Namespace) -> int:
     _log(f"{stem}: starting engine on {gpu} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
     # The folder outlives the engine's start on purpose: the process exits without cleanup (see main).
     model_dir = Path(tempfile.mkdtemp(prefix=f"nitsum-{stem}-")) / "model"
-    engine = VllmEngine.start(spec, settings, model_dir)
+    engine = InProcessVllmEngine.start(spec, settings, model_dir)
     _log(f"{stem}: engine up in {engine.engine_start_s:.1f} s, KV cache {engine.kv_cache_tokens} tokens")
     limits = EngineLimits(
         max_model_len=spec.max_model_len,

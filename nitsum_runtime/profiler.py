@@ -6,7 +6,7 @@ with it and every disagreement is kept in :attr:`Profiler.mismatches`. Warm-up s
 the engine starts and after each change of the decode batch) are run but not recorded. Prompts are random
 token ids from a seeded generator, so a run is reproducible step for step.
 
-The engine is anything with the small interface of :class:`EngineLike` (``VllmEngine`` in practice).
+The engine is anything with the small interface of :class:`EngineLike` (``InProcessVllmEngine`` in practice).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ WARMUP_REPEAT_MAX_TOKENS = 4096
 
 
 class StepLike(Protocol):
-    """What one engine step reports (see ``VllmEngine.step``)."""
+    """What one engine step reports (see ``InProcessVllmEngine.step``)."""
 
     @property
     def step_time_s(self) -> float: ...

@@ -5,11 +5,12 @@ It does four things and no more:
 * :func:`llama_config` / :func:`write_model_dir` turn a :class:`~nitsum_opt.models.spec.ModelSpec` into a
   model folder holding only a Hugging Face ``config.json`` (``LlamaForCausalLM`` with the spec's sizes),
   which vLLM loads with random weights (``load_format="dummy"``). Both are pure and need no vLLM.
-* :meth:`VllmEngine.start` creates an engine with the settings profiling and serving need: no tokenizer,
+* :meth:`InProcessVllmEngine.start` creates an engine with the settings profiling and serving need: no tokenizer,
   no prefix caching (repeated prompts would be served from cache), sleep mode on, CUDA graphs on, TP ``n``.
-* :meth:`VllmEngine.add_request`, :meth:`~VllmEngine.step`, :meth:`~VllmEngine.abort`: requests from token
-  ids, one engine iteration at a time, each step returning exactly what the scheduler ran.
-* :meth:`~VllmEngine.sleep` / :meth:`~VllmEngine.wake_up` and the KV-cache capacity in tokens.
+* :meth:`InProcessVllmEngine.add_request`, :meth:`~InProcessVllmEngine.step`,
+  :meth:`~InProcessVllmEngine.abort`: requests from token ids, one engine iteration at a time, each step
+  returning exactly what the scheduler ran.
+* :meth:`~InProcessVllmEngine.sleep` / :meth:`~InProcessVllmEngine.wake_up` and the KV-cache capacity in tokens.
 
 vLLM is imported lazily, inside the methods that need it, so that importing this module (and running the
 CPU tests) works without vLLM or a GPU.
@@ -184,7 +185,7 @@ class StepResult:
     """Requests that finished in this step (by reaching their ``max_tokens``)."""
 
 
-class VllmEngine:
+class InProcessVllmEngine:
     """One vLLM ``LLMEngine`` with requests given as token ids; create it with :meth:`start`."""
 
     def __init__(self, llm_engine: Any, settings: EngineSettings, engine_start_s: float) -> None:
@@ -207,7 +208,7 @@ class VllmEngine:
         self._scheduler.schedule = recording_schedule
 
     @classmethod
-    def start(cls, spec: ModelSpec, settings: EngineSettings, model_dir: Path) -> VllmEngine:
+    def start(cls, spec: ModelSpec, settings: EngineSettings, model_dir: Path) -> InProcessVllmEngine:
         """Write the model folder, create the engine and time its start."""
         configure_environment()
         from vllm import EngineArgs, LLMEngine

@@ -3,7 +3,7 @@
 ``ToyEngine`` below is not a mock of vLLM: it implements the scheduling policy the profiler relies on
 (running requests first, one token per decode; then waiting requests first-come-first-served; a token budget
 per step; an optional per-request prompt chunk cap; a request finishes after ``max_tokens`` sampled tokens)
-and reports what it scheduled the way ``VllmEngine.step`` does. That lets CI check the labels, repeats and
+and reports what it scheduled the way ``InProcessVllmEngine.step`` does. That lets CI check the labels, repeats and
 compositions the profiler records, and that its plan agrees with such a scheduler.
 """
 
