@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nitsum_opt.sim.controllers.nitsum import fill_idle_gpus
+from nitsum_opt.sim.controllers.planning import fill_idle_gpus
 from nitsum_opt.sim.controllers.registry import SYSTEMS, make_controller
 from nitsum_opt.sim.controllers.search import StaticEvaluator, oracle_candidates
 from nitsum_opt.sim.core import Simulator
@@ -79,7 +79,7 @@ def test_every_system_runs_and_the_oracle_dominates_the_static_ones() -> None:
 
 def test_fill_idle_gpus_uses_the_whole_cluster() -> None:
     from nitsum_opt.planners import MilpPlanner
-    from nitsum_opt.sim.controllers.nitsum import capacity_table
+    from nitsum_opt.sim.controllers.planning import capacity_table
     from nitsum_opt.spec import PlanningInput, TierDemand
     from nitsum_opt.workloads.demand import length_mixes
 
@@ -115,15 +115,15 @@ def test_burst_factor_is_one_for_poisson_and_above_for_bursts() -> None:
 
 
 def test_capacity_tables_are_memoised_and_planned_at_the_raised_percentile() -> None:
-    from nitsum_opt.sim.controllers import nitsum
-    from nitsum_opt.sim.controllers.nitsum import capacity_table, planning_slo
+    from nitsum_opt.sim.controllers import planning
+    from nitsum_opt.sim.controllers.planning import capacity_table, planning_slo
     from nitsum_opt.workloads.demand import length_mixes
 
     ev = _evaluator(poisson_trace(5.0, 30.0, seed=12), 8)
     mixes = length_mixes(ev.trace)
     first = capacity_table(ev.ctx, mixes)
-    rows = len(nitsum._TABLES)
-    assert capacity_table(ev.ctx, mixes) == first and len(nitsum._TABLES) == rows  # every row memoised
+    rows = len(planning._TABLES)
+    assert capacity_table(ev.ctx, mixes) == first and len(planning._TABLES) == rows  # every row memoised
     assert planning_slo(ev.ctx, TIERS[0]).slo_percentile == 97.0
     relaxed = ev.ctx.settings.model_copy(update={"capacity_percentile": None})
     from nitsum_opt.sim.controllers.base import ControlContext
@@ -131,7 +131,7 @@ def test_capacity_tables_are_memoised_and_planned_at_the_raised_percentile() -> 
     ctx = ControlContext(ev.cluster, TIERS, LLAMA, ROOFLINE, relaxed)
     assert planning_slo(ctx, TIERS[0]) == TIERS[0].slo
     looser = capacity_table(ctx, mixes)
-    assert len(nitsum._TABLES) == rows + 2
+    assert len(planning._TABLES) == rows + 2
     assert looser.rates_rps["chat"]["tp1-prefill"] >= first.rates_rps["chat"]["tp1-prefill"]
 
 
