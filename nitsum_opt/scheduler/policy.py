@@ -87,6 +87,7 @@ class MultiTierScheduler:
         tiers = range(len(config.tiers))
         self._cost = [self._seat_costs(i) for i in config.instances]
         self._count = [[0] * len(config.tiers) for _ in config.instances]
+        self._uniform = [all(c == 1.0 for c in costs) for costs in self._cost]
         self.load: list[float] = [0.0] * len(config.instances)
         """Seats taken per instance (requests dispatched and not released, each weighted by its seat cost)."""
         self._rank = [t.priority if config.tier_priority else 0 for t in config.tiers]
@@ -206,7 +207,10 @@ class MultiTierScheduler:
 
     def _take(self, i: int, tier: int) -> None:
         self._count[i][tier] += 1
-        self._reload(i)
+        if self._uniform[i]:
+            self.load[i] += 1.0
+        else:
+            self._reload(i)  # exact sums: equal loads tie exactly, whatever the order requests came in
 
     # ------------------------------------------------------------------ routing
     def _least_loaded(self, candidates: list[int], spare_only: bool, tier: int) -> int:
@@ -283,14 +287,17 @@ class MultiTierScheduler:
         (already counted in its load). ``tier`` may be left out only when every request takes one seat there."""
         counts = self._count[instance]
         if tier is None:
-            if any(c != 1.0 for c in self._cost[instance]):
+            if not self._uniform[instance]:
                 raise ValueError(
                     f"instance {self.instance_ids[instance]!r} weighs requests by tier: "
                     "pass the released request's tier"
                 )
             tier = next((k for k, n in enumerate(counts) if n > 0), 0)
         counts[tier] -= 1
-        self._reload(instance)
+        if self._uniform[instance]:
+            self.load[instance] -= 1.0
+        else:
+            self._reload(instance)
         if not self.held or self.config.instances[instance].role is Role.DECODE:
             return []
         return self._fill(now_s, instance)

@@ -8,14 +8,19 @@ Per epoch it sees the requests of the epoch that just ended and
    recent arrivals are at the time scale of its TTFT target; the capacity table assumes Poisson arrivals);
 2. takes each tier's length mix from the requests of the last ``mix_window_s`` seconds and rebuilds ``R[t,c]``
    only when a tier's mean prompt or output length moved by more than ``mix_tolerance`` since the cached table
-   (the table comes from :func:`capacity_table` — INTERIM until the latency models' builder is on main);
+   (:func:`~nitsum_opt.sim.controllers.planning.capacity_table`), then applies the *role preference*
+   (:func:`~nitsum_opt.sim.controllers.planning.prefer_roles`, ``role_preference``): prefill/decode for the tier
+   with the strictest TPOT target, colocated for the others, unless the other family is clearly better per GPU;
 3. plans with the planner (``MilpPlanner``: ``nitsum``; ``GreedyPlanner``: ``nitsum-greedy``) against the running
    plan (churn priced with the switch cost), gives GPUs the plan leaves idle to the most loaded tiers
-   (:func:`fill_idle_gpus`), and lets :func:`~nitsum_opt.planners.stabilize` decide between it and the running
-   plan (re-admitted for the new forecast);
+   (:func:`~nitsum_opt.sim.controllers.planning.fill_idle_gpus`), and lets :func:`~nitsum_opt.planners.stabilize`
+   decide between it and the running plan (re-admitted for the new forecast);
 4. deploys the result with the multi-tier scheduler: admission at the plan's ``y_t``, tier priority, spill-over
    and the central queue; each instance gets its tier's SLO-safe capacity and an SLO-aware step token budget
-   (the chunk size that keeps a prefill chunk from breaking the tier's TPOT), both from the iteration model.
+   (the chunk size that keeps a prefill chunk from breaking the tier's TPOT), both from the iteration model, and
+   (``weighted_seats``) the seats a request of every tier's mix takes on it
+   (:func:`~nitsum_opt.sim.controllers.planning.seats_table`), so requests spilled in from tiers with heavier
+   requests cannot push it past its own tier's SLO.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from nitsum_opt.sim.controllers.planning import (
     seats_table,
     tuning_table,
 )
-from nitsum_opt.sim.deployment import Deployment, deployment_from_plan
+from nitsum_opt.sim.deployment import Deployment, InstanceSeats, InstanceTuning, deployment_from_plan
 from nitsum_opt.spec import ObjectiveSettings, PlanningInput, TierDemand
 from nitsum_opt.workloads.demand import length_mixes
 from nitsum_opt.workloads.forecast import EwmaForecaster, LastWindowForecaster
@@ -99,6 +104,8 @@ class NitsumController(Controller):
         role_preference: float = ROLE_PREFERENCE,
         weighted_seats: bool = True,
     ) -> None:
+        """See the module docstring; ``role_preference=1`` and ``weighted_seats=False`` give the controller as it
+        was before those two rules (one seat per request, the plain capacity table)."""
         self.name = name
         self.planner = planner
         self.forecaster = forecaster or EwmaForecaster(alpha=0.5, headroom=0.1)
@@ -111,6 +118,7 @@ class NitsumController(Controller):
         self.max_burst_factor = max_burst_factor
         self.role_preference = role_preference
         self.weighted_seats = weighted_seats
+        self._tuned: tuple[object, InstanceTuning, InstanceSeats | None] | None = None
         self._burst = np.ones(0)
         self._ttft_s: list[float] = []
         self.history: list[np.ndarray] = []
@@ -210,5 +218,13 @@ class NitsumController(Controller):
         self.plans_made += 1
         self.plan_time_ms += candidate.solve_time_ms
         label = f"{self.name} ({decision.plan.status.value})"
-        seats = seats_table(ctx, self._planned_mixes) if self.weighted_seats else None
-        return deployment_from_plan(decision.plan, tuning_table(ctx, self._planned_mixes), label=label, seats=seats)
+        tuning, seats = self._tuning(ctx)
+        return deployment_from_plan(decision.plan, tuning, label=label, seats=seats)
+
+    def _tuning(self, ctx: ControlContext) -> tuple[InstanceTuning, InstanceSeats | None]:
+        """Per-instance tuning and seats for the planned mixes (recomputed only when those change)."""
+        key = tuple(sorted((name, mix.model_dump_json()) for name, mix in self._planned_mixes.items()))
+        if self._tuned is None or self._tuned[0] != key:
+            seats = seats_table(ctx, self._planned_mixes) if self.weighted_seats else None
+            self._tuned = (key, tuning_table(ctx, self._planned_mixes), seats)
+        return self._tuned[1], self._tuned[2]
