@@ -6,8 +6,10 @@ not yet released), and never looks at engine internals. Policy, per request:
 
 1. **Admission** (per tier, token bucket at the plan's ``y_t`` with ``burst_s`` of depth): a request that finds a
    token is ``FEASIBLE``, otherwise ``BEST_EFFORT`` (``admitted_rps=None``: every request is feasible).
-2. **SLO-safe capacity**: an instance with ``load < slo_safe_seqs`` has *spare* capacity; above it, its tier's SLO
-   would no longer hold for what it already runs.
+2. **SLO-safe capacity**: an instance has *spare* capacity for a request when its load plus the request's seats
+   stays within ``slo_safe_seqs``; above it, its tier's SLO would no longer hold for what it already runs. A
+   request takes one seat, or (with :attr:`~nitsum_opt.scheduler.SchedulerInstance.tier_seqs`) a share that
+   reflects its tier's request sizes, so heavier requests spilled in from other tiers take more of the room.
 3. **Routing**. Feasible: the least-loaded (load / capacity) prompt-taking instance of its tier with spare capacity
    (untiered instances serve every tier); when all are full (a burst) and spill-over is on, the least-loaded
    instance with spare capacity of a tier whose targets are both at least as strict (it meets the request's SLO
@@ -29,10 +31,11 @@ not yet released), and never looks at engine internals. Policy, per request:
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from nitsum_opt.models.spec import Role
-from nitsum_opt.scheduler.types import RequestClass, SchedulerConfig
+from nitsum_opt.scheduler.types import RequestClass, SchedulerConfig, SchedulerInstance
 
 _FEASIBLE = int(RequestClass.FEASIBLE)
 _BEST_EFFORT = int(RequestClass.BEST_EFFORT)
@@ -81,7 +84,12 @@ class MultiTierScheduler:
         self._tier_index = {name: k for k, name in enumerate(self.tier_names)}
         self.instance_ids = tuple(i.instance_id for i in config.instances)
         self.capacity = [i.slo_safe_seqs for i in config.instances]
-        self.load = [0] * len(config.instances)
+        tiers = range(len(config.tiers))
+        self._cost = [self._seat_costs(i) for i in config.instances]
+        self._count = [[0] * len(config.tiers) for _ in config.instances]
+        self._uniform = [all(c == 1.0 for c in costs) for costs in self._cost]
+        self.load: list[float] = [0.0] * len(config.instances)
+        """Seats taken per instance (requests dispatched and not released, each weighted by its seat cost)."""
         self._rank = [t.priority if config.tier_priority else 0 for t in config.tiers]
         self._deadline_s = [t.ttft_slo_ms / 1000.0 for t in config.tiers]
         tiers = range(len(config.tiers))
@@ -105,6 +113,15 @@ class MultiTierScheduler:
             self._carry(previous)
 
     # ------------------------------------------------------------------ construction helpers
+    def _seat_costs(self, inst: SchedulerInstance) -> list[float]:
+        """Seats a request of each tier takes on ``inst`` (see :attr:`SchedulerInstance.tier_seqs`)."""
+        seats = inst.tier_seqs or {}
+        out = []
+        for name in self.tier_names:
+            n = seats.get(name)
+            out.append(1.0 if n is None else math.inf if n == 0 else inst.slo_safe_seqs / n)
+        return out
+
     @staticmethod
     def _fits(role: Role, kind: str) -> bool:
         if kind == "prompt":
@@ -141,8 +158,16 @@ class MultiTierScheduler:
         return (self._tier_index[inst.tier],)
 
     def _carry(self, previous: MultiTierScheduler) -> None:
-        old = dict(zip(previous.instance_ids, previous.load, strict=True))
-        self.load = [old.get(iid, 0) for iid in self.instance_ids]
+        old = dict(zip(previous.instance_ids, previous._count, strict=True))
+        for i, iid in enumerate(self.instance_ids):
+            counts = old.get(iid)
+            if counts is None:
+                continue
+            for j, name in enumerate(previous.tier_names):
+                k = self._tier_index.get(name)
+                if k is not None and counts[j]:
+                    self._count[i][k] += counts[j]
+            self._reload(i)
         for k, name in enumerate(self.tier_names):
             j = previous._tier_index.get(name)
             if j is None:
@@ -167,34 +192,52 @@ class MultiTierScheduler:
         """Engine queue key of a request (smaller = earlier; ties by arrival)."""
         return klass * 1024 + self._rank[tier]
 
-    def has_spare(self, i: int) -> bool:
-        """Whether instance ``i`` holds fewer requests than its SLO-safe capacity."""
-        return self.load[i] < self.capacity[i]
+    def has_spare(self, i: int, tier: int | None = None) -> bool:
+        """Whether instance ``i`` has room within its SLO-safe capacity for one more request (of ``tier``:
+        its seat cost; ``None``: any request, i.e. fewer seats taken than the capacity)."""
+        if tier is None:
+            return self.load[i] < self.capacity[i]
+        return self._room_for(i, tier)
+
+    def _room_for(self, i: int, tier: int) -> bool:
+        return self.load[i] + self._cost[i][tier] <= self.capacity[i] + 1e-9
+
+    def _reload(self, i: int) -> None:
+        self.load[i] = sum(n * c for n, c in zip(self._count[i], self._cost[i], strict=True) if n)
+
+    def _take(self, i: int, tier: int) -> None:
+        self._count[i][tier] += 1
+        if self._uniform[i]:
+            self.load[i] += 1.0
+        else:
+            self._reload(i)  # exact sums: equal loads tie exactly, whatever the order requests came in
 
     # ------------------------------------------------------------------ routing
-    def _least_loaded(self, candidates: list[int], spare_only: bool) -> int:
+    def _least_loaded(self, candidates: list[int], spare_only: bool, tier: int) -> int:
         best, best_fill = _NONE, float("inf")
-        load, cap = self.load, self.capacity
+        load, cap, cost = self.load, self.capacity, self._cost
         for i in candidates:
             li, ci = load[i], cap[i]
-            if spare_only and li >= ci:
+            if spare_only and li + cost[i][tier] > ci + 1e-9:
                 continue
             fill = li / ci
             if fill < best_fill:
                 best, best_fill = i, fill
         return best
 
-    def _pick(self, tier: int, klass: int, kind: str) -> int:
-        """Instance with spare capacity for a request of ``tier``/``klass`` (``-1``: none)."""
+    def _pick(self, tier: int, klass: int, kind: str, request_tier: int | None = None) -> int:
+        """Instance with spare capacity for a request of ``request_tier`` (default ``tier``) and ``klass``, among
+        ``tier``'s instances first (``-1``: none)."""
+        rt = tier if request_tier is None else request_tier
         own = (
             self._prompt[tier] if kind == "prompt" else self._handoff[tier] if kind == "handoff" else self._resume[tier]
         )
-        target = self._least_loaded(own, spare_only=True)
+        target = self._least_loaded(own, True, rt)
         if target == _NONE and self.config.spill_over:
             if klass == _FEASIBLE and kind != "resume":
-                target = self._least_loaded(self._stricter[kind][tier], spare_only=True)
+                target = self._least_loaded(self._stricter[kind][tier], True, rt)
             elif klass != _FEASIBLE:
-                target = self._least_loaded(self._all[kind], spare_only=True)
+                target = self._least_loaded(self._all[kind], True, rt)
         return target
 
     def submit(self, now_s: float, request: int, tier: int) -> tuple[int, int]:
@@ -211,9 +254,9 @@ class MultiTierScheduler:
         token bucket: ``(instance index, class)``, ``-1`` = held centrally."""
         target = self._pick(tier, klass, "prompt")
         if target == _NONE and not self.config.central_queue:
-            target = self._least_loaded(self._prompt[tier] or self._all["prompt"], spare_only=False)
+            target = self._least_loaded(self._prompt[tier] or self._all["prompt"], False, tier)
         if target != _NONE:
-            self.load[target] += 1
+            self._take(target, tier)
             return target, klass
         self._central[tier][klass].append((request, now_s if arrival_s is None else arrival_s))
         self.held += 1
@@ -222,27 +265,39 @@ class MultiTierScheduler:
     def handoff(self, now_s: float, tier: int, host_tier: int | None, klass: int) -> int:
         """Decode instance for a request prefilled on an instance of ``host_tier`` (``None`` = untiered): its
         index (load counted), or ``-1`` when the plan has no decode instance."""
-        return self._place_kv(tier if host_tier is None else host_tier, klass, "handoff")
+        return self._place_kv(tier if host_tier is None else host_tier, klass, "handoff", tier)
 
     def resume_target(self, tier: int, klass: int) -> int:
         """Decode or colocated instance for a decoding request whose engine a plan change removed (load
         counted), or ``-1`` when no instance can decode."""
-        return self._place_kv(tier, klass, "resume")
+        return self._place_kv(tier, klass, "resume", tier)
 
-    def _place_kv(self, tier: int, klass: int, kind: str) -> int:
-        target = self._pick(tier, klass, kind)
+    def _place_kv(self, tier: int, klass: int, kind: str, request_tier: int) -> int:
+        target = self._pick(tier, klass, kind, request_tier)
         if target == _NONE:
             home = (self._handoff[tier] if kind == "handoff" else self._resume[tier]) or self._all[kind]
-            target = self._least_loaded(home, spare_only=False)
+            target = self._least_loaded(home, False, request_tier)
         if target != _NONE:
-            self.load[target] += 1
+            self._take(target, request_tier)
         return target
 
     # ------------------------------------------------------------------ release and the central queue
-    def release(self, now_s: float, instance: int) -> list[Held]:
-        """A request left ``instance`` (finished, handed off or moved): held requests it now takes (already
-        counted in its load)."""
-        self.load[instance] -= 1
+    def release(self, now_s: float, instance: int, tier: int | None = None) -> list[Held]:
+        """A request of ``tier`` left ``instance`` (finished, handed off or moved): held requests it now takes
+        (already counted in its load). ``tier`` may be left out only when every request takes one seat there."""
+        counts = self._count[instance]
+        if tier is None:
+            if not self._uniform[instance]:
+                raise ValueError(
+                    f"instance {self.instance_ids[instance]!r} weighs requests by tier: "
+                    "pass the released request's tier"
+                )
+            tier = next((k for k, n in enumerate(counts) if n > 0), 0)
+        counts[tier] -= 1
+        if self._uniform[instance]:
+            self.load[instance] -= 1.0
+        else:
+            self._reload(instance)
         if not self.held or self.config.instances[instance].role is Role.DECODE:
             return []
         return self._fill(now_s, instance)
@@ -263,17 +318,21 @@ class MultiTierScheduler:
             if picked is None:
                 break
             request, tier, klass = picked
-            self.load[instance] += 1
+            self._take(instance, tier)
             out.append((request, tier, instance, klass))
         return out
 
     def _next_held(self, now_s: float, instance: int) -> tuple[int, int, int] | None:
+        """The held request ``instance`` serves next: feasible, then best-effort, then background; within a class
+        the best (tier rank, arrival) among the tiers whose requests still fit its room."""
         for klass, tiers in ((_FEASIBLE, self._feasible_tiers[instance]), (_BEST_EFFORT, self._effort_tiers[instance])):
             best: tuple[int, float, int] | None = None
             for tier in tiers:
                 queue, late = self._central[tier][klass], self._central[tier][_BACKGROUND]
                 while queue and now_s - queue[0][1] > self._deadline_s[tier]:
                     late.append(queue.popleft())
+                if not self._room_for(instance, tier):
+                    continue
                 if queue and (best is None or (self._rank[tier], queue[0][1], tier) < best):
                     best = (self._rank[tier], queue[0][1], tier)
             if best is not None:
@@ -283,7 +342,11 @@ class MultiTierScheduler:
         best = None
         for tier in self._effort_tiers[instance]:
             late = self._central[tier][_BACKGROUND]
-            if late and (best is None or (self._rank[tier], late[0][1], tier) < best):
+            if (
+                late
+                and self._room_for(instance, tier)
+                and (best is None or (self._rank[tier], late[0][1], tier) < best)
+            ):
                 best = (self._rank[tier], late[0][1], tier)
         if best is None:
             return None

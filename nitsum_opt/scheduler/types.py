@@ -33,6 +33,12 @@ class SchedulerInstance(Frozen):
     """Prefill, decode or colocated: prefill-capable instances take new requests, decode-capable ones hand-offs."""
     slo_safe_seqs: int = Field(ge=1)
     """Requests the instance can hold at once while its tier's SLO still holds (the spare-capacity bound)."""
+    tier_seqs: dict[str, int] | None = None
+    """Requests of each tier's length mix the instance could hold at once while *its own* tier's SLO still holds
+    (e.g. ``{"chat": 130, "batch": 40}`` on a chat instance: batch requests have longer contexts). A request of
+    tier ``u`` then takes ``slo_safe_seqs / tier_seqs[u]`` of the instance's ``slo_safe_seqs`` seats, so requests
+    spilled in from a tier with heavier requests cannot push the host tier past its SLO (``0``: requests of
+    ``u`` never go there; a tier left out takes one seat). ``None``: every request takes one seat."""
 
     @property
     def takes_prompts(self) -> bool:
@@ -88,4 +94,12 @@ class SchedulerConfig(Frozen):
         for inst in self.instances:
             if inst.tier is not None and inst.tier not in names:
                 raise ValueError(f"instance {inst.instance_id!r} serves tier {inst.tier!r}, not among {names}")
+            unknown = sorted(set(inst.tier_seqs or {}) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"instance {inst.instance_id!r} gives tier_seqs for unknown tiers {unknown}; tiers: {names}"
+                )
+            negative = sorted(k for k, v in (inst.tier_seqs or {}).items() if v < 0)
+            if negative:
+                raise ValueError(f"instance {inst.instance_id!r}: tier_seqs must be >= 0, got {negative} below 0")
         return self

@@ -196,7 +196,7 @@ class Simulator:
         req.finish[r] = now
         req.outcome[r] = int(Outcome.COMPLETED)
         req.gen[r] = req.out[r]
-        self.dispatch_all(self.sched.release(now, engine.sidx), now)  # type: ignore[union-attr]
+        self.dispatch_all(self.sched.release(now, engine.sidx, req.tier[r]), now)  # type: ignore[union-attr]
 
     def reject(self, r: int, now: float, engine: Engine | None, reason: int) -> None:
         """Request ``r`` cannot be served (``reason``); it ends here."""
@@ -205,13 +205,13 @@ class Simulator:
         req.reason[r] = reason
         req.finish[r] = now
         if engine is not None:
-            self.dispatch_all(self.sched.release(now, engine.sidx), now)  # type: ignore[union-attr]
+            self.dispatch_all(self.sched.release(now, engine.sidx, req.tier[r]), now)  # type: ignore[union-attr]
 
     def hand_off(self, r: int, now: float, engine: Engine, held_kv: int) -> None:
         """Request ``r`` finished its prefill on prefill engine ``engine``: send its KV to a decode engine."""
         sched = self.sched
         req = self.req
-        self.dispatch_all(sched.release(now, engine.sidx), now)  # type: ignore[union-attr]
+        self.dispatch_all(sched.release(now, engine.sidx, req.tier[r]), now)  # type: ignore[union-attr]
         req.src[r] = engine.idx
         req.held_kv[r] = held_kv
         host = engine.tier if engine.tier >= 0 else None

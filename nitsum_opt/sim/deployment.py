@@ -27,6 +27,10 @@ class DeployedInstance(Frozen):
     max_num_batched_tokens: int | None = Field(default=None, ge=16)
     """Its step token budget (``None`` = the engine default); a smaller budget bounds the time a prefill chunk adds
     to a decode step (TPOT) at the cost of longer prefills."""
+    tier_seqs: dict[str, int] | None = None
+    """Requests of each tier's length mix it could hold while its own tier's SLO holds; the scheduler then counts
+    a request of another tier as ``slo_safe_seqs / tier_seqs[tier]`` seats (see
+    :attr:`nitsum_opt.scheduler.SchedulerInstance.tier_seqs`). ``None``: one seat per request."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -83,10 +87,16 @@ class Deployment(Frozen):
 InstanceTuning = Mapping[tuple[str, int, Role], tuple[int, int | None]]
 """``(tier, tp, role)`` → (SLO-safe requests, step token budget or ``None``) of an instance of that shape."""
 
+InstanceSeats = Mapping[tuple[str, int, Role], dict[str, int]]
+"""``(tier, tp, role)`` → requests of every tier's mix such an instance holds within its own tier's SLO."""
 
-def deployment_from_plan(plan: Plan, tuning: InstanceTuning, label: str = "", admit: bool = True) -> Deployment:
-    """A tier-aware deployment running ``plan``: its instances (tuned per tier by ``tuning``), admission at the
-    plan's ``y_t`` (``admit``), tier priority, spill-over and the central queue."""
+
+def deployment_from_plan(
+    plan: Plan, tuning: InstanceTuning, label: str = "", admit: bool = True, seats: InstanceSeats | None = None
+) -> Deployment:
+    """A tier-aware deployment running ``plan``: its instances (tuned per tier by ``tuning``; with ``seats``, a
+    request takes the seats of its tier's mix), admission at the plan's ``y_t`` (``admit``), tier priority,
+    spill-over and the central queue."""
     instances = tuple(
         DeployedInstance(
             tier=i.tier,
@@ -95,6 +105,7 @@ def deployment_from_plan(plan: Plan, tuning: InstanceTuning, label: str = "", ad
             gpu_ids=i.gpu_ids,
             slo_safe_seqs=tuning[(i.tier, i.tp, i.role)][0],
             max_num_batched_tokens=tuning[(i.tier, i.tp, i.role)][1],
+            tier_seqs=None if seats is None else dict(seats[(i.tier, i.tp, i.role)]),
         )
         for i in plan.instances
     )

@@ -25,23 +25,31 @@ class EngineSettings(Frozen):
 
 
 class SwitchCosts(Frozen):
-    """What a plan change costs; every number configurable. Defaults: measured anchors from the design notes
-    (vLLM wake of a standby engine ~0.5 s; a full engine restart 40–65 s; KV over NVLink ~370 GB/s)."""
+    """What a plan change costs; every number configurable. Defaults: measured on 4 × H200 with vLLM 0.26 and
+    Llama-3.1-8B (``benchmarks/RESULTS.md``, section *Runtime on 4 × H200*; raw outputs in
+    ``benchmarks/gpu/results/runtime-h200-2026-11-22/``)."""
 
-    standby_wake_s: float = Field(default=0.5, ge=0, allow_inf_nan=False)
+    standby_wake_s: float = Field(default=0.26, ge=0, allow_inf_nan=False)
     """Seconds a new instance is paused when its engine is pre-launched and asleep (TP switch with resident
-    weights, the Nitsum runtime)."""
-    restart_s: float = Field(default=52.5, ge=0, allow_inf_nan=False)
+    weights, the Nitsum runtime). Default: the mean pause→resume of the three measured vLLM engine switches
+    TP1→TP2 225.6 ms, TP2→TP4 282.0 ms, TP4→TP1 279.5 ms (sleep of the old engine, wake, weight refill from the
+    resident copy and KV wake included; the re-prefill of moved requests is simulated on its own)."""
+    restart_s: float = Field(default=50.4, ge=0, allow_inf_nan=False)
     """Seconds a new instance is paused when its engine must be started (weights loaded, CUDA graphs
-    captured); the middle of the measured 40–65 s."""
+    captured). Default: the mean of the measured vLLM engine starts in the same run, 56.8 s (TP1), 47.7 s (TP2),
+    46.7 s (TP4)."""
     use_standby: bool = True
     """Whether new instances come from standby engines (``standby_wake_s``) or cold starts (``restart_s``)."""
-    kv_migration_gb_s: float = Field(default=370.0, gt=0, allow_inf_nan=False)
-    """KV-cache transfer bandwidth between GPUs of one node (NVLink), GB/s per GPU pair."""
+    kv_migration_gb_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
+    """KV-cache transfer bandwidth between GPUs of one node (NVLink), GB/s per GPU pair. Default: the measured
+    large migrations, 302.7 GB/s for 32k tokens TP1→TP1 (256 MiB chunks; 0.83 × the 366.2 GB/s NCCL
+    point-to-point of the same run) and 303–336 GB/s TP4→TP1, rounded down."""
     internode_gb_s: float = Field(default=50.0, gt=0, allow_inf_nan=False)
-    """KV-cache transfer bandwidth between nodes (400 Gb/s InfiniBand), GB/s."""
-    transfer_latency_ms: float = Field(default=0.2, ge=0, allow_inf_nan=False)
-    """Fixed latency of one KV transfer (setup, first byte), ms."""
+    """KV-cache transfer bandwidth between nodes (400 Gb/s InfiniBand), GB/s. Not measured: the line rate."""
+    transfer_latency_ms: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    """Fixed latency of one KV transfer (setup, first byte), ms. Default: the measured small migrations (1k
+    tokens, 67–134 MB) took 1.0–2.2 ms; with 300 GB/s for the bytes, 1.0 ms fixed gives 1.45 ms for 1k tokens
+    TP1→TP1 (measured 1.03 ms) and 15.3 ms for 32k tokens (measured 14.2 ms)."""
 
     @property
     def switch_s(self) -> float:

@@ -54,7 +54,9 @@ def scheduler_config(sim: Simulator, dep: Deployment) -> SchedulerConfig:
             for k, t in enumerate(sim.tiers)
         ),
         instances=tuple(
-            SchedulerInstance(instance_id=i.key, tier=i.tier, role=i.role, slo_safe_seqs=i.slo_safe_seqs)
+            SchedulerInstance(
+                instance_id=i.key, tier=i.tier, role=i.role, slo_safe_seqs=i.slo_safe_seqs, tier_seqs=i.tier_seqs
+            )
             for i in dep.instances
         ),
         tier_priority=dep.tier_priority,
@@ -131,7 +133,7 @@ def _resume(sim: Simulator, r: int, src: Engine | None, now: float) -> None:
     target = sim.sched.resume_target(req.tier[r], req.klass[r])  # type: ignore[union-attr]
     if target < 0 or src is None:
         if target >= 0:
-            sim.sched.release(now, target)  # type: ignore[union-attr]
+            sim.sched.release(now, target, req.tier[r])  # type: ignore[union-attr]
         req.pre_len[r] = req.inp[r] + req.gen[r]
         _reroute(sim, r, now)
         return

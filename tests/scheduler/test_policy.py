@@ -153,3 +153,50 @@ def test_bad_configs_are_rejected_with_names() -> None:
         SchedulerConfig(tiers=tiers(), instances=(inst("a", "chat"), inst("a", "batch")))
     with pytest.raises(KeyError, match="tiers"):
         sched(inst("a", "chat")).tier_index("gold")
+
+
+def seated(iid: str, tier: str, cap: int, seats: dict[str, int], role: Role = Role.COLOCATED) -> SchedulerInstance:
+    return SchedulerInstance(instance_id=iid, tier=tier, role=role, slo_safe_seqs=cap, tier_seqs=seats)
+
+
+def test_spilled_requests_take_the_seats_of_their_mix() -> None:
+    # a chat instance holds 12 chat requests, or 4 batch ones (longer contexts): a batch request takes 3 seats
+    s = sched(
+        seated("chat", "chat", 12, {"chat": 12, "batch": 4}), inst("batch", "batch", cap=1), tiers=tiers(0.0, 0.0)
+    )
+    assert s.submit(0.0, 0, 1) == (1, BEST_EFFORT)  # batch fills its own instance
+    assert [s.submit(0.0, r, 1)[0] for r in range(1, 6)] == [0, 0, 0, 0, -1]  # then 4 spill onto chat, 3 seats each
+    assert s.load == [12.0, 1.0]
+    assert not s.has_spare(0, tier=0) and not s.has_spare(0)
+    assert s.release(0.1, 0, tier=1) == [(5, 1, 0, BEST_EFFORT)]  # 3 seats back: the held batch request fits again
+    s.release(0.2, 0, tier=1)
+    assert s.load == [12.0 - 3.0, 1.0] and s.has_spare(0, tier=0) and s.has_spare(0, tier=1)
+    assert s.submit(0.3, 6, 0) == (0, BEST_EFFORT)  # a chat request takes one seat
+    assert s.load[0] == 10.0
+
+
+def test_a_mix_with_no_safe_seat_never_spills_there_and_release_needs_the_tier() -> None:
+    s = sched(seated("chat", "chat", 5, {"batch": 0}), tiers=tiers(0.0, 0.0))
+    assert s.submit(0.0, 0, 1) == (-1, BEST_EFFORT)  # held: a batch request would break the chat SLO at once
+    assert s.submit(0.0, 1, 0) == (0, BEST_EFFORT)  # a tier left out of tier_seqs takes one seat
+    assert s.release(0.1, 0, tier=0) == []  # the held batch request still does not fit an empty chat instance
+    s.submit(0.2, 2, 0)
+    with pytest.raises(ValueError, match="pass the released request's tier"):
+        s.release(0.3, 0)
+
+
+def test_reconfiguration_reweighs_carried_requests_under_the_new_seats() -> None:
+    old = sched(inst("a", "chat", cap=10), inst("b", "batch", cap=1), tiers=tiers(0.0, 0.0))
+    for r in range(4):
+        old.submit(0.0, r, 1)  # one on b, three spill onto a at one seat each
+    assert old.load == [3, 1]
+    config = SchedulerConfig(tiers=tiers(0.0, 0.0), instances=(seated("a", "chat", 10, {"batch": 5}),))
+    new = MultiTierScheduler(config, previous=old, now_s=1.0)
+    assert new.load == [6.0]  # the same three batch requests at two seats each
+    new.release(1.1, 0, tier=1)
+    assert new.load == [4.0]
+
+
+def test_seats_for_unknown_tiers_are_rejected() -> None:
+    with pytest.raises(ValidationError, match="unknown tiers"):
+        SchedulerConfig(tiers=tiers(), instances=(seated("a", "chat", 2, {"gold": 1}),))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nitsum_opt.sim.controllers.nitsum import fill_idle_gpus
+from nitsum_opt.sim.controllers.planning import fill_idle_gpus
 from nitsum_opt.sim.controllers.registry import SYSTEMS, make_controller
 from nitsum_opt.sim.controllers.search import StaticEvaluator, oracle_candidates
 from nitsum_opt.sim.core import Simulator
@@ -79,7 +79,7 @@ def test_every_system_runs_and_the_oracle_dominates_the_static_ones() -> None:
 
 def test_fill_idle_gpus_uses_the_whole_cluster() -> None:
     from nitsum_opt.planners import MilpPlanner
-    from nitsum_opt.sim.controllers.nitsum import capacity_table
+    from nitsum_opt.sim.controllers.planning import capacity_table
     from nitsum_opt.spec import PlanningInput, TierDemand
     from nitsum_opt.workloads.demand import length_mixes
 
@@ -115,15 +115,15 @@ def test_burst_factor_is_one_for_poisson_and_above_for_bursts() -> None:
 
 
 def test_capacity_tables_are_memoised_and_planned_at_the_raised_percentile() -> None:
-    from nitsum_opt.sim.controllers import nitsum
-    from nitsum_opt.sim.controllers.nitsum import capacity_table, planning_slo
+    from nitsum_opt.sim.controllers import planning
+    from nitsum_opt.sim.controllers.planning import capacity_table, planning_slo
     from nitsum_opt.workloads.demand import length_mixes
 
     ev = _evaluator(poisson_trace(5.0, 30.0, seed=12), 8)
     mixes = length_mixes(ev.trace)
     first = capacity_table(ev.ctx, mixes)
-    rows = len(nitsum._TABLES)
-    assert capacity_table(ev.ctx, mixes) == first and len(nitsum._TABLES) == rows  # every row memoised
+    rows = len(planning._TABLES)
+    assert capacity_table(ev.ctx, mixes) == first and len(planning._TABLES) == rows  # every row memoised
     assert planning_slo(ev.ctx, TIERS[0]).slo_percentile == 97.0
     relaxed = ev.ctx.settings.model_copy(update={"capacity_percentile": None})
     from nitsum_opt.sim.controllers.base import ControlContext
@@ -131,7 +131,7 @@ def test_capacity_tables_are_memoised_and_planned_at_the_raised_percentile() -> 
     ctx = ControlContext(ev.cluster, TIERS, LLAMA, ROOFLINE, relaxed)
     assert planning_slo(ctx, TIERS[0]) == TIERS[0].slo
     looser = capacity_table(ctx, mixes)
-    assert len(nitsum._TABLES) == rows + 2
+    assert len(planning._TABLES) == rows + 2
     assert looser.rates_rps["chat"]["tp1-prefill"] >= first.rates_rps["chat"]["tp1-prefill"]
 
 
@@ -146,3 +146,56 @@ def test_branch_and_bound_search_finds_the_exhaustive_winner() -> None:
     assert full.index(max(full)) == candidates.index(winner)
     assert any(score is None for _, score in scores)  # some losers were cut short
     assert pruning.goodput(candidates[-1]) == pytest.approx(full[-1])  # a pruned one re-runs fully on demand
+
+
+def test_role_preference_scales_the_disfavoured_family_only() -> None:
+    from nitsum_opt.models.spec import CapacityTable
+    from nitsum_opt.sim.controllers.planning import prefer_roles
+
+    row = {"tp1-prefill": 10.0, "tp1-decode": 20.0, "tp1-colocated": 8.0}
+    table = CapacityTable(rates_rps={"chat": dict(row), "batch": dict(row)})
+    out = prefer_roles(table, TIERS, 0.5)
+    # chat has the strictest TPOT: its colocated cell is disfavoured; batch: its prefill and decode cells
+    assert out.rates_rps["chat"] == {"tp1-prefill": 10.0, "tp1-decode": 20.0, "tp1-colocated": 4.0}
+    assert out.rates_rps["batch"] == {"tp1-prefill": 5.0, "tp1-decode": 10.0, "tp1-colocated": 8.0}
+    assert prefer_roles(table, TIERS, 1.0) is table
+    assert prefer_roles(CapacityTable(rates_rps={"chat": row}), TIERS[:1], 0.5).rates_rps["chat"] == row
+
+
+def test_seats_of_heavier_mixes_are_fewer_and_own_seats_match_the_tuning() -> None:
+    from nitsum_opt.models.spec import LengthMix, Role
+    from nitsum_opt.sim.controllers.planning import seats_table, tuning_table
+
+    ev = _evaluator(poisson_trace(5.0, 30.0), 8)
+    mixes = {"chat": LengthMix.single(500, 100), "batch": LengthMix.single(4000, 400)}
+    seats = seats_table(ev.ctx, mixes)
+    tuning = tuning_table(ev.ctx, mixes)
+    for (host, tp, role), row in seats.items():
+        assert row[host] == tuning[host, tp, role][0]
+    assert seats["chat", 1, Role.DECODE]["batch"] < seats["chat", 1, Role.DECODE]["chat"]
+    assert seats["chat", 1, Role.PREFILL]["batch"] < seats["chat", 1, Role.PREFILL]["chat"]
+
+
+def test_nitsum_deploys_weighted_seats_unless_told_not_to() -> None:
+    from nitsum_opt.planners import MilpPlanner
+    from nitsum_opt.sim.controllers.nitsum import NitsumController
+
+    ev = _evaluator(_burst_trace(), 8)
+    weighted = NitsumController("nitsum", MilpPlanner()).start(ev.ctx, ev.trace.window(0.0, 10.0))
+    assert all(i.tier_seqs is not None and set(i.tier_seqs) == {"chat", "batch"} for i in weighted.instances)
+    plain = NitsumController("nitsum", MilpPlanner(), weighted_seats=False).start(ev.ctx, ev.trace.window(0.0, 10.0))
+    assert all(i.tier_seqs is None for i in plain.instances)
+
+
+def test_a_candidate_pruned_by_an_earlier_search_can_still_win_a_later_one() -> None:
+    ev = _evaluator(poisson_trace(30.0, 40.0, seed=6), 4)
+    candidates = oracle_candidates(ev)
+    exhaustive = _evaluator(ev.trace, 4)
+    full = [exhaustive.goodput(d) for d in candidates]
+    ev.best(candidates)
+    pruned = [k for k, d in enumerate(candidates) if ev.key(d) in ev.pruned]
+    assert pruned
+    # a later search over pruned candidates only (each lost to a higher bar) must still find their best
+    subset = [candidates[k] for k in pruned]
+    winner, _ = ev.best(subset)
+    assert ev.memo[ev.key(winner)] == pytest.approx(max(full[k] for k in pruned))

@@ -107,3 +107,20 @@ def test_bench_goodput_json_and_sim_speed() -> None:
     assert result.exit_code == 0, result.output
     speed = json.loads(result.output)
     assert speed["requests"] > 30_000 and speed["rows"][0]["speed_x"] > 100
+
+
+def test_qwen14b_tight_scenario_needs_more_than_tp1_for_interactive() -> None:
+    from nitsum_opt.models import build_capacity_table
+    from nitsum_opt.models.capacity import load_tiers_file
+    from nitsum_opt.models.spec import Role, ServingConfig
+
+    scenario = Scenario.load(EXAMPLES / "qwen14b-tight.yaml")
+    model, source = scenario.iteration_model()
+    assert scenario.model_spec.name == "qwen2.5-14b" and source.startswith("fitted")
+    request = load_tiers_file(EXAMPLES.parent / "capacity" / "tiers-qwen14b-tight.yaml")
+    slos = {t.name: (t.slo.ttft_slo_ms, t.slo.tpot_slo_ms) for t in request.tiers}
+    assert slos == {t.name: (t.ttft_slo_ms, t.tpot_slo_ms) for t in scenario.tiers}  # same SLOs as the scenario
+    interactive = [t for t in request.tiers if t.name == "interactive"]
+    configs = [ServingConfig(tp=tp, role=Role.DECODE) for tp in (1, 2, 4)]
+    rates = build_capacity_table(model, interactive, configs=configs, options=request.options).rates_rps["interactive"]
+    assert rates["tp1-decode"] == 0.0 and rates["tp2-decode"] > 0.0 and rates["tp4-decode"] > rates["tp2-decode"]

@@ -8,168 +8,43 @@ Per epoch it sees the requests of the epoch that just ended and
    recent arrivals are at the time scale of its TTFT target; the capacity table assumes Poisson arrivals);
 2. takes each tier's length mix from the requests of the last ``mix_window_s`` seconds and rebuilds ``R[t,c]``
    only when a tier's mean prompt or output length moved by more than ``mix_tolerance`` since the cached table
-   (the table comes from :func:`capacity_table` — INTERIM until the latency models' builder is on main);
+   (:func:`~nitsum_opt.sim.controllers.planning.capacity_table`), then applies the *role preference*
+   (:func:`~nitsum_opt.sim.controllers.planning.prefer_roles`, ``role_preference``): prefill/decode for the tier
+   with the strictest TPOT target, colocated for the others, unless the other family is clearly better per GPU;
 3. plans with the planner (``MilpPlanner``: ``nitsum``; ``GreedyPlanner``: ``nitsum-greedy``) against the running
    plan (churn priced with the switch cost), gives GPUs the plan leaves idle to the most loaded tiers
-   (:func:`fill_idle_gpus`), and lets :func:`~nitsum_opt.planners.stabilize` decide between it and the running
-   plan (re-admitted for the new forecast);
+   (:func:`~nitsum_opt.sim.controllers.planning.fill_idle_gpus`), and lets :func:`~nitsum_opt.planners.stabilize`
+   decide between it and the running plan (re-admitted for the new forecast);
 4. deploys the result with the multi-tier scheduler: admission at the plan's ``y_t``, tier priority, spill-over
    and the central queue; each instance gets its tier's SLO-safe capacity and an SLO-aware step token budget
-   (the chunk size that keeps a prefill chunk from breaking the tier's TPOT), both from the iteration model.
+   (the chunk size that keeps a prefill chunk from breaking the tier's TPOT), both from the iteration model, and
+   (``weighted_seats``) the seats a request of every tier's mix takes on it
+   (:func:`~nitsum_opt.sim.controllers.planning.seats_table`), so requests spilled in from tiers with heavier
+   requests cannot push it past its own tier's SLO.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections import OrderedDict
-
 import numpy as np
 
-from nitsum_opt.assemble import assemble_plan
-from nitsum_opt.evaluate import tier_capacity_rps
-from nitsum_opt.models.spec import CapacityTable, LengthMix, Role, ServingConfig, SloTarget
-from nitsum_opt.placement import PlacementError, place_instances
+from nitsum_opt.models.spec import CapacityTable, LengthMix
 from nitsum_opt.plan import Plan
 from nitsum_opt.planners import Planner, StabilizerSettings, StabilizerState, stabilize
-from nitsum_opt.sim.capacity import MixStats, interim_capacity_table, slo_safe_seqs, slo_token_budget
 from nitsum_opt.sim.controllers.base import ControlContext, Controller
-from nitsum_opt.sim.deployment import Deployment, deployment_from_plan
-from nitsum_opt.spec import ObjectiveSettings, PlanningInput, Tier, TierDemand
+from nitsum_opt.sim.controllers.planning import (
+    ROLE_PREFERENCE,
+    candidate_configs,
+    capacity_table,
+    fill_idle_gpus,
+    prefer_roles,
+    seats_table,
+    tuning_table,
+)
+from nitsum_opt.sim.deployment import Deployment, InstanceSeats, InstanceTuning, deployment_from_plan
+from nitsum_opt.spec import ObjectiveSettings, PlanningInput, TierDemand
 from nitsum_opt.workloads.demand import length_mixes
 from nitsum_opt.workloads.forecast import EwmaForecaster, LastWindowForecaster
 from nitsum_opt.workloads.trace import RequestTrace
-
-FALLBACK_MIX = LengthMix.single(1024, 256)
-"""Length mix assumed for a tier that has not sent a request yet."""
-
-
-def candidate_configs(ctx: ControlContext) -> tuple[ServingConfig, ...]:
-    """Every (tp, role) the planner may use: TP degrees the iteration model covers that fit a node."""
-    return tuple(ServingConfig(tp=tp, role=role) for tp in ctx.tps for role in Role)
-
-
-_TABLES: OrderedDict[str, tuple[object, CapacityTable]] = OrderedDict()
-_TABLES_MAX = 64
-
-
-def capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> CapacityTable:
-    """``R[t,c]`` for the tiers' current mixes: ``nitsum_opt.models.build_capacity_table`` (the latency models'
-    queueing-based builder) when it is installed, else the INTERIM estimate of
-    :func:`nitsum_opt.sim.capacity.interim_capacity_table`. Cells of different tiers are independent, so each tier's
-    row is built on its own and memoised per process (least recently used, keyed by the model object, the tier, its
-    mix, the configs and the engine knobs): systems that see the same mix share it, and a controller whose mix
-    changed for one tier rebuilds one row."""
-    rows: dict[str, dict[str, float]] = {}
-    source = ""
-    for tier in ctx.tiers:
-        mix = mixes.get(tier.name, FALLBACK_MIX)
-        key = hashlib.sha256(
-            json.dumps(
-                [
-                    tier.model_dump(mode="json"),
-                    mix.model_dump(mode="json"),
-                    [c.key for c in candidate_configs(ctx)],
-                    ctx.settings.engine.model_dump(mode="json"),
-                    ctx.settings.capacity_percentile,
-                ],
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()
-        hit = _TABLES.get(key)
-        if hit is not None and hit[0] is ctx.model:
-            _TABLES.move_to_end(key)
-            row = hit[1]
-        else:
-            row = _build_table(ctx, {tier.name: mix}, tier)
-            _TABLES[key] = (ctx.model, row)
-            while len(_TABLES) > _TABLES_MAX:
-                _TABLES.popitem(last=False)
-        rows[tier.name] = row.rates_rps[tier.name]
-        source = row.source
-    return CapacityTable(rates_rps=rows, source=source)
-
-
-def planning_slo(ctx: ControlContext, tier: Tier) -> SloTarget:
-    """The tier's SLO with the percentile raised to ``settings.capacity_percentile`` (never lowered)."""
-    wanted = ctx.settings.capacity_percentile
-    if wanted is None or wanted <= tier.slo_percentile:
-        return tier.slo
-    return tier.slo.model_copy(update={"slo_percentile": wanted})
-
-
-def _build_table(ctx: ControlContext, mixes: dict[str, LengthMix], tier: Tier) -> CapacityTable:
-    try:
-        from nitsum_opt.models import CapacityOptions, TierWorkload, build_capacity_table
-    except ImportError:  # a models package without the capacity builder
-        rows = {tier.name: (planning_slo(ctx, tier), mixes[tier.name])}
-        return interim_capacity_table(ctx.model, rows, candidate_configs(ctx), ctx.settings.engine)
-    engine = ctx.settings.engine
-    return build_capacity_table(
-        ctx.model,  # type: ignore[arg-type]
-        [TierWorkload(name=tier.name, slo=planning_slo(ctx, tier), length_mix=mixes[tier.name])],
-        configs=candidate_configs(ctx),
-        options=CapacityOptions(max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs),
-    )
-
-
-def tuning_table(
-    ctx: ControlContext, mixes: dict[str, LengthMix]
-) -> dict[tuple[str, int, Role], tuple[int, int | None]]:
-    """Per (tier, tp, role): the SLO-safe capacity and the SLO-aware step token budget of an instance serving the
-    tier (prefill-only instances keep the engine default: no decode step to protect)."""
-    out: dict[tuple[str, int, Role], tuple[int, int | None]] = {}
-    for t in ctx.tiers:
-        mix = MixStats.of(mixes.get(t.name, FALLBACK_MIX))
-        for tp in ctx.tps:
-            budget = min(
-                ctx.settings.engine.max_num_batched_tokens, slo_token_budget(ctx.model, tp, t.tpot_slo_ms, mix)
-            )
-            for role in Role:
-                seqs = slo_safe_seqs(ctx.model, tp, role, t.slo, mix, ctx.settings.engine)
-                out[t.name, tp, role] = (seqs, None if role is Role.PREFILL else budget)
-    return out
-
-
-def _weighted_load(inp: PlanningInput, counts: dict[tuple[str, ServingConfig], int], tier: str) -> float:
-    cap = min(tier_capacity_rps(inp, counts, tier))
-    return inp.tier(tier).weight * inp.demand_rps(tier) / max(cap, 1e-9)
-
-
-def fill_idle_gpus(inp: PlanningInput, plan: Plan) -> Plan:
-    """Give the GPUs ``plan`` leaves idle to the tiers, one instance at a time: the tier with the highest
-    weighted load (demand / capacity) gets its best per-GPU colocated config that still fits."""
-    counts = dict(plan.counts())
-    free = inp.cluster.total_gpus - plan.gpus_used
-    colocated = [c for c in inp.candidate_configs if c.role is Role.COLOCATED]
-    changed = False
-    while free > 0:
-        tier = max((t.name for t in inp.tiers), key=lambda name, c=counts: _weighted_load(inp, c, name))
-        options = sorted(
-            (c for c in colocated if c.gpus <= free and inp.capacity.rate_rps(tier, c) > 0),
-            key=lambda c: (-inp.capacity.rate_rps(tier, c) / c.gpus, c.tp),
-        )
-        placed = False
-        for c in options:
-            trial = {**counts, (tier, c): counts.get((tier, c), 0) + 1}
-            try:
-                place_instances(inp.cluster, trial)
-            except PlacementError:
-                continue
-            counts, free, placed, changed = trial, free - c.gpus, True, True
-            break
-        if not placed:
-            break
-    if not changed:
-        return plan
-    return assemble_plan(
-        inp,
-        counts,
-        status=plan.status,
-        planner=f"{plan.provenance.planner} + fill-idle",
-        solve_time_ms=plan.solve_time_ms,
-        message=plan.message,
-    )
 
 
 def _erfinv(y: float) -> float:
@@ -226,7 +101,11 @@ class NitsumController(Controller):
         follow_rises: bool = True,
         burst_quantile: float | None = 0.9,
         max_burst_factor: float = 2.0,
+        role_preference: float = ROLE_PREFERENCE,
+        weighted_seats: bool = True,
     ) -> None:
+        """See the module docstring; ``role_preference=1`` and ``weighted_seats=False`` give the controller as it
+        was before those two rules (one seat per request, the plain capacity table)."""
         self.name = name
         self.planner = planner
         self.forecaster = forecaster or EwmaForecaster(alpha=0.5, headroom=0.1)
@@ -237,6 +116,9 @@ class NitsumController(Controller):
         self.follow_rises = follow_rises
         self.burst_quantile = burst_quantile
         self.max_burst_factor = max_burst_factor
+        self.role_preference = role_preference
+        self.weighted_seats = weighted_seats
+        self._tuned: tuple[object, InstanceTuning, InstanceSeats | None] | None = None
         self._burst = np.ones(0)
         self._ttft_s: list[float] = []
         self.history: list[np.ndarray] = []
@@ -303,15 +185,19 @@ class NitsumController(Controller):
                     continue
             self._planned_mixes[name] = mix
             self.capacity_builds += 1
-        return capacity_table(ctx, self._planned_mixes)
+        return prefer_roles(capacity_table(ctx, self._planned_mixes), ctx.tiers, self.role_preference)
+
+    def _forecast(self, ctx: ControlContext, now_s: float) -> np.ndarray:
+        """Per-tier demand (req/s) to plan the next epoch for."""
+        forecast = self.forecaster.forecast(np.asarray(self.history))
+        if self.follow_rises or len(self.history) == 1:
+            forecast = np.maximum(forecast, self.history[-1] * (1.0 + self.forecaster.headroom))
+        return forecast * self._burst
 
     def _step(self, ctx: ControlContext, now_s: float, window: RequestTrace) -> Deployment:
         self._ttft_s = [t.ttft_slo_ms / 1000.0 for t in ctx.tiers]
         self._observe(window)
-        forecast = self.forecaster.forecast(np.asarray(self.history))
-        if self.follow_rises or len(self.history) == 1:
-            forecast = np.maximum(forecast, self.history[-1] * (1.0 + self.forecaster.headroom))
-        forecast = forecast * self._burst
+        forecast = self._forecast(ctx, now_s)
         sw = ctx.settings.switch
         inp = PlanningInput(
             cluster=ctx.cluster,
@@ -332,4 +218,13 @@ class NitsumController(Controller):
         self.plans_made += 1
         self.plan_time_ms += candidate.solve_time_ms
         label = f"{self.name} ({decision.plan.status.value})"
-        return deployment_from_plan(decision.plan, tuning_table(ctx, self._planned_mixes), label=label)
+        tuning, seats = self._tuning(ctx)
+        return deployment_from_plan(decision.plan, tuning, label=label, seats=seats)
+
+    def _tuning(self, ctx: ControlContext) -> tuple[InstanceTuning, InstanceSeats | None]:
+        """Per-instance tuning and seats for the planned mixes (recomputed only when those change)."""
+        key = tuple(sorted((name, mix.model_dump_json()) for name, mix in self._planned_mixes.items()))
+        if self._tuned is None or self._tuned[0] != key:
+            seats = seats_table(ctx, self._planned_mixes) if self.weighted_seats else None
+            self._tuned = (key, tuning_table(ctx, self._planned_mixes), seats)
+        return self._tuned[1], self._tuned[2]

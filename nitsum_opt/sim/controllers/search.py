@@ -10,7 +10,11 @@ SLO-aware budget of the strictest tier (an operator tuning ``max_num_batched_tok
 priority, each with both budgets, every DistServe placement, the per-tier split (both budgets), and tier-aware
 plans — the MILP's plan for hindsight statistics of the demand (mean and the 50/75/90/100th percentile of the
 per-epoch rates of each tier), with idle GPUs filled, run with the multi-tier scheduler (admission at the plan's
-capacity, and without admission control).
+capacity, and without admission control). The tier-aware plans come in two families: the plain capacity table
+with one scheduler seat per request, and Nitsum's own planning inputs and scheduler (the role preference of
+:func:`~nitsum_opt.sim.controllers.planning.prefer_roles` and seats weighted by each tier's request mix,
+:func:`~nitsum_opt.sim.controllers.planning.seats_table`), so the static plans get every planning rule the
+adaptive controller has.
 Its goodput is therefore at least that of every other static system.
 """
 
@@ -24,11 +28,14 @@ from nitsum_opt.models.spec import LengthMix, ModelSpec
 from nitsum_opt.planners import MilpPlanner
 from nitsum_opt.sim.capacity import slo_token_budget
 from nitsum_opt.sim.controllers.base import ControlContext, StaticController
-from nitsum_opt.sim.controllers.nitsum import (
+from nitsum_opt.sim.controllers.planning import (
     FALLBACK_MIX,
+    ROLE_PREFERENCE,
     candidate_configs,
     capacity_table,
     fill_idle_gpus,
+    prefer_roles,
+    seats_table,
     tuning_table,
 )
 from nitsum_opt.sim.controllers.static import distserve, distserve_candidates, split, vllm_static
@@ -66,7 +73,8 @@ class StaticEvaluator:
         self.on_run = on_run
         self.memo: dict[str, float] = {}
         self.results: dict[str, SimResult] = {}
-        self.pruned: set[str] = set()
+        self.pruned: dict[str, int] = {}
+        """Deployments whose run was cut short, with the bar (requests meeting SLO) they could not beat."""
         self.runs = 0
 
     @property
@@ -101,7 +109,7 @@ class StaticEvaluator:
         result = sim.run(stop=stop)
         self.runs += 1
         if result.stopped_early:
-            self.pruned.add(key)
+            self.pruned[key] = beat_met if beat_met is not None else 0
         else:
             self.results[key] = result
             self.memo[key] = float(result.slo_met(self.tiers).sum()) / max(self.trace.duration_s, 1e-9)
@@ -113,7 +121,7 @@ class StaticEvaluator:
         """Requests/s meeting their tier's SLO over the trace (always a complete run)."""
         key = self.key(dep)
         if key not in self.memo:
-            self.pruned.discard(key)
+            self.pruned.pop(key, None)
             self.simulate(dep)
         return self.memo[key]
 
@@ -121,7 +129,8 @@ class StaticEvaluator:
         """The candidate with the highest goodput (first one on ties) and every candidate's score (``None`` for a
         candidate pruned because it could no longer win). Candidates already simulated set the bar first; every
         other run stops as soon as it cannot beat the best so far (branch and bound on requests meeting SLO), so
-        the winner is exact and each losing run is cut short."""
+        the winner is exact and each losing run is cut short. A candidate pruned by an earlier search is skipped
+        only when the bar it lost to is not above this search's best so far (else it runs again)."""
         items = list(candidates)
         if not items:
             raise ValueError("no candidate deployment fits the cluster")
@@ -130,9 +139,9 @@ class StaticEvaluator:
         best: Deployment | None = max(known, key=lambda d: self.memo[self.key(d)]) if known else None
         for dep in items:
             key = self.key(dep)
-            if key in self.memo or key in self.pruned:
-                continue
             bar = None if best is None else round(self.memo[self.key(best)] * span)
+            if key in self.memo or (key in self.pruned and bar is not None and self.pruned[key] <= bar):
+                continue
             self.simulate(dep, beat_met=bar)
             if key in self.memo and (best is None or self.memo[key] > self.memo[self.key(best)]):
                 best = dep
@@ -185,31 +194,38 @@ def split_deployment(ev: StaticEvaluator, tuned: bool = False) -> Deployment:
 
 
 def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
-    """Tier-aware static plans for hindsight demand statistics (see the module docstring), deduplicated."""
+    """Tier-aware static plans for hindsight demand statistics, in both families (see the module docstring),
+    deduplicated."""
     ctx = ev.ctx
     mixes = hindsight_mixes(ev.trace)
-    capacity = capacity_table(ctx, mixes)
+    plain = capacity_table(ctx, mixes)
     tuning = tuning_table(ctx, mixes)
+    families = (
+        ("", plain, None),
+        (" [Nitsum planning inputs]", prefer_roles(plain, ev.tiers, ROLE_PREFERENCE), seats_table(ctx, mixes)),
+    )
     rates = epoch_demand(ev.trace, ev.settings.epoch_s).rates_rps
     planner = MilpPlanner()
     out: dict[str, Deployment] = {}
-    for q in HINDSIGHT_QUANTILES:
-        level = rates.mean(axis=0) if q == "mean" else np.percentile(rates, q, axis=0)
-        inp = PlanningInput(
-            cluster=ev.cluster,
-            tiers=ev.tiers,
-            demand=tuple(TierDemand(tier=t.name, arrival_rate_rps=float(level[k])) for k, t in enumerate(ev.tiers)),
-            capacity=capacity,
-            configs=candidate_configs(ctx),
-            model=ev.model_spec,
-        )
-        plan = fill_idle_gpus(inp, planner.plan(inp))
-        plan_caps = {a.tier: min(a.prefill_capacity_rps, a.decode_capacity_rps) for a in plan.tiers}
-        for admit in (True, False):
-            dep = deployment_from_plan(plan, tuning, admit=admit)
-            label = f"tiered plan for {q} demand ({'admission' if admit else 'no admission'}): {dep.describe()}"
-            dep = dep.model_copy(update={"label": label, "admitted_rps": plan_caps if admit else None})
-            out.setdefault(StaticEvaluator.key(dep), dep)
+    for family, capacity, seats in families:
+        for q in HINDSIGHT_QUANTILES:
+            level = rates.mean(axis=0) if q == "mean" else np.percentile(rates, q, axis=0)
+            inp = PlanningInput(
+                cluster=ev.cluster,
+                tiers=ev.tiers,
+                demand=tuple(TierDemand(tier=t.name, arrival_rate_rps=float(level[k])) for k, t in enumerate(ev.tiers)),
+                capacity=capacity,
+                configs=candidate_configs(ctx),
+                model=ev.model_spec,
+            )
+            plan = fill_idle_gpus(inp, planner.plan(inp))
+            plan_caps = {a.tier: min(a.prefill_capacity_rps, a.decode_capacity_rps) for a in plan.tiers}
+            for admit in (True, False):
+                dep = deployment_from_plan(plan, tuning, admit=admit, seats=seats)
+                how = "admission" if admit else "no admission"
+                label = f"tiered plan for {q} demand ({how}){family}: {dep.describe()}"
+                dep = dep.model_copy(update={"label": label, "admitted_rps": plan_caps if admit else None})
+                out.setdefault(StaticEvaluator.key(dep), dep)
     return list(out.values())
 
 
