@@ -101,9 +101,11 @@ class ObjectiveSettings(Frozen):
 
     gpu_cost: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
     """``ε``: weighted req/s given up per GPU in use; a tie-breaker that leaves idle GPUs off."""
-    switch_cost_s: float = Field(default=0.5, ge=0, allow_inf_nan=False)
+    switch_cost_s: float = Field(default=0.26, ge=0, allow_inf_nan=False)
     """Seconds an instance is out of service when it is started, stopped or re-shaped (TP switch).
-    Default: measured vLLM wake of a standby engine (sleep level 2 + weight refill)."""
+    Default: the mean pause→resume of the vLLM TP switches measured on 4 × H200 (wake of a standby engine from
+    sleep level 2, weight refill from the resident copy, KV wake: 226 / 282 / 280 ms; benchmarks/RESULTS.md,
+    "Runtime on H200"); the simulator's ``SwitchCosts.standby_wake_s`` uses the same figure."""
     plan_horizon_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     """Seconds a new plan is expected to stay in place; a change's cost is amortised over it:
     ``β[t,c] = w_t · g_c · ρ_t · switch_cost_s / plan_horizon_s`` per instance added or removed
