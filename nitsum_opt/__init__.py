@@ -25,6 +25,7 @@ from nitsum_opt.planners import (
     make_planner,
 )
 from nitsum_opt.spec import (
+    SHARED_TIER,
     ClusterSpec,
     CurrentPlan,
     InstanceCount,
@@ -35,6 +36,7 @@ from nitsum_opt.spec import (
 )
 
 __all__ = [
+    "SHARED_TIER",
     "CapacityTable",
     "ClusterSpec",
     "CurrentPlan",

@@ -8,7 +8,8 @@ import json
 from collections.abc import Mapping
 
 from nitsum_opt._version import __version__
-from nitsum_opt.evaluate import Counts, best_admission_rps, objective_value, tier_capacity_rps
+from nitsum_opt.admission import SharedRates, best_admission, trim_shared_rates
+from nitsum_opt.evaluate import Counts, objective_value, tier_capacity_rps
 from nitsum_opt.placement import place_instances
 from nitsum_opt.plan import Plan, PlanStatus, Provenance, TierAllocation
 from nitsum_opt.spec import PlanningInput
@@ -21,13 +22,14 @@ def input_hash(inp: PlanningInput) -> str:
 
 
 def tier_allocations(
-    inp: PlanningInput, counts: Counts, admitted_rps: Mapping[str, float]
+    inp: PlanningInput, counts: Counts, admitted_rps: Mapping[str, float], shared_rps: SharedRates | None = None
 ) -> tuple[TierAllocation, ...]:
     """Per-tier summary, in the input's tier order."""
     out = []
+    shared_rps = shared_rps or {}
     for t in inp.tiers:
         demand = inp.demand_rps(t.name)
-        prefill, decode = tier_capacity_rps(inp, counts, t.name)
+        prefill, decode = tier_capacity_rps(inp, counts, t.name, shared_rps)
         y = min(max(0.0, admitted_rps.get(t.name, 0.0)), demand)
         out.append(
             TierAllocation(
@@ -39,6 +41,9 @@ def tier_allocations(
                 prefill_capacity_rps=prefill,
                 decode_capacity_rps=decode,
                 gpus=sum(c.gpus * k for (tier, c), k in counts.items() if tier == t.name),
+                shared_rates_rps={
+                    c.key: rate for c, rate in sorted(shared_rps.get(t.name, {}).items(), key=lambda kv: kv[0].tp)
+                },
             )
         )
     return tuple(out)
@@ -52,17 +57,24 @@ def assemble_plan(
     planner: str,
     solve_time_ms: float,
     admitted_rps: Mapping[str, float] | None = None,
+    shared_rps: SharedRates | None = None,
     objective: float | None = None,
     objective_bound: float | None = None,
     gap: float | None = None,
     solver: str | None = None,
     message: str = "",
 ) -> Plan:
-    """A complete plan from ``n[t,c]``. Admissions default to the largest admissible rates; the objective
-    defaults to its recomputed value (the MILP passes the solver's, which tests compare with the recomputed one)."""
+    """A complete plan from ``n[t,c]`` and ``s[c]`` (tier ``"*"``). Admissions and shared rates ``x[t,c]`` default
+    to the best ones for the counts (:func:`nitsum_opt.admission.best_admission`); given ones (the MILP's) are kept,
+    each tier's shared rate trimmed to what its admission needs. The objective defaults to its recomputed value (the
+    MILP passes the solver's, which tests compare with the recomputed one)."""
     counts = {k: v for k, v in counts.items() if v > 0}
-    admitted = dict(admitted_rps) if admitted_rps is not None else best_admission_rps(inp, counts)
-    tiers = tier_allocations(inp, counts, admitted)
+    if admitted_rps is None:
+        admitted, shared = best_admission(inp, counts)
+    else:
+        admitted = dict(admitted_rps)
+        shared = trim_shared_rates(inp, counts, admitted, shared_rps or {})
+    tiers = tier_allocations(inp, counts, admitted, shared)
     clipped = {a.tier: a.admitted_rps for a in tiers}
     return Plan(
         instances=place_instances(inp.cluster, counts, inp.current_plan),

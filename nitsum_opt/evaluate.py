@@ -1,9 +1,10 @@
 """Independent re-check of a plan: feasibility from its concrete instances, and its objective recomputed.
 
-``evaluate_plan`` trusts nothing the planner says: it rebuilds ``n[t,c]`` from the instances' GPU ids, checks
-every GPU is used once, inside the cluster, by an aligned group inside one node, recomputes each tier's
-capacity from the capacity table, checks admissions against demand, capacity and minimum admission, and
-recomputes the objective. The MILP planner's objective must agree with it (tests check this on every plan).
+``evaluate_plan`` trusts nothing the planner says: it rebuilds ``n[t,c]`` and ``s[c]`` from the instances' GPU
+ids, checks every GPU is used once, inside the cluster, by an aligned group inside one node, recomputes each
+tier's capacity from the capacity table and its shared rates ``x[t,c]``, re-checks every time-sharing row
+``Σ_t x[t,c] / R^s[t,c] <= s[c]``, checks admissions against demand, capacity and minimum admission, and recomputes
+the objective. The MILP planner's objective must agree with it (tests check this on every plan).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from collections.abc import Mapping
 
 from pydantic import Field
 
+from nitsum_opt.admission import Counts, SharedRates, dedicated_capacity_rps, shared_counts
 from nitsum_opt.models.spec import Frozen, Role, ServingConfig
 from nitsum_opt.plan import Plan
-from nitsum_opt.spec import PlanningInput
-
-Counts = Mapping[tuple[str, ServingConfig], int]
+from nitsum_opt.spec import SHARED_TIER, PlanningInput
 
 #: Tolerance (req/s, relative) for comparing admitted rates with capacities.
 RATE_TOLERANCE = 1e-6
@@ -45,23 +45,14 @@ class PlanEvaluation(Frozen):
         return not self.violations
 
 
-def tier_capacity_rps(inp: PlanningInput, counts: Counts, tier: str) -> tuple[float, float]:
-    """(prefill-side, decode-side) capacity of ``tier``: Σ R·n over prefill+colocated and decode+colocated."""
-    prefill = decode = 0.0
-    for (t, config), count in counts.items():
-        if t != tier or count == 0:
-            continue
-        rate = inp.capacity.rate_rps(tier, config) * count
-        if config.role in (Role.PREFILL, Role.COLOCATED):
-            prefill += rate
-        if config.role in (Role.DECODE, Role.COLOCATED):
-            decode += rate
-    return prefill, decode
-
-
-def best_admission_rps(inp: PlanningInput, counts: Counts) -> dict[str, float]:
-    """Largest admissible ``y_t = min(λ_t, prefill capacity, decode capacity)`` per tier."""
-    return {t.name: min(inp.demand_rps(t.name), *tier_capacity_rps(inp, counts, t.name)) for t in inp.tiers}
+def tier_capacity_rps(
+    inp: PlanningInput, counts: Counts, tier: str, shared_rps: SharedRates | None = None
+) -> tuple[float, float]:
+    """(prefill-side, decode-side) capacity of ``tier``: Σ R·n over its prefill+colocated and decode+colocated
+    instances, plus its rate on shared instances ``Σ_c x[t,c]`` (from ``shared_rps``) on both sides."""
+    prefill, decode = dedicated_capacity_rps(inp, counts, tier)
+    shared = sum((shared_rps or {}).get(tier, {}).values())
+    return prefill + shared, decode + shared
 
 
 def churn_by_key(inp: PlanningInput, counts: Counts) -> dict[tuple[str, ServingConfig], int]:
@@ -73,9 +64,9 @@ def churn_by_key(inp: PlanningInput, counts: Counts) -> dict[tuple[str, ServingC
 
 
 def objective_value(inp: PlanningInput, counts: Counts, admitted_rps: Mapping[str, float]) -> float:
-    """``Σ w_t y_t − ε Σ g_c n[t,c] − Σ β[t,c] |n[t,c] − n⁰[t,c]|``."""
+    """``Σ w_t y_t − ε Σ g_c n[t,c] − ε_s Σ g_c s[c] − Σ β[t,c] |n[t,c] − n⁰[t,c]|`` (shared: tier ``"*"``)."""
     value = sum(t.weight * admitted_rps.get(t.name, 0.0) for t in inp.tiers)
-    value -= inp.objective.gpu_cost * sum(c.gpus * k for (_, c), k in counts.items())
+    value -= sum(inp.gpu_price(t) * c.gpus * k for (t, c), k in counts.items())
     value -= sum(inp.churn_price(t, c) * d for (t, c), d in churn_by_key(inp, counts).items())
     return value
 
@@ -85,11 +76,19 @@ def evaluate_plan(inp: PlanningInput, plan: Plan) -> PlanEvaluation:
     violations = _placement_violations(inp, plan)
     counts = dict(Counter((i.tier, i.config) for i in plan.instances))
     allowed = set(inp.candidate_configs)
+    tiers = {t.name for t in inp.tiers}
     for tier, config in counts:
         if config not in allowed:
             violations.append(f"instance config {config.key} of tier {tier!r} is not a candidate config")
+        if tier == SHARED_TIER and config.role is not Role.COLOCATED:
+            violations.append(f"shared instances of {config.key}: shared instances must be colocated")
+        if tier != SHARED_TIER and tier not in tiers:
+            violations.append(f"instances of tier {tier!r}, which is not among {sorted(tiers)}")
     admitted = {a.tier: a.admitted_rps for a in plan.tiers}
-    violations += _admission_violations(inp, counts, admitted)
+    shared_rps, problems = _shared_rates(plan)
+    violations += problems
+    violations += _shared_violations(inp, counts, shared_rps)
+    violations += _admission_violations(inp, counts, admitted, shared_rps)
     return PlanEvaluation(
         objective=objective_value(inp, counts, admitted),
         gpus_used=sum(i.tp for i in plan.instances),
@@ -134,14 +133,56 @@ def _placement_violations(inp: PlanningInput, plan: Plan) -> list[str]:
     return out
 
 
-def _admission_violations(inp: PlanningInput, counts: Counts, admitted: Mapping[str, float]) -> list[str]:
+def _shared_rates(plan: Plan) -> tuple[dict[str, dict[ServingConfig, float]], list[str]]:
+    """The plan's ``x[t,c]`` parsed from its tier allocations, and what is malformed about them."""
+    out: dict[str, dict[ServingConfig, float]] = {}
+    problems: list[str] = []
+    for alloc in plan.tiers:
+        for key, rate in alloc.shared_rates_rps.items():
+            try:
+                config = ServingConfig.parse(key)
+            except ValueError as exc:
+                problems.append(f"tier {alloc.tier!r}: shared rate key {key!r}: {exc}")
+                continue
+            if not rate >= 0:
+                problems.append(f"tier {alloc.tier!r}: shared rate x[{alloc.tier},{key}]={rate} must be >= 0")
+                continue
+            out.setdefault(alloc.tier, {})[config] = rate
+    return out, problems
+
+
+def _shared_violations(inp: PlanningInput, counts: Counts, shared_rps: SharedRates) -> list[str]:
+    """Re-check every time-sharing row ``Σ_t x[t,c] / R^s[t,c] <= s[c]``."""
+    out: list[str] = []
+    instances = shared_counts(counts)
+    used: dict[ServingConfig, float] = {}
+    for tier, row in shared_rps.items():
+        for config, rate in row.items():
+            if rate == 0:
+                continue
+            colocated = config in set(inp.candidate_configs) and config.role is Role.COLOCATED
+            cell = inp.shared_rate_rps(tier, config) if colocated else 0.0
+            if cell <= 0:
+                out.append(f"tier {tier!r}: shared rate {rate:.6g} req/s on {config.key}, which cannot serve it (R=0)")
+                continue
+            used[config] = used.get(config, 0.0) + rate / cell
+    for config, share in sorted(used.items(), key=lambda kv: kv[0].tp):
+        have = instances.get(config, 0)
+        if share > have + RATE_TOLERANCE * max(1.0, have):
+            out.append(f"shared {config.key}: the tiers' rates need {share:.6g} instances, the plan has {have}")
+    return out
+
+
+def _admission_violations(
+    inp: PlanningInput, counts: Counts, admitted: Mapping[str, float], shared_rps: SharedRates
+) -> list[str]:
     out: list[str] = []
     for t in inp.tiers:
         if t.name not in admitted:
             out.append(f"tier {t.name!r} has no admission in the plan")
             continue
         y, demand = admitted[t.name], inp.demand_rps(t.name)
-        prefill, decode = tier_capacity_rps(inp, counts, t.name)
+        prefill, decode = tier_capacity_rps(inp, counts, t.name, shared_rps)
         tol = RATE_TOLERANCE * max(1.0, demand)
         if y > demand + tol:
             out.append(f"tier {t.name!r}: admitted {y:.6g} req/s > demand {demand:.6g}")

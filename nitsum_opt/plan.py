@@ -8,7 +8,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from nitsum_opt.models.spec import Frozen, Role, ServingConfig
-from nitsum_opt.spec import CurrentPlan, InstanceCount
+from nitsum_opt.spec import SHARED_TIER, CurrentPlan, InstanceCount
 
 
 class PlanStatus(StrEnum):
@@ -30,12 +30,13 @@ class PlanStatus(StrEnum):
 
 
 class Instance(Frozen):
-    """One serving engine: a TP group of GPUs inside one node, dedicated to one tier and role."""
+    """One serving engine: a TP group of GPUs inside one node, dedicated to one tier and role, or shared."""
 
     instance_id: str
-    """Stable id, ``<tier>/<config>/<k>``."""
+    """Stable id, ``<tier>/<config>@gpu<first GPU id>`` (``*/<config>@gpu<id>`` for a shared instance)."""
     tier: str
-    """Tier it serves."""
+    """Tier it serves; ``"*"``: a shared colocated instance that serves every tier with tier priority (each tier's
+    share of it is in :attr:`TierAllocation.shared_rates_rps`)."""
     tp: int = Field(ge=1)
     """Tensor-parallel degree (= number of GPUs)."""
     role: Role
@@ -49,6 +50,11 @@ class Instance(Frozen):
     def config(self) -> ServingConfig:
         """``(tp, role)``."""
         return ServingConfig(tp=self.tp, role=self.role)
+
+    @property
+    def shared(self) -> bool:
+        """Whether it serves every tier (tier ``"*"``)."""
+        return self.tier == SHARED_TIER
 
 
 class TierAllocation(Frozen):
@@ -65,11 +71,19 @@ class TierAllocation(Frozen):
     admission_fraction: float = Field(ge=0, le=1)
     """``a_t = y_t / λ_t`` (1 when ``λ_t = 0``)."""
     prefill_capacity_rps: float = Field(ge=0)
-    """Σ R·n over prefill and colocated instances."""
+    """Σ R·n over the tier's prefill and colocated instances, plus its rate on shared instances."""
     decode_capacity_rps: float = Field(ge=0)
-    """Σ R·n over decode and colocated instances."""
+    """Σ R·n over the tier's decode and colocated instances, plus its rate on shared instances."""
     gpus: int = Field(ge=0)
-    """GPUs dedicated to the tier."""
+    """GPUs dedicated to the tier (shared instances not counted)."""
+    shared_rates_rps: dict[str, float] = Field(default_factory=dict)
+    """``x[t,c]``: rate of the tier served on shared instances, by config key (e.g. ``{"tp1-colocated": 3.2}``);
+    per config, ``Σ_t x[t,c] / R^s[t,c]`` is at most the number of shared instances (empty: none used)."""
+
+    @property
+    def shared_rps(self) -> float:
+        """``Σ_c x[t,c]``: the tier's rate planned on shared instances."""
+        return sum(self.shared_rates_rps.values())
 
 
 class Provenance(Frozen):
@@ -91,7 +105,7 @@ class Plan(Frozen):
     tiers: tuple[TierAllocation, ...]
     """Per-tier admission and capacity, in the input's tier order."""
     objective: float
-    """``Σ w_t y_t − ε Σ g n − Σ β (d_up + d_down)`` of this plan."""
+    """``Σ w_t y_t − ε Σ g n − ε_s Σ g s − Σ β (d_up + d_down)`` of this plan."""
     objective_bound: float | None = None
     """Best bound the solver proved (MILP only)."""
     gap: float | None = None
@@ -108,8 +122,16 @@ class Plan(Frozen):
     """Hash of the input and the planner that ran."""
 
     def counts(self) -> dict[tuple[str, ServingConfig], int]:
-        """``n[t,c]`` of the plan."""
+        """``n[t,c]`` of the plan, and ``s[c]`` under tier ``"*"``."""
         return dict(Counter((i.tier, i.config) for i in self.instances))
+
+    def shared_rates(self) -> dict[str, dict[ServingConfig, float]]:
+        """``x[t,c]``: tier → config → rate on shared instances (tiers without shared rate left out)."""
+        return {
+            a.tier: {ServingConfig.parse(k): v for k, v in a.shared_rates_rps.items()}
+            for a in self.tiers
+            if a.shared_rates_rps
+        }
 
     def tier_allocation(self, tier: str) -> TierAllocation:
         """Allocation of ``tier``."""

@@ -17,12 +17,21 @@ from nitsum_opt.models.spec import (
     Frozen,
     LengthMix,
     ModelSpec,
+    Role,
     ServingConfig,
     SloTarget,
     all_configs,
 )
 
 _TIER_NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,31}$"
+
+SHARED_PREMIUM = 1e-4
+"""Default extra price per GPU of a shared instance over a dedicated one (``ε_s − ε``): a tie-breaker for
+isolation, the size of the default ``gpu_cost``."""
+
+SHARED_TIER = "*"
+"""Tier name of *shared* instances: colocated instances that serve every tier with tier priority (never a valid
+tier name, so it cannot clash with one). In counts, plans and running plans they appear as tier ``"*"``."""
 
 
 class ClusterSpec(Frozen):
@@ -97,10 +106,16 @@ class TierDemand(Frozen):
 
 
 class ObjectiveSettings(Frozen):
-    """Prices in the objective ``Σ w_t y_t − ε Σ g_c n[t,c] − Σ β[t,c] (d_up + d_down)``."""
+    """Prices in the objective ``Σ w_t y_t − ε Σ g_c n[t,c] − ε_s Σ g_c s[c] − Σ β (d_up + d_down)``."""
 
     gpu_cost: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
     """``ε``: weighted req/s given up per GPU in use; a tie-breaker that leaves idle GPUs off."""
+    shared_gpu_cost: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    """``ε_s``: the same price per GPU of a *shared* instance (``None`` = ``gpu_cost`` + :data:`SHARED_PREMIUM`).
+    A shared colocated instance can do everything a dedicated one can, so ``ε_s ≠ ε`` breaks the tie between the
+    two: above ``gpu_cost`` (the default) the planner shares only where sharing serves more than dedicated
+    instances can (e.g. the fractions of an instance several tiers would each round up) and otherwise keeps the
+    tiers isolated; below it every colocated instance is shared."""
     switch_cost_s: float = Field(default=0.26, ge=0, allow_inf_nan=False)
     """Seconds an instance is out of service when it is started, stopped or re-shaped (TP switch).
     Default: the mean pause→resume of the vLLM TP switches measured on 4 × H200 (wake of a standby engine from
@@ -123,6 +138,10 @@ class PlanningInput(Frozen):
     """Forecast arrival rate of every tier (one entry per tier)."""
     capacity: CapacityTable
     """``R[t,c]`` for every tier and every candidate config."""
+    shared_capacity: CapacityTable | None = None
+    """``R^s[t,c]``: rate of tier ``t`` one *shared* instance of colocated config ``c`` serves while it runs the
+    other tiers' requests in the same batches (e.g. the tier's mix at the strictest tier's TPOT target); cells for
+    every tier and colocated candidate config. ``None``: ``R[t,c]``, i.e. pure time-sharing."""
     configs: tuple[ServingConfig, ...] = ()
     """Candidate instance shapes; empty = every supported TP up to ``gpus_per_node`` × every role."""
     objective: ObjectiveSettings = ObjectiveSettings()
@@ -155,6 +174,14 @@ class PlanningInput(Frozen):
                 f"capacity table is missing cells {missing[:6]}{' …' if len(missing) > 6 else ''}; "
                 "add them (0 where the config cannot meet the tier's SLO) or restrict `configs`"
             )
+        if self.shared_capacity is not None:
+            colocated = [c for c in self.candidate_configs if c.role is Role.COLOCATED]
+            missing = self.shared_capacity.missing_cells(tier_names, colocated)
+            if missing:
+                raise ValueError(
+                    f"shared_capacity table is missing cells {missing[:6]}{' …' if len(missing) > 6 else ''}; "
+                    "give every tier a rate for every colocated candidate config (0 where it cannot share)"
+                )
         for tier in self.tiers:
             self._check_servable(tier)
         if self.current_plan is not None:
@@ -185,11 +212,18 @@ class PlanningInput(Frozen):
                 return d.arrival_rate_rps
         raise KeyError(f"no demand for tier {tier!r}")
 
+    def shared_rate_rps(self, tier: str, config: ServingConfig) -> float:
+        """``R^s[t,c]``: ``shared_capacity``'s cell, or ``R[t,c]`` without that table."""
+        table = self.capacity if self.shared_capacity is None else self.shared_capacity
+        return table.rate_rps(tier, config)
+
     def churn_price(self, tier: str, config: ServingConfig) -> float:
         """``β[t,c] = w_t · g_c · ρ_t · switch_cost_s / plan_horizon_s``: objective lost per instance added or
         removed. Each of its ``g_c`` GPUs is out of service for ``switch_cost_s``, losing the tier's best per-GPU
         rate ``ρ_t = max_c R[t,c]/g_c``; the loss is amortised over the plan's expected lifetime. Pricing per GPU
-        (not per instance capacity) keeps the price of a change independent of how the GPUs are grouped."""
+        (not per instance capacity) keeps the price of a change independent of how the GPUs are grouped.
+        For a shared instance (``tier = "*"``) a GPU could be serving any tier, so its price is the largest:
+        ``β[*,c] = g_c · max_t w_t ρ_t · switch_cost_s / plan_horizon_s``."""
         obj = self.objective
         if self.current_plan is None or obj.switch_cost_s == 0:
             return 0.0
@@ -197,15 +231,28 @@ class PlanningInput(Frozen):
         return config.gpus * per_gpu
 
     @cached_property
-    def _churn_price_per_gpu(self) -> dict[str, float]:
-        obj = self.objective
+    def _best_rates_per_gpu(self) -> dict[str, float]:
+        """``ρ_t = max_c R[t,c] / g_c``."""
         return {
-            t.name: t.weight
-            * max(self.capacity.rate_rps(t.name, c) / c.gpus for c in self.candidate_configs)
-            * obj.switch_cost_s
-            / obj.plan_horizon_s
-            for t in self.tiers
+            t.name: max(self.capacity.rate_rps(t.name, c) / c.gpus for c in self.candidate_configs) for t in self.tiers
         }
+
+    @property
+    def shared_gpu_cost(self) -> float:
+        """``ε_s``: the price per GPU of a shared instance."""
+        obj = self.objective
+        return obj.gpu_cost + SHARED_PREMIUM if obj.shared_gpu_cost is None else obj.shared_gpu_cost
+
+    def gpu_price(self, tier: str) -> float:
+        """Price per GPU of an instance of ``tier``: ``ε``, or ``ε_s`` for a shared one (``tier = "*"``)."""
+        return self.shared_gpu_cost if tier == SHARED_TIER else self.objective.gpu_cost
+
+    @cached_property
+    def _churn_price_per_gpu(self) -> dict[str, float]:
+        amortise = self.objective.switch_cost_s / self.objective.plan_horizon_s
+        out = {t.name: t.weight * self._best_rates_per_gpu[t.name] * amortise for t in self.tiers}
+        out[SHARED_TIER] = max(out.values())
+        return out
 
     def tier(self, name: str) -> Tier:
         """The tier called ``name``."""
@@ -216,10 +263,11 @@ class PlanningInput(Frozen):
 
 
 class InstanceCount(Frozen):
-    """A number of identical instances serving one tier."""
+    """A number of identical instances serving one tier, or every tier (shared)."""
 
     tier: str
-    """Tier the instances serve."""
+    """Tier the instances serve; ``"*"`` for shared colocated instances that serve every tier with tier
+    priority."""
     config: ServingConfig
     """Their shape."""
     count: int = Field(ge=0)
@@ -230,12 +278,13 @@ class CurrentPlan(Frozen):
     """What runs now: instance counts per (tier, config) and, optionally, their GPU ids for stable placement."""
 
     counts: tuple[InstanceCount, ...] = ()
-    """``n⁰[t,c]``."""
+    """``n⁰[t,c]``, and ``s⁰[c]`` as tier ``"*"``."""
     gpu_ids: dict[str, tuple[tuple[int, ...], ...]] = Field(default_factory=dict)
-    """``'<tier>/<config key>'`` → GPU ids of each running instance (optional; keeps instances in place)."""
+    """``'<tier>/<config key>'`` (``'*/<config key>'`` for shared instances) → GPU ids of each running instance
+    (optional; keeps instances in place)."""
 
     def count(self, tier: str, config: ServingConfig) -> int:
-        """``n⁰[t,c]``."""
+        """``n⁰[t,c]`` (``s⁰[c]`` for ``tier = "*"``)."""
         return sum(ic.count for ic in self.counts if ic.tier == tier and ic.config == config)
 
     def check_against(self, inp: PlanningInput) -> None:
@@ -243,8 +292,14 @@ class CurrentPlan(Frozen):
         tiers = {t.name for t in inp.tiers}
         used = 0
         for ic in self.counts:
-            if ic.tier not in tiers:
-                raise ValueError(f"current_plan names tier {ic.tier!r}, which is not among {sorted(tiers)}")
+            if ic.tier == SHARED_TIER and ic.config.role is not Role.COLOCATED:
+                raise ValueError(
+                    f"current_plan has shared ('*') instances of {ic.config.key}; shared instances are colocated"
+                )
+            if ic.tier not in tiers and ic.tier != SHARED_TIER:
+                raise ValueError(
+                    f"current_plan names tier {ic.tier!r}, which is not among {sorted(tiers)} (or '*' for shared)"
+                )
             if ic.config.tp > inp.cluster.gpus_per_node:
                 raise ValueError(f"current_plan uses {ic.config.key}, larger than a node")
             used += ic.count * ic.config.gpus

@@ -59,7 +59,23 @@ def odd_nodes():
     )
 
 
+def pooled_fractions(demand_rps: float = 15.0, shared_rate: float | None = None):
+    """4 GPUs of tp1 (R=10 for both tiers), λ_a = λ_b = 15, ε = 0.5: each tier needs 1.5 instances. Dedicated:
+    2 + 2 instances serve 30 for 4 GPUs (28). Shared: one instance each + one shared instance split 5/5 serve 30
+    for 3 GPUs (30 − 1.5 − 1e-4 premium = 28.4999). With ``shared_rate`` = 5 (sharing halves each tier's rate) the
+    shared instance serves only 5: dedicated wins again. ``demand_rps=10``: whole instances, nothing to pool."""
+    rates = {"a": {"tp1-colocated": 10}, "b": {"tp1-colocated": 10}}
+    return make_input(
+        rates,
+        {"a": demand_rps, "b": demand_rps},
+        gpus_per_node=4,
+        gpu_cost=0.5,
+        shared_rates=None if shared_rate is None else {t: dict.fromkeys(row, shared_rate) for t, row in rates.items()},
+    )
+
+
 GOLDEN = {
+    "pooled_fractions": pooled_fractions,
     "prefill_decode_split": prefill_decode_split,
     "churn_keep": lambda: churn(6.0),
     "odd_nodes": odd_nodes,

@@ -31,11 +31,14 @@ def make_input(
     weights: Mapping[str, float] | None = None,
     min_admission: Mapping[str, float] | None = None,
     gpu_cost: float = 0.0,
+    shared_gpu_cost: float | None = None,
     switch_cost_s: float = 0.5,
     plan_horizon_s: float = 60.0,
     current: Mapping[tuple[str, str], int] | None = None,
+    shared_rates: Mapping[str, Mapping[str, float]] | None = None,
 ) -> PlanningInput:
-    """A planning input whose candidate configs are exactly the keys of ``rates`` (same for every tier)."""
+    """A planning input whose candidate configs are exactly the keys of ``rates`` (same for every tier);
+    ``current`` maps ``(tier or "*", config key)`` to running instances."""
     weights = weights or {}
     min_admission = min_admission or {}
     keys = sorted({k for row in rates.values() for k in row}, key=lambda k: (ServingConfig.parse(k).tp, k))
@@ -49,8 +52,16 @@ def make_input(
         tiers=tuple(tier(t, weights.get(t, 1.0), min_admission.get(t, 0.0)) for t in rates),
         demand=tuple(TierDemand(tier=t, arrival_rate_rps=demand[t]) for t in rates),
         capacity=CapacityTable(rates_rps={t: dict(row) for t, row in rates.items()}),
+        shared_capacity=None
+        if shared_rates is None
+        else CapacityTable(rates_rps={t: dict(row) for t, row in shared_rates.items()}),
         configs=tuple(ServingConfig.parse(k) for k in keys),
-        objective=ObjectiveSettings(gpu_cost=gpu_cost, switch_cost_s=switch_cost_s, plan_horizon_s=plan_horizon_s),
+        objective=ObjectiveSettings(
+            gpu_cost=gpu_cost,
+            shared_gpu_cost=shared_gpu_cost,
+            switch_cost_s=switch_cost_s,
+            plan_horizon_s=plan_horizon_s,
+        ),
         current_plan=current_plan,
     )
 

@@ -18,6 +18,7 @@ from nitsum_opt.io import ConfigError, dump_text, load
 from nitsum_opt.plan import Plan
 from nitsum_opt.planners import StabilizerSettings, make_planner
 from nitsum_opt.solvers import SolverUnavailableError, write_model
+from nitsum_opt.spec import SHARED_TIER
 
 SCHEMAS: dict[str, type[BaseModel]] = {
     "planning-input": api.PlanningInput,
@@ -58,6 +59,9 @@ def plan(
         str, typer.Option(help="backend[/engine]: ortools, ortools/highs, ortools/cpsat, pulp, pulp/highs")
     ] = "ortools",
     time_limit_s: Annotated[float, typer.Option("--time-limit-s", help="MILP time limit")] = 1.0,
+    shared: Annotated[
+        bool, typer.Option("--shared/--no-shared", help="Let the MILP use shared instances (serving every tier)")
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON")] = False,
     export: Annotated[Path | None, typer.Option(help="Also write the MILP to this .lp or .mps file")] = None,
 ) -> None:
@@ -65,14 +69,14 @@ def plan(
     try:
         inp = load(api.PlanningInput, file)
         chosen = (
-            make_planner(planner, solver=solver, time_limit_s=time_limit_s)
+            make_planner(planner, solver=solver, time_limit_s=time_limit_s, shared=shared)
             if planner == "milp"
             else (make_planner(planner))
         )
     except (ConfigError, ValueError, SolverUnavailableError) as exc:
         raise fail(str(exc)) from None
     if export is not None:
-        write_model(build_formulation(inp).model, export)
+        write_model(build_formulation(inp, shared=shared and planner == "milp").model, export)
     result = chosen.plan(inp)
     if as_json:
         print(dump_text(result, "json"), end="")
@@ -86,9 +90,11 @@ def _instance_summary(plan_: Plan, tier: str) -> str:
 
 
 def print_plan(plan_: Plan, inp: api.PlanningInput) -> None:
-    """Rich table of a plan: one row per tier, then status and provenance."""
+    """Rich table of a plan: one row per tier (its dedicated instances; the rate it has planned on shared
+    instances), a row for the shared instances, then status and provenance."""
     table = Table(title=f"Plan for {inp.cluster.total_gpus} × {inp.cluster.gpu_type}")
-    for col in ("tier", "instances", "GPUs", "demand req/s", "admitted", "goodput req/s", "best-effort req/s"):
+    columns = ("tier", "instances", "GPUs", "demand req/s", "admitted", "goodput req/s", "on shared req/s")
+    for col in (*columns, "best-effort req/s"):
         table.add_column(col, justify="left" if col in ("tier", "instances") else "right")
     for alloc in plan_.tiers:
         table.add_row(
@@ -98,7 +104,14 @@ def print_plan(plan_: Plan, inp: api.PlanningInput) -> None:
             f"{alloc.demand_rps:.2f}",
             f"{alloc.admission_fraction:.1%}",
             f"{alloc.admitted_rps:.2f}",
+            f"{alloc.shared_rps:.2f}" if alloc.shared_rates_rps else "-",
             f"{alloc.best_effort_rps:.2f}",
+        )
+    shared_gpus = sum(i.tp for i in plan_.instances if i.shared)
+    if shared_gpus:
+        total = sum(a.shared_rps for a in plan_.tiers)
+        table.add_row(
+            "* shared", _instance_summary(plan_, SHARED_TIER), str(shared_gpus), "", "", "", f"{total:.2f}", ""
         )
     console.print(table)
     bound = "" if plan_.objective_bound is None else f", bound {plan_.objective_bound:.6g}, gap {plan_.gap or 0:.2e}"

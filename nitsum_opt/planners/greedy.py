@@ -8,7 +8,8 @@ one more colocated, prefill or decode instance, or a prefill + decode pair — a
 where ``gain`` is the increase of the tier's served rate ``min(λ_t, P_t + Co_t, D_t + Co_t)`` (for the first
 instance of a tier this is ``min(λ, R)``, the paper's numerator) and a tier below its minimum admission is
 served first. The best move that still fits the nodes is taken; the loop ends when no move gains anything or
-nothing fits. Ties break on tier order, then config order, so the result is deterministic.
+nothing fits. Ties break on tier order, then config order, so the result is deterministic. Like the paper's
+allocator it only dedicates instances to tiers: its plans have no shared instances.
 """
 
 from __future__ import annotations

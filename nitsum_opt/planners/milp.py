@@ -26,24 +26,31 @@ class MilpPlanner(Planner):
             (CBC) or ``pulp/highs``. Unknown names raise at construction with the list of valid ones.
         time_limit_s: wall-clock limit of one solve.
         relative_gap: optimality tolerance.
+        shared: whether the plan may use shared instances (colocated instances serving every tier with tier
+            priority, ``s[c]`` and ``x[t,c]`` in :mod:`nitsum_opt.formulation`); ``False`` = dedicated instances only.
     """
 
     name = "milp"
 
-    def __init__(self, solver: str = "ortools", time_limit_s: float = 1.0, relative_gap: float = 1e-9) -> None:
+    def __init__(
+        self, solver: str = "ortools", time_limit_s: float = 1.0, relative_gap: float = 1e-9, shared: bool = True
+    ) -> None:
         self.options = SolverOptions(time_limit_s=time_limit_s, relative_gap=relative_gap)
+        self.shared = shared
         self.backend = get_backend(solver, self.options)
         self.fallback = GreedyPlanner()
 
     @property
     def label(self) -> str:
+        shared = "" if self.shared else ", shared=False"
         return (
-            f"milp({self.backend.label}, time_limit_s={self.options.time_limit_s:g}, gap={self.options.relative_gap:g})"
+            f"milp({self.backend.label}, time_limit_s={self.options.time_limit_s:g}, "
+            f"gap={self.options.relative_gap:g}{shared})"
         )
 
     def plan(self, inp: PlanningInput) -> Plan:
         start = time.perf_counter()
-        formulation = build_formulation(inp)
+        formulation = build_formulation(inp, shared=self.shared)
         result = self.backend.solve(formulation.model)
         if not result.status.has_solution:
             return self._fallback(inp, start, f"MILP {result.status.value}: {result.message or 'no solution'}")
@@ -55,6 +62,7 @@ class MilpPlanner(Planner):
             planner=self.label,
             solve_time_ms=(time.perf_counter() - start) * 1000.0,
             admitted_rps=formulation.admitted(result.values),
+            shared_rps=formulation.shared_rates(result.values),
             objective=result.objective,
             objective_bound=result.bound,
             gap=result.gap,

@@ -6,14 +6,15 @@ import time
 from collections.abc import Iterable
 
 from nitsum_opt.assemble import assemble_plan
-from nitsum_opt.models.spec import ServingConfig
+from nitsum_opt.models.spec import Role, ServingConfig
 from nitsum_opt.plan import Plan, PlanStatus
 from nitsum_opt.planners.base import Planner
-from nitsum_opt.spec import InstanceCount, PlanningInput
+from nitsum_opt.spec import SHARED_TIER, InstanceCount, PlanningInput
 
 
 class PinnedPlanner(Planner):
-    """Always the given instances (e.g. a static deployment to compare against)."""
+    """Always the given instances (e.g. a static deployment to compare against); tier ``"*"`` pins shared
+    instances, whose split between the tiers is recomputed with the admissions."""
 
     name = "pinned"
 
@@ -25,9 +26,16 @@ class PinnedPlanner(Planner):
     def plan(self, inp: PlanningInput) -> Plan:
         start = time.perf_counter()
         tiers = {t.name for t in inp.tiers}
-        unknown = sorted({t for t, _ in self.counts if t not in tiers})
+        unknown = sorted({t for t, _ in self.counts if t not in tiers and t != SHARED_TIER})
         if unknown:
-            raise ValueError(f"pinned plan names tiers {unknown} that are not in the input ({sorted(tiers)})")
+            raise ValueError(
+                f"pinned plan names tiers {unknown} that are not in the input ({sorted(tiers)}, or '*' for shared)"
+            )
+        not_colocated = sorted({c.key for t, c in self.counts if t == SHARED_TIER and c.role is not Role.COLOCATED})
+        if not_colocated:
+            raise ValueError(
+                f"pinned plan has shared ('*') instances of {not_colocated}; shared instances are colocated"
+            )
         used = sum(c.gpus * k for (_, c), k in self.counts.items())
         if used > inp.cluster.total_gpus:
             raise ValueError(

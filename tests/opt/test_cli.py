@@ -48,3 +48,13 @@ def test_schema() -> None:
     assert result.exit_code == 0 and json.loads(result.output)["title"] == "PlanningInput"
     result = runner.invoke(app, ["schema", "nope"])
     assert result.exit_code == 2 and "valid names" in result.output
+
+
+def test_plan_prints_shared_row_and_no_shared_switch() -> None:
+    pooled = EXAMPLE.with_name("pooled_two_tiers_4gpu.yaml")
+    result = runner.invoke(app, ["plan", str(pooled)])
+    assert result.exit_code == 0, result.output
+    assert "* shared" in result.output and "3/4 GPUs" in result.output
+    result = runner.invoke(app, ["plan", str(pooled), "--no-shared", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {i["tier"] for i in json.loads(result.output)["instances"]} == {"a", "b"}

@@ -84,10 +84,11 @@ def test_min_admission_infeasible_falls_back_to_greedy() -> None:
     assert plan.gpus_used == 4
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "dedicated"])
 @pytest.mark.parametrize("name", sorted(GOLDEN))
-def test_golden_lp(name: str) -> None:
-    expected = (GOLDEN_DIR / f"{name}.lp").read_text()
-    assert to_lp(build_formulation(GOLDEN[name]()).model) == expected, (
+def test_golden_lp(name: str, shared: bool) -> None:
+    expected = (GOLDEN_DIR / f"{name}{'' if shared else '.dedicated'}.lp").read_text()
+    assert to_lp(build_formulation(GOLDEN[name](), shared=shared).model) == expected, (
         f"formulation changed for {name}; if intended, run `python tests/opt/regen_goldens.py` and review the diff"
     )
 

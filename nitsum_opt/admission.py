@@ -1,0 +1,128 @@
+"""Admission for given instance counts: the best ``y_t`` and, with shared instances, each tier's share ``x[t,c]``.
+
+Without shared instances every tier is independent: ``y_t = min(λ_t, prefill side, decode side)``. Shared
+instances couple the tiers through the time-sharing rows ``Σ_t x[t,c] / R^s[t,c] <= s[c]``; the best admissions are
+then the small linear program
+
+    max Σ_t w_t y_t   s.t.   m_t λ_t <= y_t <= λ_t,   y_t − Σ_c x[t,c] <= min(P_t, D_t) + Co_t,
+                             Σ_t x[t,c] / R^s[t,c] <= s[c],   x >= 0
+
+(the MILP's rows with the counts fixed), solved with HiGHS through SciPy. When the minimum admissions cannot all be
+met, it is solved without them (the plan then breaks them, and ``evaluate_plan`` says so). Each tier's shared rate
+is finally trimmed to what its admission needs (``Σ_c x[t,c] = max(0, y_t − dedicated capacity)``), so a plan's
+``x`` never claims shared capacity a tier does not use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from nitsum_opt.models.spec import Role, ServingConfig
+from nitsum_opt.spec import SHARED_TIER, PlanningInput
+
+Counts = Mapping[tuple[str, ServingConfig], int]
+SharedRates = Mapping[str, Mapping[ServingConfig, float]]
+"""``x[t,c]``: tier → shared config → rate (req/s)."""
+
+#: Shared rates below this (req/s) are dropped as solver noise.
+_NOISE_RPS = 1e-9
+
+
+def dedicated_capacity_rps(inp: PlanningInput, counts: Counts, tier: str) -> tuple[float, float]:
+    """(prefill-side, decode-side) capacity of ``tier``'s dedicated instances: Σ R·n over prefill+colocated and
+    decode+colocated (shared instances are not counted)."""
+    prefill = decode = 0.0
+    for (t, config), count in counts.items():
+        if t != tier or count == 0:
+            continue
+        rate = inp.capacity.rate_rps(tier, config) * count
+        if config.role in (Role.PREFILL, Role.COLOCATED):
+            prefill += rate
+        if config.role in (Role.DECODE, Role.COLOCATED):
+            decode += rate
+    return prefill, decode
+
+
+def shared_counts(counts: Counts) -> dict[ServingConfig, int]:
+    """``s[c]``: shared instances per config (positive entries)."""
+    return {c: k for (t, c), k in counts.items() if t == SHARED_TIER and k > 0}
+
+
+def best_admission(
+    inp: PlanningInput, counts: Counts
+) -> tuple[dict[str, float], dict[str, dict[ServingConfig, float]]]:
+    """The admissions ``y_t`` that maximise ``Σ w_t y_t`` for ``counts``, and the shared rates ``x[t,c]`` that carry
+    them (trimmed; see the module docstring)."""
+    base = {t.name: min(dedicated_capacity_rps(inp, counts, t.name)) for t in inp.tiers}
+    shared = shared_counts(counts)
+    if not shared:
+        return {t.name: min(inp.demand_rps(t.name), base[t.name]) for t in inp.tiers}, {}
+    y, x = (
+        _solve_lp(inp, base, shared, with_minimum=True)
+        or _solve_lp(inp, base, shared, with_minimum=False)
+        or (
+            {t.name: min(inp.demand_rps(t.name), base[t.name]) for t in inp.tiers},
+            {},
+        )
+    )
+    return y, trim_shared_rates(inp, counts, y, x)
+
+
+def trim_shared_rates(
+    inp: PlanningInput, counts: Counts, admitted_rps: Mapping[str, float], shared_rps: SharedRates
+) -> dict[str, dict[ServingConfig, float]]:
+    """``shared_rps`` scaled down per tier to what its admission needs beyond its dedicated capacity (scaling
+    down keeps every time-sharing row feasible); entries below solver noise dropped."""
+    out: dict[str, dict[ServingConfig, float]] = {}
+    for tier, row in shared_rps.items():
+        total = sum(v for v in row.values() if v > 0)
+        if total <= _NOISE_RPS:
+            continue
+        need = max(0.0, admitted_rps.get(tier, 0.0) - min(dedicated_capacity_rps(inp, counts, tier)))
+        scale = min(1.0, need / total)
+        kept = {c: v * scale for c, v in row.items() if v * scale > _NOISE_RPS}
+        if kept:
+            out[tier] = kept
+    return out
+
+
+def _solve_lp(
+    inp: PlanningInput, base: dict[str, float], shared: dict[ServingConfig, int], with_minimum: bool
+) -> tuple[dict[str, float], dict[str, dict[ServingConfig, float]]] | None:
+    from scipy.optimize import linprog  # imported here: `import nitsum_opt` stays light
+
+    tiers = [t.name for t in inp.tiers]
+    cells = [(t, c) for c in sorted(shared, key=lambda c: c.tp) for t in tiers if inp.shared_rate_rps(t, c) > 0]
+    nt, nx = len(tiers), len(cells)
+    cost = np.concatenate([[-inp.tier(t).weight for t in tiers], np.zeros(nx)])
+    rows, rhs = [], []
+    for k, t in enumerate(tiers):  # y_t − Σ_c x[t,c] <= base_t
+        row = np.zeros(nt + nx)
+        row[k] = 1.0
+        for j, (tier, _) in enumerate(cells):
+            if tier == t:
+                row[nt + j] = -1.0
+        rows.append(row)
+        rhs.append(base[t])
+    for c, count in shared.items():  # Σ_t x[t,c] / R^s[t,c] <= s[c]
+        row = np.zeros(nt + nx)
+        for j, (tier, cc) in enumerate(cells):
+            if cc == c:
+                row[nt + j] = 1.0 / inp.shared_rate_rps(tier, c)
+        rows.append(row)
+        rhs.append(float(count))
+    bounds = [
+        ((inp.tier(t).min_admission * inp.demand_rps(t)) if with_minimum else 0.0, inp.demand_rps(t)) for t in tiers
+    ] + [(0.0, None)] * nx
+    result = linprog(cost, A_ub=np.array(rows), b_ub=np.array(rhs), bounds=bounds, method="highs")
+    if result.status != 0:
+        return None
+    values = result.x
+    y = {t: max(0.0, min(inp.demand_rps(t), float(values[k]))) for k, t in enumerate(tiers)}
+    x: dict[str, dict[ServingConfig, float]] = {}
+    for j, (t, c) in enumerate(cells):
+        if values[nt + j] > _NOISE_RPS:
+            x.setdefault(t, {})[c] = float(values[nt + j])
+    return y, x
