@@ -1,10 +1,10 @@
-"""The engine pool of one node: one pre-started engine per candidate TP group, idle ones asleep, a routing
-table from plan instances to engines, and a ledger that proves no request is lost or duplicated.
+"""The engine pool of one node: one pre-started engine per candidate TP group, idle ones asleep, a routing table from
+plan instances to engines, and a ledger that proves no request is lost or duplicated.
 
-Candidate groups are the aligned groups the planner may use: on 4 GPUs, TP1 on each GPU, TP2 on {0,1} and
-{2,3}, TP4 on all (:func:`candidate_groups`). Requests are submitted per tier and go to the least-loaded live
-instance of that tier; every generated token passes through :meth:`EnginePool.step`, which checks that each
-request's tokens arrive exactly once and in order.
+Candidate groups are the aligned groups the planner may use: on 4 GPUs, TP1 on each GPU, TP2 on {0,1} and {2,3}, TP4
+on all (:func:`candidate_groups`). Requests are submitted per tier and go to the least-loaded live instance of that
+tier or of a shared instance (tier ``"*"``, which serves every tier); every generated token passes through
+:meth:`EnginePool.step`, which checks that each request's tokens arrive exactly once and in order.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pydantic import Field
 
 from nitsum_opt.models.spec import Frozen
+from nitsum_opt.spec import SHARED_TIER
 from nitsum_runtime.engine import Engine, EngineState, GenerationRequest, TokenEvent
 
 
@@ -77,7 +78,7 @@ class EnginePool:
 
     # routing ---------------------------------------------------------------------------------------------
     def route(self, instance_id: str, engine: Engine, tier: str) -> None:
-        """Send ``tier`` traffic to ``engine`` under ``instance_id``."""
+        """Send ``tier`` traffic to ``engine`` under ``instance_id`` (``"*"``: every tier's traffic)."""
         self.routes[instance_id] = engine
         self.route_tiers[instance_id] = tier
 
@@ -91,13 +92,14 @@ class EnginePool:
         return tuple(r for r, i in self.owner.items() if i == instance_id)
 
     def submit(self, tier: str, request: GenerationRequest) -> str:
-        """Give ``request`` to the least-loaded live instance of ``tier``; returns that instance's id."""
+        """Give ``request`` to the least-loaded live instance that serves ``tier`` (its own or a shared one; its
+        own first when equally loaded); returns that instance's id."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} was already submitted")
-        live = sorted(i for i, t in self.route_tiers.items() if t == tier)
+        live = sorted(i for i, t in self.route_tiers.items() if t in (tier, SHARED_TIER))
         if not live:
             raise KeyError(f"no live instance serves tier {tier!r} (routes: {self.route_tiers})")
-        inst = min(live, key=lambda i: (len(self.requests_of(i)), i))
+        inst = min(live, key=lambda i: (len(self.requests_of(i)), self.route_tiers[i] == SHARED_TIER, i))
         self.routes[inst].add_request(request)
         self.requests[request.request_id] = request
         self.tier_of[request.request_id] = tier

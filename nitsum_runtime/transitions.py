@@ -1,9 +1,11 @@
 """From one plan to the next: the ordered, typed actions that carry out the change (a pure function).
 
-Instances are matched by their engine, i.e. ``(node, gpu_ids, tp)``. One present in both plans with the same
-tier and role is untouched (no action, or only a :class:`Route` when its id changed); with another tier or
-role its engine keeps running and only its routing changes. Every other current instance is *removed* and
-every other target instance *added*. The order makes the change safe to undo until the commit point:
+Instances are matched by their engine, i.e. ``(node, gpu_ids, tp)``. One present in both plans with the same tier
+and role is untouched (no action, or only a :class:`Route` when its id changed); with another tier or role its
+engine keeps running and only its routing changes. A shared instance (tier ``"*"``) is an instance whose route
+covers every tier: turning a dedicated instance into a shared one (or back) is a re-route. Every other current
+instance is *removed* and every other target instance *added*. The order makes the change safe to undo until the
+commit point:
 
 1. :class:`Pause` every removed instance (requests and KV kept);
 2. :class:`Wake` and 3. :class:`FillWeights` every added instance (from the resident copy on its GPUs);
@@ -25,6 +27,7 @@ from pydantic import Field
 
 from nitsum_opt.models.spec import Frozen, Role
 from nitsum_opt.plan import Instance, Plan
+from nitsum_opt.spec import SHARED_TIER
 
 
 class _ActionBase(Frozen):
@@ -59,7 +62,8 @@ class MoveRequests(_ActionBase):
 
     kind: Literal["move_requests"] = "move_requests"
     to_instances: tuple[str, ...]
-    """Target instances by preference: same node first, then same tier, then most shared GPUs."""
+    """Target instances by preference: same node first, then one that serves the source's tier (its own, or a
+    shared instance, which serves every tier), then most GPUs in common."""
     spread: int = Field(ge=0)
     """The first ``spread`` targets (equally preferred) share the requests round-robin."""
 
@@ -69,7 +73,7 @@ class Route(_ActionBase):
 
     kind: Literal["route"] = "route"
     tier: str
-    """Tier it serves."""
+    """Tier it serves (``"*"``: every tier, a shared instance)."""
     role: Role
     """Role it serves."""
     replaces: tuple[str, ...] = ()
@@ -116,7 +120,7 @@ def _check(plan: Plan, name: str) -> None:
 def _preference(src: Instance, targets: Sequence[Instance]) -> tuple[tuple[str, ...], int]:
     def rank(t: Instance) -> tuple[int, int, int, tuple[int, ...]]:
         shared = len(set(t.gpu_ids) & set(src.gpu_ids))
-        return (t.node != src.node, t.tier != src.tier, -shared, t.gpu_ids)
+        return (t.node != src.node, t.tier not in (src.tier, SHARED_TIER), -shared, t.gpu_ids)
 
     ordered = sorted(targets, key=rank)
     if not ordered:

@@ -17,6 +17,7 @@ from nitsum_runtime.ref_cluster import RankCluster
 from nitsum_runtime.reference_engine import ReferenceEngine
 from nitsum_runtime.scenarios import (
     TIER,
+    _drain,
     build_reference_pool,
     pinned_plan,
     run_round_trip,
@@ -216,3 +217,35 @@ def test_idle_engine_places_kv_canonically_and_its_weights_match_the_store(
     pool.step()
     assert engine.blocks_of("p") == (0, 1, 2)  # type: ignore[attr-defined]
     assert engine.check_weights() == {1: []}  # type: ignore[attr-defined]
+
+
+def _two_tier_plan(groups: dict[str, list[tuple[int, ...]]]):
+    plans = [pinned_plan(g, tier=tier) for tier, g in groups.items()]
+    return plans[0].model_copy(
+        update={
+            "instances": tuple(i for p in plans for i in p.instances),
+            "tiers": tuple(a for p in plans for a in p.tiers),
+        }
+    )
+
+
+def test_shared_instance_serves_every_tier_across_a_transition(
+    make_pool: Callable[..., EnginePool], tiny_llama: ModelSpec
+) -> None:
+    pool = make_pool(64, "sh-")
+    ex = TransitionExecutor(pool, tiny_llama, policy="migrate")
+    assert ex.execute(None, _two_tier_plan({"chat": [(0,)], "bg": [(1,)]})).ok
+    first = [GenerationRequest(request_id=f"r{t}", prompt_token_ids=(3, 4, 5, 6), max_tokens=6) for t in ("c", "b")]
+    assert pool.submit("chat", first[0]) == "chat/tp1-colocated/0"
+    assert pool.submit("bg", first[1]) == "bg/tp1-colocated/0"
+    for _ in range(2):
+        pool.step()
+    # both tiers' instances become one shared TP2 instance: their requests migrate onto it
+    report = ex.execute(_two_tier_plan({"chat": [(0,)], "bg": [(1,)]}), pinned_plan([(0, 1)], tier="*"))
+    assert report.ok and report.migrated == 2
+    later = [GenerationRequest(request_id=f"s{t}", prompt_token_ids=(7, 8, 9), max_tokens=3) for t in ("c", "b")]
+    assert {pool.submit("chat", later[0]), pool.submit("bg", later[1])} == {"*/tp2-colocated/0"}
+    _drain(pool, [r.request_id for r in first + later])
+    records = {r.request_id: r for r in pool.records()}
+    assert all(records[r.request_id].finished for r in first + later)
+    assert records["rb"].engines == ("sh-tp1-g1", "sh-tp2-g0-1") and records["rb"].tier == "bg"

@@ -7,6 +7,7 @@ from pydantic import TypeAdapter
 
 from nitsum_opt.models.spec import Role
 from nitsum_opt.plan import Instance
+from nitsum_opt.spec import SHARED_TIER
 from nitsum_runtime.scenarios import pinned_plan
 from nitsum_runtime.transitions import Action, MoveRequests, Route, diff_plans
 
@@ -98,3 +99,18 @@ def test_invalid_plans_are_refused() -> None:
     )
     with pytest.raises(ValueError, match="tp=2 but 1 GPUs"):
         diff_plans(None, wrong_tp)
+
+
+def test_dedicated_to_shared_on_the_same_gpus_only_reroutes() -> None:
+    acts = diff_plans(pinned_plan([(0, 1)], tier="chat"), pinned_plan([(0, 1)], tier=SHARED_TIER))
+    assert len(acts) == 1 and isinstance(acts[0], Route)
+    assert acts[0].tier == "*" and acts[0].replaces == ("chat/tp2-colocated/0",)
+
+
+def test_move_counts_a_shared_target_as_serving_the_tier() -> None:
+    cur = pinned_plan([(0, 1)], tier="chat")
+    bg = pinned_plan([(2,)], tier="bg").instances
+    tgt = pinned_plan([(3,)], tier=SHARED_TIER)
+    tgt = tgt.model_copy(update={"instances": bg + tgt.instances})
+    move = next(a for a in diff_plans(cur, tgt) if isinstance(a, MoveRequests))
+    assert move.to_instances == ("*/tp1-colocated/0", "bg/tp1-colocated/0") and move.spread == 1
