@@ -11,6 +11,9 @@ then the small linear program
 met, it is solved without them (the plan then breaks them, and ``evaluate_plan`` says so). Each tier's shared rate
 is finally trimmed to what its admission needs (``Σ_c x[t,c] = max(0, y_t − dedicated capacity)``), so a plan's
 ``x`` never claims shared capacity a tier does not use.
+
+:func:`prefer_dedicated` turns a solution's shared instances into dedicated ones where that costs nothing (the tie
+between a dedicated instance and a shared one serving the same tier is broken after the solve, not by the solver).
 """
 
 from __future__ import annotations
@@ -126,3 +129,57 @@ def _solve_lp(
         if values[nt + j] > _NOISE_RPS:
             x.setdefault(t, {})[c] = float(values[nt + j])
     return y, x
+
+
+def prefer_dedicated(
+    inp: PlanningInput, counts: Counts, shared_rps: SharedRates
+) -> tuple[dict[tuple[str, ServingConfig], int], dict[str, dict[ServingConfig, float]]]:
+    """``counts`` and ``shared_rps`` with shared instances dedicated wherever that keeps every tier's capacity and
+    does not raise the objective: while a config has more shared instances than run now (so dropping one saves
+    the shared churn price ``β[*,c] >= β[t,c]``), an idle one is dropped, and one that a tier uses whole
+    (``x[t,c] >= R^s[t,c]``) or alone becomes a dedicated instance of that tier (``R[t,c] >= R^s[t,c]``). Only when
+    a shared GPU costs at least a dedicated one (``ε_s >= ε``); the admissions stay what they were."""
+    out = {k: v for k, v in counts.items() if v > 0}
+    rates = {t: dict(row) for t, row in shared_rps.items()}
+    if inp.shared_gpu_cost < inp.objective.gpu_cost:
+        return out, rates
+    for c in sorted(shared_counts(out), key=lambda c: c.tp):
+        running = inp.current_plan.count(SHARED_TIER, c) if inp.current_plan else 0
+        while out.get((SHARED_TIER, c), 0) > running:
+            if not _dedicate_one(inp, out, rates, c):
+                break
+    return out, rates
+
+
+def _dedicate_one(
+    inp: PlanningInput, counts: dict[tuple[str, ServingConfig], int], rates: dict[str, dict[ServingConfig, float]], c
+) -> bool:
+    """One step of :func:`prefer_dedicated` on config ``c``; False when none applies."""
+    have = counts[SHARED_TIER, c]
+    use = {
+        t.name: rates.get(t.name, {}).get(c, 0.0) / inp.shared_rate_rps(t.name, c)
+        for t in inp.tiers
+        if rates.get(t.name, {}).get(c, 0.0) > _NOISE_RPS
+    }
+    if sum(use.values()) <= have - 1 + 1e-9:  # an idle shared instance
+        _set(counts, (SHARED_TIER, c), have - 1)
+        return True
+    for tier, share in use.items():
+        whole = share >= 1 - 1e-9 or len(use) == 1
+        if whole and inp.capacity.rate_rps(tier, c) >= inp.shared_rate_rps(tier, c):
+            _set(counts, (SHARED_TIER, c), have - 1)
+            counts[tier, c] = counts.get((tier, c), 0) + 1
+            left = rates[tier][c] - min(share, 1.0) * inp.shared_rate_rps(tier, c)
+            if left > _NOISE_RPS:
+                rates[tier][c] = left
+            else:
+                del rates[tier][c]
+            return True
+    return False
+
+
+def _set(counts: dict[tuple[str, ServingConfig], int], key: tuple[str, ServingConfig], value: int) -> None:
+    if value > 0:
+        counts[key] = value
+    else:
+        counts.pop(key, None)

@@ -34,7 +34,16 @@ Variables
   serve every tier with tier priority, with
   :math:`U^s_c = \min(N\lfloor B/g_c\rfloor,\ \max(s^0_c, \lceil \sum_{t: R^s_{t,c} > 0} \lambda_t / R^s_{t,c}\rceil))`
   (the time-sharing row below never needs more) and :math:`U^s_c = 0` for a config that is not running and is
-  dominated for *every* tier at once (then the same swap works for the whole rate mix);
+  dominated for *every* tier at once (then the same swap works for the whole rate mix). When sharing is never
+  cheaper nor faster (:math:`\varepsilon_s \ge \varepsilon`, :math:`R^s_{t,c} \le R_{t,c}` for every tier, the
+  default) two more cuts hold for some optimum: (i) while :math:`s_c > s^0_c`, no tier uses a whole shared
+  instance, :math:`x_{t,c} < R^s_{t,c}` — else that instance becomes one dedicated to the tier (no less
+  capacity, no more GPU price, churn :math:`\beta_{t,c} \le \beta^s_c` added for :math:`\beta^s_c` saved), so
+  :math:`x_{t,c} \le R^s_{t,c} \max(1, s^0_c)`; (ii) then :math:`s_c \le |T|` (the shares sum to less than
+  :math:`|T|`, a further instance is idle) and, with none running, :math:`s_c \le |T| - 1` (:math:`|T|` shared
+  instances become one dedicated instance per tier), so :math:`U^s_c \le \max(s^0_c, |T|)`, or :math:`|T| - 1`
+  when :math:`s^0_c = 0` (a single tier never shares). Without them the solver spent its time proving that no
+  pool helps (``nitsum bench solve`` p99 at 128 GPUs 22.7 ms, see ``benchmarks/RESULTS.md``);
 * ``x[t,c]`` :math:`\ge 0`, :math:`c \in C^{Co}` with :math:`R^s_{t,c} > 0` and :math:`U^s_c > 0`: rate of tier
   :math:`t` served on the shared instances of :math:`c`, at most :math:`\min(\lambda_t, R^s_{t,c} U^s_c)`;
 * ``b[t]`` :math:`\in \mathbb{Z}_{\ge 0}`: GPUs dedicated to tier :math:`t`, and ``b_shared`` the GPUs of shared
@@ -202,12 +211,23 @@ def instance_upper_bound(inp: PlanningInput, tier: str, config: ServingConfig) -
             for t in inp.tiers
             if inp.shared_rate_rps(t.name, config) > 0
         )
-        return min(fit, max(current, math.ceil(load - 1e-9)))
+        needed = math.ceil(load - 1e-9)
+        if _sharing_costs_more(inp, config):
+            needed = min(needed, len(inp.tiers) - 1 if current == 0 else len(inp.tiers))
+        return min(fit, max(current, needed))
     if current == 0 and is_dominated(inp, tier, config):
         return 0
     rate = inp.capacity.rate_rps(tier, config)
     needed = math.ceil(inp.demand_rps(tier) / rate - 1e-9) if rate > 0 else 0
     return min(fit, max(current, needed))
+
+
+def _sharing_costs_more(inp: PlanningInput, config: ServingConfig) -> bool:
+    """Whether a shared instance of ``config`` is never cheaper and never faster than a dedicated one
+    (``ε_s >= ε`` and ``R^s[t,c] <= R[t,c]`` for every tier): then some optimum has ``s[c] <= max(s⁰[c], |T|)``."""
+    if inp.shared_gpu_cost < inp.objective.gpu_cost:
+        return False
+    return all(inp.shared_rate_rps(t.name, config) <= inp.capacity.rate_rps(t.name, config) for t in inp.tiers)
 
 
 def shared_configs(inp: PlanningInput) -> tuple[ServingConfig, ...]:
@@ -237,6 +257,8 @@ def _add_shared_variables(model: LinearModel, inp: PlanningInput) -> tuple[Share
             rate = inp.shared_rate_rps(t.name, c)
             if rate > 0:
                 ub = min(inp.demand_rps(t.name), rate * bound)
+                if _sharing_costs_more(inp, c):  # some optimum gives no tier a whole shared instance (docstring)
+                    ub = min(ub, rate * max(1, inp.current_plan.count(SHARED_TIER, c) if inp.current_plan else 0))
                 x[t.name, c] = model.add_variable(f"x[{t.name},{c.key}]", lb=0.0, ub=ub)
     return s, x
 

@@ -25,10 +25,6 @@ from nitsum_opt.models.spec import (
 
 _TIER_NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,31}$"
 
-SHARED_PREMIUM = 1e-4
-"""Default extra price per GPU of a shared instance over a dedicated one (``ε_s − ε``): a tie-breaker for
-isolation, the size of the default ``gpu_cost``."""
-
 SHARED_TIER = "*"
 """Tier name of *shared* instances: colocated instances that serve every tier with tier priority (never a valid
 tier name, so it cannot clash with one). In counts, plans and running plans they appear as tier ``"*"``."""
@@ -111,11 +107,12 @@ class ObjectiveSettings(Frozen):
     gpu_cost: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
     """``ε``: weighted req/s given up per GPU in use; a tie-breaker that leaves idle GPUs off."""
     shared_gpu_cost: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    """``ε_s``: the same price per GPU of a *shared* instance (``None`` = ``gpu_cost`` + :data:`SHARED_PREMIUM`).
-    A shared colocated instance can do everything a dedicated one can, so ``ε_s ≠ ε`` breaks the tie between the
-    two: above ``gpu_cost`` (the default) the planner shares only where sharing serves more than dedicated
-    instances can (e.g. the fractions of an instance several tiers would each round up) and otherwise keeps the
-    tiers isolated; below it every colocated instance is shared."""
+    """``ε_s``: the same price per GPU of a *shared* instance (``None`` = ``gpu_cost``). A shared colocated
+    instance can do everything a dedicated one can, so at equal prices the two tie wherever sharing gains nothing;
+    the MILP planner then keeps the tiers isolated (:func:`nitsum_opt.admission.prefer_dedicated`). Below
+    ``gpu_cost`` every colocated instance tends to be shared; above it, sharing must serve more to be chosen.
+    (A premium in the objective instead of the tie-break after the solve doubled the solver's tree on the hard
+    tail of ``nitsum bench solve``.)"""
     switch_cost_s: float = Field(default=0.26, ge=0, allow_inf_nan=False)
     """Seconds an instance is out of service when it is started, stopped or re-shaped (TP switch).
     Default: the mean pause→resume of the vLLM TP switches measured on 4 × H200 (wake of a standby engine from
@@ -241,7 +238,7 @@ class PlanningInput(Frozen):
     def shared_gpu_cost(self) -> float:
         """``ε_s``: the price per GPU of a shared instance."""
         obj = self.objective
-        return obj.gpu_cost + SHARED_PREMIUM if obj.shared_gpu_cost is None else obj.shared_gpu_cost
+        return obj.gpu_cost if obj.shared_gpu_cost is None else obj.shared_gpu_cost
 
     def gpu_price(self, tier: str) -> float:
         """Price per GPU of an instance of ``tier``: ``ε``, or ``ε_s`` for a shared one (``tier = "*"``)."""

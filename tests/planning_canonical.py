@@ -60,10 +60,11 @@ def odd_nodes():
 
 
 def pooled_fractions(demand_rps: float = 15.0, shared_rate: float | None = None):
-    """4 GPUs of tp1 (R=10 for both tiers), λ_a = λ_b = 15, ε = 0.5: each tier needs 1.5 instances. Dedicated:
-    2 + 2 instances serve 30 for 4 GPUs (28). Shared: one instance each + one shared instance split 5/5 serve 30
-    for 3 GPUs (30 − 1.5 − 1e-4 premium = 28.4999). With ``shared_rate`` = 5 (sharing halves each tier's rate) the
-    shared instance serves only 5: dedicated wins again. ``demand_rps=10``: whole instances, nothing to pool."""
+    """4 GPUs of tp1 (R=10 for both tiers), λ_a = λ_b = 15, ε = 0.5: each tier needs 1.5 instances.
+    Dedicated: 2 + 2 instances serve 30 for 4 GPUs (28). Shared: one instance each + one shared instance split
+    5/5 serve 30 for 3 GPUs (28.5; all-shared ties, and the planner keeps what it can dedicated). With
+    ``shared_rate`` = 5 (sharing halves each tier's rate) the shared instance serves only 5: dedicated wins
+    again. ``demand_rps=10``: whole instances, nothing to pool."""
     rates = {"a": {"tp1-colocated": 10}, "b": {"tp1-colocated": 10}}
     return make_input(
         rates,

@@ -23,6 +23,7 @@ from nitsum_opt.planners import GreedyPlanner, MilpPlanner, Planner
 PLANNER_FACTORIES: dict[str, Callable[[float], Planner]] = {
     "milp/ortools": lambda limit: MilpPlanner("ortools", time_limit_s=limit),
     "milp/pulp": lambda limit: MilpPlanner("pulp", time_limit_s=limit),
+    "milp/ortools-dedicated": lambda limit: MilpPlanner("ortools", time_limit_s=limit, shared=False),
     "greedy": lambda limit: GreedyPlanner(),
 }
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import time
 
+from nitsum_opt.admission import prefer_dedicated
 from nitsum_opt.assemble import assemble_plan
+from nitsum_opt.evaluate import objective_value
 from nitsum_opt.formulation import build_formulation
 from nitsum_opt.plan import Plan, PlanStatus
 from nitsum_opt.planners.base import Planner
 from nitsum_opt.planners.greedy import GreedyPlanner
 from nitsum_opt.solvers import SolverOptions, SolveStatus, get_backend
-from nitsum_opt.spec import PlanningInput
+from nitsum_opt.spec import SHARED_TIER, PlanningInput
 
 
 class MilpPlanner(Planner):
@@ -55,15 +57,22 @@ class MilpPlanner(Planner):
         if not result.status.has_solution:
             return self._fallback(inp, start, f"MILP {result.status.value}: {result.message or 'no solution'}")
         status = PlanStatus.OPTIMAL if result.status is SolveStatus.OPTIMAL else PlanStatus.FEASIBLE
+        counts = formulation.counts(result.values)
+        admitted = formulation.admitted(result.values)
+        shared = formulation.shared_rates(result.values)
+        objective = result.objective
+        if any(t == SHARED_TIER for t, _ in counts):  # ties between shared and dedicated go to dedicated
+            counts, shared = prefer_dedicated(inp, counts, shared)
+            objective = max(objective, objective_value(inp, counts, admitted))
         return assemble_plan(
             inp,
-            formulation.counts(result.values),
+            counts,
             status=status,
             planner=self.label,
             solve_time_ms=(time.perf_counter() - start) * 1000.0,
-            admitted_rps=formulation.admitted(result.values),
-            shared_rps=formulation.shared_rates(result.values),
-            objective=result.objective,
+            admitted_rps=admitted,
+            shared_rps=shared,
+            objective=objective,
             objective_bound=result.bound,
             gap=result.gap,
             solver=self.backend.label,

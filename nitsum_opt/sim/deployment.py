@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Self
+from collections.abc import Mapping, Sequence
+from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from nitsum_opt.models.spec import Frozen, Role
+from nitsum_opt.models.spec import Frozen, Role, ServingConfig
 from nitsum_opt.plan import Plan
+from nitsum_opt.spec import Tier
 
 
 class DeployedInstance(Frozen):
@@ -87,30 +88,65 @@ class Deployment(Frozen):
 InstanceTuning = Mapping[tuple[str, int, Role], tuple[int, int | None]]
 """``(tier, tp, role)`` → (SLO-safe requests, step token budget or ``None``) of an instance of that shape."""
 
+SharedSeats = Literal["host", "engine"]
+"""How many requests a shared instance takes at once: its host tier's SLO-safe capacity (seats weighted by tier
+mix), or the engine's own limit."""
+
+ENGINE_SEATS = 1024
+"""``slo_safe_seqs`` of a shared instance with ``shared_seats="engine"`` (vLLM's ``max_num_seqs`` default)."""
+
 InstanceSeats = Mapping[tuple[str, int, Role], dict[str, int]]
 """``(tier, tp, role)`` → requests of every tier's mix such an instance holds within its own tier's SLO."""
 
 
+def shared_host_tier(plan: Plan, tiers: Sequence[Tier], config: ServingConfig) -> str:
+    """The tier whose SLO a shared instance of ``config`` is tuned for: the strictest (TPOT, then TTFT target)
+    of the tiers the plan puts on shared instances of ``config`` (``x[t,c] > 0``), else of all tiers. Its requests
+    and the looser tiers' requests run in the same batches, so the strictest tier's TPOT bounds them all."""
+    rates = plan.shared_rates()
+    planned = [t for t in tiers if rates.get(t.name, {}).get(config, 0.0) > 0]
+    return min(planned or tiers, key=lambda t: (t.tpot_slo_ms, t.ttft_slo_ms)).name
+
+
 def deployment_from_plan(
-    plan: Plan, tuning: InstanceTuning, label: str = "", admit: bool = True, seats: InstanceSeats | None = None
+    plan: Plan,
+    tuning: InstanceTuning,
+    label: str = "",
+    admit: bool = True,
+    seats: InstanceSeats | None = None,
+    tiers: Sequence[Tier] = (),
+    shared_seats: SharedSeats = "host",
 ) -> Deployment:
     """A tier-aware deployment running ``plan``: its instances (tuned per tier by ``tuning``; with ``seats``, a
     request takes the seats of its tier's mix), admission at the plan's ``y_t`` (``admit``), tier priority,
-    spill-over and the central queue."""
-    instances = tuple(
-        DeployedInstance(
-            tier=i.tier,
-            tp=i.tp,
-            role=i.role,
-            gpu_ids=i.gpu_ids,
-            slo_safe_seqs=tuning[(i.tier, i.tp, i.role)][0],
-            max_num_batched_tokens=tuning[(i.tier, i.tp, i.role)][1],
-            tier_seqs=None if seats is None else dict(seats[(i.tier, i.tp, i.role)]),
+    spill-over and the central queue. A shared instance (tier ``"*"``) serves every tier, tuned for its host tier
+    (:func:`shared_host_tier`, which needs ``tiers``): its SLO-aware step budget and, with ``shared_seats="host"``,
+    the host's SLO-safe capacity and seats per tier mix; with ``shared_seats="engine"`` it takes requests up to the
+    engine's own limit (like the pooled engines of ``vllm-priority``) and leaves the rest to tier priority."""
+    instances = []
+    for i in plan.instances:
+        host = i.tier
+        if i.shared:
+            if not tiers:
+                raise ValueError("deployment_from_plan: the plan has shared instances; pass the tiers")
+            host = shared_host_tier(plan, tiers, i.config)
+        seqs, budget = tuning[(host, i.tp, i.role)]
+        tier_seqs = None if seats is None else dict(seats[(host, i.tp, i.role)])
+        if i.shared and shared_seats == "engine":
+            seqs, tier_seqs = ENGINE_SEATS, None
+        instances.append(
+            DeployedInstance(
+                tier=None if i.shared else i.tier,
+                tp=i.tp,
+                role=i.role,
+                gpu_ids=i.gpu_ids,
+                slo_safe_seqs=seqs,
+                max_num_batched_tokens=budget,
+                tier_seqs=tier_seqs,
+            )
         )
-        for i in plan.instances
-    )
     return Deployment(
-        instances=instances,
+        instances=tuple(instances),
         admitted_rps={a.tier: a.admitted_rps for a in plan.tiers} if admit else None,
         tier_priority=True,
         spill_over=True,

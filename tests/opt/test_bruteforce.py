@@ -112,9 +112,7 @@ def brute_force(inp) -> float | None:
     }
     rho["*"] = max(rho.values())
     eps = inp.objective.gpu_cost
-    eps_shared = (
-        eps + 1e-4 if inp.objective.shared_gpu_cost is None else inp.objective.shared_gpu_cost
-    )  # default: ε + premium
+    eps_shared = eps if inp.objective.shared_gpu_cost is None else inp.objective.shared_gpu_cost  # default: ε + premium
     best = None
     for vec in vectors_within(tuple(c.gpus for _, c in keys), total):
         sizes = [c.gpus for n, (_, c) in zip(vec, keys, strict=True) for _ in range(n)]

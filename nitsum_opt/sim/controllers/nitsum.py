@@ -38,9 +38,16 @@ from nitsum_opt.sim.controllers.planning import (
     fill_idle_gpus,
     prefer_roles,
     seats_table,
+    shared_capacity_table,
     tuning_table,
 )
-from nitsum_opt.sim.deployment import Deployment, InstanceSeats, InstanceTuning, deployment_from_plan
+from nitsum_opt.sim.deployment import (
+    Deployment,
+    InstanceSeats,
+    InstanceTuning,
+    SharedSeats,
+    deployment_from_plan,
+)
 from nitsum_opt.spec import ObjectiveSettings, PlanningInput, TierDemand
 from nitsum_opt.workloads.demand import length_mixes
 from nitsum_opt.workloads.forecast import EwmaForecaster, LastWindowForecaster
@@ -103,6 +110,10 @@ class NitsumController(Controller):
         max_burst_factor: float = 2.0,
         role_preference: float = ROLE_PREFERENCE,
         weighted_seats: bool = True,
+        shared_gpu_cost: float | None = None,
+        fill_idle_shared: bool = False,
+        shared_seats: SharedSeats = "host",
+        shared_table: bool = False,
     ) -> None:
         """See the module docstring; ``role_preference=1`` and ``weighted_seats=False`` give the controller as it
         was before those two rules (one seat per request, the plain capacity table)."""
@@ -118,6 +129,10 @@ class NitsumController(Controller):
         self.max_burst_factor = max_burst_factor
         self.role_preference = role_preference
         self.weighted_seats = weighted_seats
+        self.shared_gpu_cost = shared_gpu_cost
+        self.fill_idle_shared = fill_idle_shared
+        self.shared_seats: SharedSeats = shared_seats
+        self.shared_table = shared_table
         self._tuned: tuple[object, InstanceTuning, InstanceSeats | None] | None = None
         self._burst = np.ones(0)
         self._ttft_s: list[float] = []
@@ -204,14 +219,21 @@ class NitsumController(Controller):
             tiers=ctx.tiers,
             demand=tuple(TierDemand(tier=t.name, arrival_rate_rps=float(forecast[k])) for k, t in enumerate(ctx.tiers)),
             capacity=self._capacity_for(ctx),
+            shared_capacity=shared_capacity_table(ctx, self._planned_mixes, self.role_preference)
+            if self.shared_table
+            else None,
             configs=candidate_configs(ctx),
-            objective=ObjectiveSettings(switch_cost_s=sw.switch_s, plan_horizon_s=max(60.0, 2 * ctx.settings.epoch_s)),
+            objective=ObjectiveSettings(
+                switch_cost_s=sw.switch_s,
+                plan_horizon_s=max(60.0, 2 * ctx.settings.epoch_s),
+                shared_gpu_cost=self.shared_gpu_cost,
+            ),
             current_plan=None if self.plan is None else self.plan.as_current(),
             model=ctx.model_spec,
         )
         candidate = self.planner.plan(inp)
         if self.fill_idle:
-            candidate = fill_idle_gpus(inp, candidate)
+            candidate = fill_idle_gpus(inp, candidate, shared=self.fill_idle_shared)
         decision = stabilize(inp, candidate, now_s, self.state, self.stabilizer)
         self.state = decision.state
         self.plan = decision.plan
@@ -219,7 +241,9 @@ class NitsumController(Controller):
         self.plan_time_ms += candidate.solve_time_ms
         label = f"{self.name} ({decision.plan.status.value})"
         tuning, seats = self._tuning(ctx)
-        return deployment_from_plan(decision.plan, tuning, label=label, seats=seats)
+        return deployment_from_plan(
+            decision.plan, tuning, label=label, seats=seats, tiers=ctx.tiers, shared_seats=self.shared_seats
+        )
 
     def _tuning(self, ctx: ControlContext) -> tuple[InstanceTuning, InstanceSeats | None]:
         """Per-instance tuning and seats for the planned mixes (recomputed only when those change)."""

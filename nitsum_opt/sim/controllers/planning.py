@@ -4,10 +4,12 @@ budgets, seats per tier mix), the role preference and filling idle GPUs."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import OrderedDict
 
+from nitsum_opt.admission import Counts, SharedRates
 from nitsum_opt.assemble import assemble_plan
 from nitsum_opt.evaluate import tier_capacity_rps
 from nitsum_opt.models.spec import CapacityTable, LengthMix, Role, ServingConfig, SloTarget
@@ -15,7 +17,7 @@ from nitsum_opt.placement import PlacementError, place_instances
 from nitsum_opt.plan import Plan
 from nitsum_opt.sim.capacity import MixStats, interim_capacity_table, slo_safe_seqs, slo_token_budget
 from nitsum_opt.sim.controllers.base import ControlContext
-from nitsum_opt.spec import PlanningInput, Tier
+from nitsum_opt.spec import SHARED_TIER, PlanningInput, Tier
 
 FALLBACK_MIX = LengthMix.single(1024, 256)
 """Length mix assumed for a tier that has not sent a request yet."""
@@ -36,13 +38,16 @@ _TABLES: OrderedDict[str, tuple[object, CapacityTable]] = OrderedDict()
 _TABLES_MAX = 64
 
 
-def capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> CapacityTable:
+def capacity_table(
+    ctx: ControlContext, mixes: dict[str, LengthMix], configs: tuple[ServingConfig, ...] | None = None
+) -> CapacityTable:
     """``R[t,c]`` for the tiers' current mixes: ``nitsum_opt.models.build_capacity_table`` (the latency models'
     queueing-based builder) when it is installed, else the INTERIM estimate of
     :func:`nitsum_opt.sim.capacity.interim_capacity_table`. Cells of different tiers are independent, so each tier's
     row is built on its own and memoised per process (least recently used, keyed by the model object, the tier, its
     mix, the configs and the engine knobs): systems that see the same mix share it, and a controller whose mix
-    changed for one tier rebuilds one row."""
+    changed for one tier rebuilds one row. ``configs``: the cells to build (default: every candidate config)."""
+    configs = candidate_configs(ctx) if configs is None else configs
     rows: dict[str, dict[str, float]] = {}
     source = ""
     for tier in ctx.tiers:
@@ -52,7 +57,7 @@ def capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> Capacity
                 [
                     tier.model_dump(mode="json"),
                     mix.model_dump(mode="json"),
-                    [c.key for c in candidate_configs(ctx)],
+                    [c.key for c in configs],
                     ctx.settings.engine.model_dump(mode="json"),
                     ctx.settings.capacity_percentile,
                 ],
@@ -64,13 +69,24 @@ def capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> Capacity
             _TABLES.move_to_end(key)
             row = hit[1]
         else:
-            row = _build_table(ctx, {tier.name: mix}, tier)
+            row = _build_table(ctx, {tier.name: mix}, tier, configs)
             _TABLES[key] = (ctx.model, row)
             while len(_TABLES) > _TABLES_MAX:
                 _TABLES.popitem(last=False)
         rows[tier.name] = row.rates_rps[tier.name]
         source = row.source
     return CapacityTable(rates_rps=rows, source=source)
+
+
+def shared_capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix], role_preference: float) -> CapacityTable:
+    """``R^s[t,c]`` for shared (colocated) instances: each tier's mix at its own TTFT target and the strictest TPOT
+    target of all tiers, since a shared instance batches every tier's requests and its steps must keep the
+    strictest tier's TPOT (memoised like :func:`capacity_table`); the role preference is applied as to ``R``."""
+    strictest = min(t.tpot_slo_ms for t in ctx.tiers)
+    tightened = tuple(t.model_copy(update={"tpot_slo_ms": min(t.tpot_slo_ms, strictest)}) for t in ctx.tiers)
+    colocated = tuple(c for c in candidate_configs(ctx) if c.role is Role.COLOCATED)
+    table = capacity_table(dataclasses.replace(ctx, tiers=tightened), mixes, colocated)
+    return prefer_roles(table, ctx.tiers, role_preference)
 
 
 def planning_slo(ctx: ControlContext, tier: Tier) -> SloTarget:
@@ -81,17 +97,19 @@ def planning_slo(ctx: ControlContext, tier: Tier) -> SloTarget:
     return tier.slo.model_copy(update={"slo_percentile": wanted})
 
 
-def _build_table(ctx: ControlContext, mixes: dict[str, LengthMix], tier: Tier) -> CapacityTable:
+def _build_table(
+    ctx: ControlContext, mixes: dict[str, LengthMix], tier: Tier, configs: tuple[ServingConfig, ...]
+) -> CapacityTable:
     try:
         from nitsum_opt.models import CapacityOptions, TierWorkload, build_capacity_table
     except ImportError:  # a models package without the capacity builder
         rows = {tier.name: (planning_slo(ctx, tier), mixes[tier.name])}
-        return interim_capacity_table(ctx.model, rows, candidate_configs(ctx), ctx.settings.engine)
+        return interim_capacity_table(ctx.model, rows, configs, ctx.settings.engine)
     engine = ctx.settings.engine
     return build_capacity_table(
         ctx.model,  # type: ignore[arg-type]
         [TierWorkload(name=tier.name, slo=planning_slo(ctx, tier), length_mix=mixes[tier.name])],
-        configs=candidate_configs(ctx),
+        configs=configs,
         options=CapacityOptions(max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs),
     )
 
@@ -114,27 +132,30 @@ def tuning_table(
     return out
 
 
-def _weighted_load(inp: PlanningInput, counts: dict[tuple[str, ServingConfig], int], tier: str) -> float:
-    cap = min(tier_capacity_rps(inp, counts, tier))
+def _weighted_load(inp: PlanningInput, counts: Counts, shared_rps: SharedRates, tier: str) -> float:
+    cap = min(tier_capacity_rps(inp, counts, tier, shared_rps))
     return inp.tier(tier).weight * inp.demand_rps(tier) / max(cap, 1e-9)
 
 
-def fill_idle_gpus(inp: PlanningInput, plan: Plan) -> Plan:
+def fill_idle_gpus(inp: PlanningInput, plan: Plan, shared: bool = False) -> Plan:
     """Give the GPUs ``plan`` leaves idle to the tiers, one instance at a time: the tier with the highest
-    weighted load (demand / capacity) gets its best per-GPU colocated config that still fits."""
+    weighted load (demand / capacity, its shared rate included) gets its best per-GPU colocated config that still
+    fits, as an instance of its own or (``shared``) as a shared instance that serves every tier."""
     counts = dict(plan.counts())
+    shared_rps = plan.shared_rates()
     free = inp.cluster.total_gpus - plan.gpus_used
     colocated = [c for c in inp.candidate_configs if c.role is Role.COLOCATED]
     changed = False
     while free > 0:
-        tier = max((t.name for t in inp.tiers), key=lambda name, c=counts: _weighted_load(inp, c, name))
+        tier = max((t.name for t in inp.tiers), key=lambda name, c=counts: _weighted_load(inp, c, shared_rps, name))
         options = sorted(
             (c for c in colocated if c.gpus <= free and inp.capacity.rate_rps(tier, c) > 0),
             key=lambda c: (-inp.capacity.rate_rps(tier, c) / c.gpus, c.tp),
         )
+        owner = SHARED_TIER if shared else tier
         placed = False
         for c in options:
-            trial = {**counts, (tier, c): counts.get((tier, c), 0) + 1}
+            trial = {**counts, (owner, c): counts.get((owner, c), 0) + 1}
             try:
                 place_instances(inp.cluster, trial)
             except PlacementError:

@@ -221,7 +221,7 @@ def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
             plan = fill_idle_gpus(inp, planner.plan(inp))
             plan_caps = {a.tier: min(a.prefill_capacity_rps, a.decode_capacity_rps) for a in plan.tiers}
             for admit in (True, False):
-                dep = deployment_from_plan(plan, tuning, admit=admit, seats=seats)
+                dep = deployment_from_plan(plan, tuning, admit=admit, seats=seats, tiers=ev.tiers)
                 how = "admission" if admit else "no admission"
                 label = f"tiered plan for {q} demand ({how}){family}: {dep.describe()}"
                 dep = dep.model_copy(update={"label": label, "admitted_rps": plan_caps if admit else None})
