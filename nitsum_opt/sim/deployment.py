@@ -99,12 +99,13 @@ InstanceSeats = Mapping[tuple[str, int, Role], dict[str, int]]
 """``(tier, tp, role)`` → requests of every tier's mix such an instance holds within its own tier's SLO."""
 
 
-def shared_host_tier(plan: Plan, tiers: Sequence[Tier], config: ServingConfig) -> str:
-    """The tier whose SLO a shared instance of ``config`` is tuned for: the strictest (TPOT, then TTFT target)
-    of the tiers the plan puts on shared instances of ``config`` (``x[t,c] > 0``), else of all tiers. Its requests
-    and the looser tiers' requests run in the same batches, so the strictest tier's TPOT bounds them all."""
+def shared_host_tier(plan: Plan, tiers: Sequence[Tier], config: ServingConfig, planned_only: bool = False) -> str:
+    """The tier whose SLO a shared instance of ``config`` is tuned for: the strictest (TPOT, then TTFT target) of
+    all tiers, since the scheduler routes every tier's requests to a shared instance and they run in the same
+    batches, so the strictest tier's TPOT bounds them all; ``planned_only``: of the tiers the plan puts on shared
+    instances of ``config`` (``x[t,c] > 0``), else of all tiers."""
     rates = plan.shared_rates()
-    planned = [t for t in tiers if rates.get(t.name, {}).get(config, 0.0) > 0]
+    planned = [t for t in tiers if rates.get(t.name, {}).get(config, 0.0) > 0] if planned_only else []
     return min(planned or tiers, key=lambda t: (t.tpot_slo_ms, t.ttft_slo_ms)).name
 
 

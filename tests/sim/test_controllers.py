@@ -72,7 +72,7 @@ def test_every_system_runs_and_the_oracle_dominates_the_static_ones() -> None:
         controller = make_controller(name, ev)
         res = Simulator(ev.trace, TIERS, ROOFLINE, LLAMA, ev.cluster, controller, ev.settings).run()
         goodput[name] = res.slo_met(TIERS).sum()
-    static = [n for n in goodput if n not in ("nitsum", "nitsum-greedy")]
+    static = [n for n in goodput if not SYSTEMS[n].adaptive]
     assert goodput["oracle-static"] == max(goodput[n] for n in static)
     assert len(oracle_candidates(ev)) > 20
 

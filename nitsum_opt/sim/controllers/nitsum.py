@@ -21,6 +21,14 @@ Per epoch it sees the requests of the epoch that just ended and
    (``weighted_seats``) the seats a request of every tier's mix takes on it
    (:func:`~nitsum_opt.sim.controllers.planning.seats_table`), so requests spilled in from tiers with heavier
    requests cannot push it past its own tier's SLO.
+
+With a planner that allows them (``MilpPlanner``'s default) plans may hold *shared* colocated instances, which
+serve every tier with tier priority, deployed tuned for the strictest tier
+(:func:`~nitsum_opt.sim.deployment.shared_host_tier`). The controller prices a shared GPU a little *below* a
+dedicated one (:data:`POOL_ON_TIES`): where the MILP's time-sharing model sees no difference it pools, because
+the model does not credit the statistical multiplexing of a larger pool (measured in ``benchmarks/RESULTS.md``:
+ties to dedicated instances lost 3 req/s at load ×8). Isolation is still chosen where it wins in the model, e.g.
+prefill/decode instances for the strictest tier.
 """
 
 from __future__ import annotations
@@ -52,6 +60,10 @@ from nitsum_opt.spec import ObjectiveSettings, PlanningInput, TierDemand
 from nitsum_opt.workloads.demand import length_mixes
 from nitsum_opt.workloads.forecast import EwmaForecaster, LastWindowForecaster
 from nitsum_opt.workloads.trace import RequestTrace
+
+POOL_ON_TIES = 0.5 * ObjectiveSettings().gpu_cost
+"""The controller's ``ε_s``: half the dedicated price per GPU, so that ties between a shared and a dedicated
+instance go to the shared one."""
 
 
 def _erfinv(y: float) -> float:
@@ -110,13 +122,18 @@ class NitsumController(Controller):
         max_burst_factor: float = 2.0,
         role_preference: float = ROLE_PREFERENCE,
         weighted_seats: bool = True,
-        shared_gpu_cost: float | None = None,
+        shared_gpu_cost: float | None = POOL_ON_TIES,
         fill_idle_shared: bool = False,
         shared_seats: SharedSeats = "host",
         shared_table: bool = False,
     ) -> None:
         """See the module docstring; ``role_preference=1`` and ``weighted_seats=False`` give the controller as it
-        was before those two rules (one seat per request, the plain capacity table)."""
+        was before those two rules (one seat per request, the plain capacity table). Shared instances (when the
+        planner allows them): ``shared_table`` plans them with ``R^s`` built at the strictest tier's TPOT
+        (:func:`~nitsum_opt.sim.controllers.planning.shared_capacity_table`; ``False``: ``R^s = R``);
+        ``shared_gpu_cost`` is the objective's ``ε_s`` (default :data:`POOL_ON_TIES`; ``None``: ``ε``, ties go to
+        dedicated instances); ``fill_idle_shared`` fills idle GPUs with shared instances; ``shared_seats`` sizes
+        them (see :func:`~nitsum_opt.sim.deployment.deployment_from_plan`)."""
         self.name = name
         self.planner = planner
         self.forecaster = forecaster or EwmaForecaster(alpha=0.5, headroom=0.1)
@@ -214,11 +231,12 @@ class NitsumController(Controller):
         self._observe(window)
         forecast = self._forecast(ctx, now_s)
         sw = ctx.settings.switch
+        capacity = self._capacity_for(ctx)
         inp = PlanningInput(
             cluster=ctx.cluster,
             tiers=ctx.tiers,
             demand=tuple(TierDemand(tier=t.name, arrival_rate_rps=float(forecast[k])) for k, t in enumerate(ctx.tiers)),
-            capacity=self._capacity_for(ctx),
+            capacity=capacity,
             shared_capacity=shared_capacity_table(ctx, self._planned_mixes, self.role_preference)
             if self.shared_table
             else None,

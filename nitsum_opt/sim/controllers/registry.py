@@ -5,6 +5,7 @@ name                   what it is
 =====================  ============================================================================================
 ``nitsum``             MILP every epoch on forecast demand and length mixes + stabilizer + multi-tier scheduler
 ``nitsum-greedy``      the same controller with the paper's greedy allocator instead of the MILP
+``nitsum-dedicated``   ``nitsum`` without shared instances (every instance dedicated to one tier; an ablation)
 ``vllm-static-tpN``    ``N`` ∈ {1,2,4,8}: every GPU in colocated TP-``N`` engines, FCFS, no tiers, no admission
 ``vllm-priority``      the best static TP and step budget (searched) with vLLM's tier-priority scheduling
 ``distserve``          the best static prefill/decode placement (searched over the whole trace), FCFS, no tiers
@@ -63,6 +64,11 @@ def _nitsum(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
     return NitsumController("nitsum", planner, opts.forecaster, opts.stabilizer)
 
 
+def _nitsum_dedicated(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
+    planner = MilpPlanner(time_limit_s=opts.milp_time_limit_s, shared=False)
+    return NitsumController("nitsum-dedicated", planner, opts.forecaster, opts.stabilizer)
+
+
 def _nitsum_greedy(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
     return NitsumController("nitsum-greedy", GreedyPlanner(), opts.forecaster, opts.stabilizer)
 
@@ -100,6 +106,9 @@ def _oracle(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
 SYSTEMS: dict[str, SystemInfo] = {
     "nitsum": SystemInfo("MILP every epoch + stabilizer + multi-tier scheduler", _nitsum, adaptive=True),
     "nitsum-greedy": SystemInfo("the paper's greedy allocator every epoch + stabilizer", _nitsum_greedy, adaptive=True),
+    "nitsum-dedicated": SystemInfo(
+        "nitsum with dedicated instances only (no shared pool; ablation)", _nitsum_dedicated, adaptive=True
+    ),
     **{
         f"vllm-static-tp{tp}": SystemInfo(f"colocated TP-{tp} engines on every GPU, FCFS, no tiers", _vllm_tp(tp))
         for tp in (1, 2, 4, 8)
@@ -111,7 +120,7 @@ SYSTEMS: dict[str, SystemInfo] = {
 }
 """Every system by name."""
 
-DEFAULT_SYSTEMS: tuple[str, ...] = tuple(SYSTEMS)
+DEFAULT_SYSTEMS: tuple[str, ...] = tuple(name for name in SYSTEMS if name != "nitsum-dedicated")
 """The systems a scenario runs when it names none."""
 
 

@@ -6,20 +6,22 @@ Every search maximises goodput (requests/s that meet both SLO targets of their t
 
 ``vllm-priority`` searches every TP degree with tier priority, with vLLM's default step token budget and with the
 SLO-aware budget of the strictest tier (an operator tuning ``max_num_batched_tokens`` for the tightest TPOT).
-``oracle-static`` searches the union of every static family: all vLLM TP degrees with FCFS and with tier
-priority, each with both budgets, every DistServe placement, the per-tier split (both budgets), and tier-aware
-plans — the MILP's plan for hindsight statistics of the demand (mean and the 50/75/90/100th percentile of the
-per-epoch rates of each tier), with idle GPUs filled, run with the multi-tier scheduler (admission at the plan's
-capacity, and without admission control). The tier-aware plans come in two families: the plain capacity table
-with one scheduler seat per request, and Nitsum's own planning inputs and scheduler (the role preference of
-:func:`~nitsum_opt.sim.controllers.planning.prefer_roles` and seats weighted by each tier's request mix,
-:func:`~nitsum_opt.sim.controllers.planning.seats_table`), so the static plans get every planning rule the
-adaptive controller has.
-Its goodput is therefore at least that of every other static system.
+``oracle-static`` searches the union of every static family: all vLLM TP degrees with FCFS and with tier priority,
+each with both budgets, every DistServe placement, the per-tier split (both budgets), and tier-aware plans — the
+MILP's plan for hindsight statistics of the demand (mean and the 50/75/90/100th percentile of the per-epoch rates of
+each tier), with idle GPUs filled, run with the multi-tier scheduler (admission at the plan's capacity, and without
+admission control), planned dedicated-only and with shared instances (colocated instances serving every tier), ties
+between shared and dedicated instances going either way (the ``nitsum`` controller pools on ties). The tier-aware
+plans come in two families: the plain capacity table with one scheduler seat per request, and Nitsum's own planning
+inputs and scheduler (the role preference of :func:`~nitsum_opt.sim.controllers.planning.prefer_roles` and seats
+weighted by each tier's request mix, :func:`~nitsum_opt.sim.controllers.planning.seats_table`), so the static plans
+get every planning rule the adaptive controller has. Its goodput is therefore at least that of every other static
+system.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -28,6 +30,7 @@ from nitsum_opt.models.spec import LengthMix, ModelSpec
 from nitsum_opt.planners import MilpPlanner
 from nitsum_opt.sim.capacity import slo_token_budget
 from nitsum_opt.sim.controllers.base import ControlContext, StaticController
+from nitsum_opt.sim.controllers.nitsum import POOL_ON_TIES
 from nitsum_opt.sim.controllers.planning import (
     FALLBACK_MIX,
     ROLE_PREFERENCE,
@@ -43,7 +46,7 @@ from nitsum_opt.sim.deployment import Deployment, deployment_from_plan
 from nitsum_opt.sim.results import SimResult
 from nitsum_opt.sim.settings import SimSettings
 from nitsum_opt.sim.timing import IterationTimeModel
-from nitsum_opt.spec import ClusterSpec, PlanningInput, Tier, TierDemand
+from nitsum_opt.spec import ClusterSpec, ObjectiveSettings, PlanningInput, Tier, TierDemand
 from nitsum_opt.workloads.demand import epoch_demand, length_mixes
 from nitsum_opt.workloads.trace import RequestTrace
 
@@ -205,9 +208,15 @@ def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
         (" [Nitsum planning inputs]", prefer_roles(plain, ev.tiers, ROLE_PREFERENCE), seats_table(ctx, mixes)),
     )
     rates = epoch_demand(ev.trace, ev.settings.epoch_s).rates_rps
-    planner = MilpPlanner()
+    sharing_modes = (  # (label, MILP with shared instances, ε_s)
+        (" [dedicated only]", False, None),
+        (" [shared, ties pooled]", True, POOL_ON_TIES),
+        (" [shared, ties dedicated]", True, None),
+    )
     out: dict[str, Deployment] = {}
-    for family, capacity, seats in families:
+    for (family, capacity, seats), (sharing, shared, shared_cost) in itertools.product(families, sharing_modes):
+        family = family + sharing
+        planner = MilpPlanner(shared=shared)
         for q in HINDSIGHT_QUANTILES:
             level = rates.mean(axis=0) if q == "mean" else np.percentile(rates, q, axis=0)
             inp = PlanningInput(
@@ -216,6 +225,7 @@ def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
                 demand=tuple(TierDemand(tier=t.name, arrival_rate_rps=float(level[k])) for k, t in enumerate(ev.tiers)),
                 capacity=capacity,
                 configs=candidate_configs(ctx),
+                objective=ObjectiveSettings(shared_gpu_cost=shared_cost),
                 model=ev.model_spec,
             )
             plan = fill_idle_gpus(inp, planner.plan(inp))
