@@ -10,8 +10,8 @@ SLO-aware budget of the strictest tier (an operator tuning ``max_num_batched_tok
 each with both budgets, every DistServe placement, the per-tier split (both budgets), and tier-aware plans — the
 MILP's plan for hindsight statistics of the demand (mean and the 50/75/90/100th percentile of the per-epoch rates of
 each tier), with idle GPUs filled, run with the multi-tier scheduler (admission at the plan's capacity, and without
-admission control), planned dedicated-only and with shared instances (colocated instances serving every tier), ties
-between shared and dedicated instances going either way (the ``nitsum`` controller pools on ties). The tier-aware
+admission control), planned dedicated-only and, as the ``nitsum`` controller plans, with shared instances (colocated
+instances serving every tier; ties between a shared and a dedicated instance go to the shared one). The tier-aware
 plans come in two families: the plain capacity table with one scheduler seat per request, and Nitsum's own planning
 inputs and scheduler (the role preference of :func:`~nitsum_opt.sim.controllers.planning.prefer_roles` and seats
 weighted by each tier's request mix, :func:`~nitsum_opt.sim.controllers.planning.seats_table`), so the static plans
@@ -208,10 +208,9 @@ def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
         (" [Nitsum planning inputs]", prefer_roles(plain, ev.tiers, ROLE_PREFERENCE), seats_table(ctx, mixes)),
     )
     rates = epoch_demand(ev.trace, ev.settings.epoch_s).rates_rps
-    sharing_modes = (  # (label, MILP with shared instances, ε_s)
+    sharing_modes = (  # (label, MILP with shared instances, ε_s): the old plans, and the nitsum controller's
         (" [dedicated only]", False, None),
         (" [shared, ties pooled]", True, POOL_ON_TIES),
-        (" [shared, ties dedicated]", True, None),
     )
     out: dict[str, Deployment] = {}
     for (family, capacity, seats), (sharing, shared, shared_cost) in itertools.product(families, sharing_modes):
