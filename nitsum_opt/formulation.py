@@ -30,7 +30,8 @@ Variables
   row feasible (smaller aligned groups pack wherever the big one did), costs the same GPUs and the same churn
   price (:math:`\beta` is per GPU), and never lowers the objective; removing these columns is what keeps the
   solver's tree small;
-* ``s[c]`` :math:`\in \mathbb{Z}`, :math:`0 \le s_c \le U^s_c`, :math:`c \in C^{Co}`: *shared* instances, which
+* ``s[c]`` :math:`\in \mathbb{Z}`, :math:`0 \le s_c \le U^s_c`, :math:`c \in C^{Co}` (left out where
+  :math:`U^s_c = 0`): *shared* instances, which
   serve every tier with tier priority, with
   :math:`U^s_c = \min(N\lfloor B/g_c\rfloor,\ \max(s^0_c, \lceil \sum_{t: R^s_{t,c} > 0} \lambda_t / R^s_{t,c}\rceil))`
   (the time-sharing row below never needs more) and :math:`U^s_c = 0` for a config that is not running and is
@@ -250,9 +251,9 @@ def _add_shared_variables(model: LinearModel, inp: PlanningInput) -> tuple[Share
     x: Keyed = {}
     for c in shared_configs(inp):
         bound = instance_upper_bound(inp, SHARED_TIER, c)
-        s[c] = model.add_variable(f"s[{c.key}]", lb=0, ub=bound, integer=True)
-        if bound == 0:
+        if bound == 0:  # no column at all (a running shared instance always has bound >= 1)
             continue
+        s[c] = model.add_variable(f"s[{c.key}]", lb=0, ub=bound, integer=True)
         for t in inp.tiers:
             rate = inp.shared_rate_rps(t.name, c)
             if rate > 0:

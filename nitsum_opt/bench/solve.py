@@ -5,11 +5,15 @@ plan so churn is priced) are planned by every planner. Times are wall-clock per 
 placement and plan assembly included, after one warm-up call per planner (imports and solver start-up happen
 once per process in a real controller); CPU time of the calling process is reported beside it, because wall time
 on a shared 2-core machine also measures the neighbours (PuLP's CBC runs in a subprocess, so its CPU time is
-not counted there). Quality is each plan's objective divided by the greedy plan's.
+not counted there). Python's cyclic garbage collector runs before each timed call (``gc.collect()``, as
+``timeit`` keeps it out of its timings): otherwise a collection of the objects earlier calls left behind lands in
+whichever call happens to trigger it (seen: one 85 ms pause in an otherwise 10–25 ms series). Quality is each
+plan's objective divided by the greedy plan's.
 """
 
 from __future__ import annotations
 
+import gc
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -87,6 +91,7 @@ def run_solve_bench(
             planner.plan(inputs[0])  # warm-up
             times, cpu_times, ratios, statuses = [], [], [], {}
             for inp, base in zip(inputs, greedy_obj, strict=True):
+                gc.collect()
                 start, cpu_start = time.perf_counter(), time.process_time()
                 plan = planner.plan(inp)
                 times.append((time.perf_counter() - start) * 1000.0)
