@@ -416,8 +416,8 @@ class VllmEngine:
     def import_requests(self, snapshots: Sequence[RequestSnapshot], kv_source: object | None) -> ImportResult:
         if kv_source is not None and not self.can_migrate_from(kv_source):
             raise EngineError(
-                f"engine {self.engine_id} cannot take KV from {kv_source!r}: both engines need kv_connector=True "
-                "(VllmPoolSettings.kv_connector) and this process must see their GPUs; import with "
+                f"engine {self.engine_id} cannot take KV from {kv_source!r}: both engines need the Nitsum KV connector "
+                "(VllmPoolSettings.kv_connector=True) and this process must see their GPUs; import with "
                 "kv_source=None to re-prefill"
             )
         self._need_awake("import requests into")
