@@ -94,22 +94,23 @@ case $part in
     else
       say "!! vLLM not found (install the bundles into /tmp/site): (c) skipped"; status=2
     fi ;;
-  pool-kv)  # (d) with in-flight requests' KV migrated into vLLM engines (Nitsum KV connector)
+  pool-kv|pool-kv-test)  # (d) with in-flight requests' KV migrated into vLLM engines (Nitsum KV connector)
     have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; }
-    step pool-kv 560 python3 -m nitsum_runtime.gpu_bench pool --kv migrate --switches "${NITSUM_KV_SWITCHES:-60}" \
-      --out "$OUT" ${NITSUM_BENCH_ARGS:-} ;;
+    if [ "$part" = pool-kv-test ]; then pytest_gpu gpu_pool_kv_test 560 "migrates_kv" test_gpu_vllm_pool.py
+    else step pool-kv 560 python3 -m nitsum_runtime.gpu_bench pool --kv migrate --switches "${NITSUM_KV_SWITCHES:-60}" \
+      --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
   pool|pool-test)
     case " ${NITSUM_BENCH_ARGS:-} " in
       *" --engines toy "*) ;;  # CPU dry run on the toy engines: no vLLM needed
       *) have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; } ;;
     esac
-    if [ "$part" = pool-test ]; then pytest_gpu gpu_pool_test 560 "pool" test_gpu_vllm_pool.py
+    if [ "$part" = pool-test ]; then pytest_gpu gpu_pool_test 560 "100_switches" test_gpu_vllm_pool.py
     else step pool 560 python3 -m nitsum_runtime.gpu_bench pool --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
   vllm|vllm-test)
     have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; }
     if [ "$part" = vllm-test ]; then pytest_gpu gpu_vllm_test 240 "vllm"
     else step vllm 540 python3 -m nitsum_runtime.gpu_bench vllm --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
-  *) say "unknown part $part (core|vllm|pool|pool-kv|rerun|vllm-test|pool-test|tests|kv|switch)"; exit 2 ;;
+  *) say "unknown part $part (core|vllm|pool|pool-kv|pool-kv-test|rerun|vllm-test|pool-test|tests|kv|switch)"; exit 2 ;;
 esac
 nvidia-smi --query-gpu=index,memory.used --format=csv 2>&1 | tee -a "$log"
 { echo "# Runtime on H200 ($part), status $status"; echo; for f in "$OUT"/*/report.md; do [ -f "$f" ] && cat "$f" && echo; done; } > "$OUT/REPORT_$part.md"
