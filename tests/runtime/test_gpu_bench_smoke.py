@@ -97,3 +97,11 @@ def test_pool_kv_benchmark_fails_fast_without_a_kv_path(tmp_path: Path) -> None:
     assert main([*args, "--switches", "2", "--kv", "migrate"]) == 2  # stopped: could not run
     error = (tmp_path / "pool-kv" / "ERROR.txt").read_text()
     assert "KV migration into vLLM failed at the first switch" in error and "0 of 2 requests migrated" in error
+
+
+def test_compact_summary_reads_the_kv_migration_run() -> None:
+    # the committed 2 x H200 run of `run_runtime_h200.sh pool-kv` (KV migrated into vLLM engines)
+    out = Path(__file__).resolve().parents[2] / "benchmarks/gpu/results/runtime-h200x2-pool-kv-2026-11-22"
+    text = compact_summary(out)
+    assert "(d) pool, KV migrated: PASS" in text
+    assert "KV migrated into vLLM engines: 68 requests" in text and "fallbacks to re-prefill 0" in text
