@@ -60,6 +60,11 @@ def device_of_uuid(uuid: str) -> int:
     return seen[uuid]
 
 
+#: Size of the buffer each cross-GPU copy goes through on the target GPU (see :func:`copy_heads`: writing into
+#: another process's CUDA IPC buffer across GPUs runs at a tenth of the NVLink bandwidth).
+BOUNCE_BYTES = 64 * 2**20
+
+
 def controller_sees_gpus() -> bool:
     """Whether this process can open CUDA IPC handles at all (a CUDA build with a GPU)."""
     return torch.cuda.is_available()
@@ -92,7 +97,12 @@ def move_staged(
     t1 = time.perf_counter()
     remote = local = 0
     for k in keys:
-        r, lo = copy_heads(plan, {g: b[k] for g, b in src.items()}, {g: b[k] for g, b in dst.items()})
+        r, lo = copy_heads(
+            plan,
+            {g: b[k] for g, b in src.items()},
+            {g: b[k] for g, b in dst.items()},
+            bounce_bytes=BOUNCE_BYTES if devices else 0,
+        )
         remote, local = remote + r, local + lo
     _sync(devices)
     copy_s = time.perf_counter() - t1

@@ -223,3 +223,24 @@ def test_connector_against_vllm_base_class() -> None:
     for name in abstract:
         base = list(inspect.signature(getattr(KVConnectorBase_V1, name)).parameters)
         assert list(inspect.signature(getattr(NitsumKvConnector, name)).parameters) == base, name
+
+
+@pytest.mark.parametrize("bounce_bytes", [1, 4 * 2 * HEAD_DIM * 4, 7 * 4 + 4, 2**20])
+def test_bounced_copies_equal_direct_copies(bounce_bytes: int) -> None:
+    """Cross-GPU transfers through a bounce buffer (chunked, buffer reused) copy exactly what direct copies do;
+    same-GPU transfers never bounce."""
+    src = [vllm_caches(1, 4, fill=True, seed=11)]
+    slots = torch.tensor(slots_of([3, 1, 0], BLOCK, 0, 37))
+    export = gather_head_major(nhd_views(src[0]), slots)
+    plan = kv_transfer_plan(KV_HEADS, [0], [0, 1, 2, 3])
+    direct = {g: torch.zeros(KV_HEADS // 4, LAYERS, 37, 2 * HEAD_DIM) for g in range(4)}
+    bounced = {g: torch.zeros_like(direct[g]) for g in range(4)}
+    assert copy_heads(plan, {0: export}, direct) == copy_heads(plan, {0: export}, bounced, bounce_bytes)
+    for g in range(4):
+        heads = KV_HEADS // 4
+        assert torch.equal(bounced[g], direct[g]) and torch.equal(bounced[g], export[g * heads : (g + 1) * heads])
+
+
+def test_negative_bounce_is_refused() -> None:
+    with pytest.raises(ValueError, match="bounce_bytes=-1"):
+        copy_heads([], {}, {}, bounce_bytes=-1)
