@@ -65,8 +65,8 @@ def _staged_copy(dst: torch.Tensor, src: torch.Tensor, bounce_src: torch.Tensor,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--sizes-mb", default="17,70,256")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sizes-mb", default="17,138")
+    p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes_mb.split(",")]
     print("p2p access 0->1:", torch.cuda.can_device_access_peer(0, 1), "1->0:", torch.cuda.can_device_access_peer(1, 0))
@@ -91,6 +91,9 @@ def main() -> None:
         ipc_to_native_s = statistics.median(_timed_copy(ndst, src) for _ in range(5))
         native_to_ipc_s = statistics.median(_timed_copy(dst, nsrc) for _ in range(5))
         local_ipc_s = statistics.median(_timed_copy(nsrc, src) for _ in range(5))  # IPC -> native, same GPU
+        nsrc1 = torch.empty(src.shape, dtype=src.dtype, device="cuda:1")
+        native_to_ipc_local_s = statistics.median(_timed_copy(dst, nsrc1) for _ in range(5))  # same GPU 1
+        del nsrc1
         staged_s = statistics.median(_staged_copy(dst, src, nsrc, ndst) for _ in range(5))
         staged_ok = bool(torch.equal(dst.cpu(), src.cpu()))
         nbytes = src.numel() * src.element_size()
@@ -107,6 +110,7 @@ def main() -> None:
             "ipc_to_native_gb_per_s": nbytes / ipc_to_native_s / 1e9,
             "native_to_ipc_gb_per_s": nbytes / native_to_ipc_s / 1e9,
             "ipc_local_gb_per_s": nbytes / local_ipc_s / 1e9,
+            "native_to_ipc_local_gb_per_s": nbytes / native_to_ipc_local_s / 1e9,
             "staged_3hop_gb_per_s": nbytes / staged_s / 1e9,
             "staged_copied_exactly": staged_ok,
         }
