@@ -80,8 +80,36 @@ def _row(phase: str, k: int, label: str, r: TransitionReport, pool: EnginePool) 
             e.settle(raise_errors=True)
             slept += e.timings.get("sleep_s", 0.0)
     row["old_engine_sleep_ms"] = slept * 1e3
+    row["migrated"], row["reprefilled"], row["kv_bytes"] = r.migrated, r.reprefilled, r.kv_bytes_moved
+    row.update(_new_kv_moves(pool))
+    row["policy"] = ""
     row["error"] = r.error[:300]
     return row
+
+
+def _new_kv_moves(pool: EnginePool) -> dict[str, float]:
+    """KV copies done since the last call (every engine's ``kv_moves``): ms and GB/s of the copies."""
+    copy_s = moved = 0.0
+    for e in pool.engines.values():
+        if isinstance(e, VllmEngine):
+            seen = getattr(e, "_bench_seen", 0)
+            for m in e.kv_moves[seen:]:
+                copy_s, moved = copy_s + m.copy_s, moved + m.bytes_remote + m.bytes_local
+            e._bench_seen = len(e.kv_moves)  # type: ignore[attr-defined]
+    return {"kv_copy_ms": copy_s * 1e3, "kv_copy_gb_per_s": moved / copy_s / 1e9 if copy_s > 0 else 0.0}
+
+
+def check_first_migration(row: dict[str, Any], pool: EnginePool) -> None:
+    """Smoke check of ``kv="migrate"``: the first switch with requests in flight must have migrated them all,
+    else stop now (clear message) instead of after the whole benchmark."""
+    errors = [x for e in pool.engines.values() if isinstance(e, VllmEngine) for x in e.kv_errors]
+    if row["in_flight"] and (row["migrated"] != row["in_flight"] or errors):
+        raise RuntimeError(
+            f"KV migration into vLLM failed at the first switch {row['switch']}: {row['migrated']} of "
+            f"{row['in_flight']} requests migrated; errors: {errors or 'none (requests fell back to re-prefill)'}. "
+            "The KV connector path (nitsum_runtime/kv_connector.py, kv_mover.py) is broken here; "
+            "`--kv reprefill` runs the re-prefill baseline"
+        )
 
 
 def run_vllm_pool_bench(
@@ -97,6 +125,7 @@ def run_vllm_pool_bench(
     tolerance: float = 0.15,
     seed: int = 0,
     settings: VllmPoolSettings | None = None,
+    kv: Literal["reprefill", "migrate"] = "reprefill",
     log: Callable[[str], None] = print,
     checkpoint: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> dict[str, Any]:
@@ -104,10 +133,10 @@ def run_vllm_pool_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = switch_path(world)
     groups = tuple(dict.fromkeys(path))
-    settings = (settings or VllmPoolSettings()).model_copy(update={"groups": groups})
+    settings = (settings or VllmPoolSettings()).model_copy(update={"groups": groups, "kv_connector": kv == "migrate"})
     if engines == "toy":
         settings = settings.model_copy(update={"max_model_len": spec.max_model_len, "concurrent_starts": True})
-    summary: dict[str, Any] = {"engines": {}, "switch_rows": [], "complete": False, "path": path}
+    summary: dict[str, Any] = {"engines": {}, "switch_rows": [], "complete": False, "path": path, "kv": kv}
     rows: list[dict[str, Any]] = summary["switch_rows"]
     with tempfile.TemporaryDirectory(prefix="nitsum-pool-") as tmp:
         t0 = time.perf_counter()
@@ -121,11 +150,15 @@ def run_vllm_pool_bench(
         try:
             summary["engines"] = {r.engine_id: r.model_dump() for r in reports}
             checkpoint(summary)
-            ex = TransitionExecutor(pool, spec)
+            ex = TransitionExecutor(pool, spec, policy=kv)
+            checked = [kv != "migrate"]
 
             def on_switch(s: TransitionSummary) -> None:
                 rows.append(_row("round_trip", len(rows), s.label, s.report, pool))
                 log(_line(rows[-1]))
+                if not checked[0] and rows[-1]["in_flight"]:
+                    check_first_migration(rows[-1], pool)
+                    checked[0] = True
 
             rt = run_round_trip(
                 pool,
@@ -148,11 +181,14 @@ def run_vllm_pool_bench(
             checkpoint(summary)
             pool.sleep_all()
             loop_pool = EnginePool(list(pool.engines.values()), node=0, gpus_per_node=world)
-            loop_ex = TransitionExecutor(loop_pool, spec)
+            loop_ex = TransitionExecutor(loop_pool, spec, policy=kv)
             labels = [f"tp{len(a)}->tp{len(b)}" for a, b in itertools.pairwise(path)]
 
             def on_loop(k: int, r: TransitionReport) -> None:
                 rows.append(_row("loop", k, labels[k % len(labels)], r, loop_pool))
+                rows[-1]["policy"] = loop_ex.policy
+                if kv == "migrate":  # alternate: migrate on even switches, re-prefill on odd ones (comparison)
+                    loop_ex.policy = "reprefill" if k % 2 == 0 else "migrate"
                 if k % 10 == 9:
                     log(_line(rows[-1]))
                     checkpoint(summary)
@@ -161,6 +197,7 @@ def run_vllm_pool_bench(
                 loop_pool, loop_ex, spec, switches, layouts=[[g] for g in path[:-1]], on_switch=on_loop
             )
             summary["loop"] = loop.model_dump()
+            summary["kv_errors"] = [x for e in pool.engines.values() if isinstance(e, VllmEngine) for x in e.kv_errors]
             log(f"switch loop: {loop.switches} switches, {loop.submitted} requests, lost {loop.lost}")
             loop_pool.sleep_all()
             summary["complete"] = True
@@ -176,7 +213,9 @@ def _line(row: dict[str, Any]) -> str:
     return (
         f"  {row['phase']:<10} {row['k']:>3} {row['switch']:<16} in flight {row['in_flight']}  "
         f"pause->resume {row['pause_to_resume_ms']:7.1f} ms (wake {row['wake_ms']:.1f}, fill "
-        f"{row['fill_weights_ms']:.1f}, move {row['move_requests_ms']:.1f}, sleep sent {row['sleep_ms']:.1f}); "
+        f"{row['fill_weights_ms']:.1f}, move {row['move_requests_ms']:.1f} [{row['migrated']} migrated, "
+        f"{row['kv_bytes'] / 1e6:.1f} MB, copy {row['kv_copy_ms']:.2f} ms = {row['kv_copy_gb_per_s']:.1f} GB/s], "
+        f"sleep sent {row['sleep_ms']:.1f}); "
         f"old engine sleep {row['old_engine_sleep_ms']:.1f} ms after"
     )
 
@@ -227,6 +266,8 @@ def report_pool(s: dict[str, Any], quick: bool, title: str) -> tuple[str, bool]:
     mism = [m for e in s.get("engines", {}).values() for m in e["mismatched"]]
     ok = bool(s.get("complete")) and bool(rt and rt["passed"]) and bool(loop and loop["lost"] == 0)
     ok = ok and all(r["ok"] for r in rows) and not mism and (quick or worst <= 500.0)
+    if s.get("kv") == "migrate":  # every request moved by a migrate switch kept its KV
+        ok = ok and not s.get("kv_errors") and all(r["migrated"] == r["in_flight"] for r in _migrating(rows))
     lines = [f"# {title}" + ("" if s.get("complete") else " -- INCOMPLETE (partial results)"), ""]
     lines.append(f"- resident weights built in {s.get('store_build_s', 0):.1f} s")
     for e in s.get("engines", {}).values():
@@ -267,6 +308,40 @@ def report_pool(s: dict[str, Any], quick: bool, title: str) -> tuple[str, bool]:
                 f"{r['wake_kv_ms']:.1f} | {r['fill_ms']:.1f} | {r['move_requests_ms']:.1f} | {r['sleep_ms']:.1f} | "
                 f"{r['old_engine_sleep_ms']:.1f} |"
             )
+    if s.get("kv") == "migrate":
+        lines += ["", *kv_lines(s)]
     if s.get("error"):
         lines += ["", "Stopped by:", "", "```", s["error"].rstrip()[-3000:], "```"]
     return "\n".join(lines) + "\n", ok
+
+
+def _migrating(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Switches with requests in flight run under the migrate policy (round trip, even loop switches)."""
+    return [r for r in rows if r["in_flight"] and r["switch"] != "start" and r.get("policy") in ("", "migrate")]
+
+
+def kv_lines(s: dict[str, Any]) -> list[str]:
+    """Markdown lines on KV migration into vLLM engines (``kv="migrate"``) vs re-prefill."""
+    rows = s.get("switch_rows", [])
+    mig = [r for r in _migrating(rows) if r["kv_copy_ms"] > 0]
+    rep = [r for r in rows if r["phase"] == "loop" and r.get("policy") == "reprefill" and r["in_flight"]]
+    out = [
+        f"- KV migrated into vLLM engines through the Nitsum KV connector: {sum(r['migrated'] for r in rows)} "
+        f"requests, {sum(r['kv_bytes'] for r in rows) / 1e6:.1f} MB; fell back: {s.get('kv_errors') or 'never'}"
+    ]
+    if mig:
+        gbs = sorted(r["kv_copy_gb_per_s"] for r in mig)
+        ms = sorted(r["kv_copy_ms"] for r in mig)
+        out.append(
+            f"- KV copy (CUDA IPC, heads re-split): p50 {ms[len(ms) // 2]:.2f} ms, max {ms[-1]:.2f} ms; "
+            f"p50 {gbs[len(gbs) // 2]:.1f} GB/s (min {gbs[0]:.1f})"
+        )
+    for name, sel in (("migrate", [r for r in mig if r["phase"] == "loop"]), ("re-prefill", rep)):
+        if sel:
+            mv = sorted(r["move_requests_ms"] for r in sel)
+            pr = sorted(r["pause_to_resume_ms"] for r in sel)
+            out.append(
+                f"- loop switches by {name} ({len(sel)}): move_requests p50 {mv[len(mv) // 2]:.1f} ms, pause->resume "
+                f"p50 {pr[len(pr) // 2]:.1f} ms (a re-prefill's compute lands in the target's first step)"
+            )
+    return out

@@ -162,7 +162,8 @@ def report_vllm(s: dict[str, Any], args: argparse.Namespace) -> tuple[str, bool]
 def compact_summary(out: Path) -> str:
     """A few lines per benchmark found under ``out`` (``<part>/summary.json``)."""
     lines = []
-    for label, part in (("(a) kv", "kv"), ("(b) switch", "switch"), ("(c) vllm", "vllm"), ("(d) pool", "pool")):
+    parts = (("(a) kv", "kv"), ("(b) switch", "switch"), ("(c) vllm", "vllm"), ("(d) pool", "pool"))
+    for label, part in (*parts, ("(d) pool, KV migrated", "pool-kv")):
         path = out / part / "summary.json"
         if not path.exists():
             continue
@@ -177,7 +178,7 @@ def compact_summary(out: Path) -> str:
             lines += _switch_lines(s, out / part)
         elif part == "vllm":
             lines += _vllm_lines(s)
-        elif part == "pool":
+        elif part in ("pool", "pool-kv"):
             lines += _pool_lines(s)
         if s.get("error_summary"):
             lines.append(f"    stopped by: {s['error_summary'][:400]}")
@@ -247,5 +248,12 @@ def _pool_lines(s: dict[str, Any]) -> list[str]:
         lost = f"lost {s['loop']['lost']} of {s['loop']['submitted']}" if "loop" in s else "unfinished"
         lines.append(
             f"    switch loop: {len(loop)} switches, {lost}; p50 {loop[len(loop) // 2]:.0f} ms, max {loop[-1]:.0f} ms"
+        )
+    if s.get("kv") == "migrate":
+        moved = sum(int(r.get("migrated") or 0) for r in rows)
+        mb = sum(float(r.get("kv_bytes") or 0) for r in rows) / 1e6
+        fell_back = len(s.get("kv_errors") or [])
+        lines.append(
+            f"    KV migrated into vLLM engines: {moved} requests, {mb:.1f} MB; fallbacks to re-prefill {fell_back}"
         )
     return lines

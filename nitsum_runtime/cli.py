@@ -62,6 +62,9 @@ def register(app: typer.Typer) -> None:
         deadline_s: Annotated[float, typer.Option(help="seconds the whole launch may take")] = 3600.0,
         parts: Annotated[Path | None, typer.Option(help="folder of per-engine part files")] = None,
         pack: Annotated[Path | None, typer.Option(help="tar.gz of the parts, rewritten after each engine")] = None,
+        passes: Annotated[
+            int, typer.Option(min=1, help="times each engine measures the whole grid (repeats spread in time)")
+        ] = 1,
     ) -> None:
         """Profile vLLM engines step by step (needs vLLM 0.26.0 and NVIDIA GPUs)."""
         from nitsum_runtime.profile_io import merge_parts
@@ -100,6 +103,7 @@ def register(app: typer.Typer) -> None:
             smoke=smoke,
             pack=pack,
             log=lambda m: typer.echo(m),
+            passes=passes,
         )
         failed = {k: v for k, v in result.outcome.items() if v != "done"}
         if failed:

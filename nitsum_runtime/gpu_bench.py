@@ -93,7 +93,7 @@ def _write(out: Path, summary: dict[str, Any], report: str, status: str) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out) / args.part
+    out = Path(args.out) / (args.part + ("-kv" if args.part == "pool" and args.kv == "migrate" else ""))
     out.mkdir(parents=True, exist_ok=True)
     spec = _spec(args.model)
     t0 = time.perf_counter()
@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         if args.part == "pool":
             from nitsum_runtime.bench_pool import report_pool
 
-            title = f"(d) Transition executor on {args.engines} engines ({args.model}, {args.world} GPUs)"
+            kv = ", KV migrated" if args.kv == "migrate" else ""
+            title = f"(d) Transition executor on {args.engines} engines ({args.model}, {args.world} GPUs{kv})"
             return report_pool(s, args.quick, title)
         return report_vllm(s, args)
 
@@ -165,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
                 max_tokens=6 if args.quick else 32,
                 steps_between=1 if args.quick else 4,
                 tolerance=args.tolerance,
+                kv=args.kv,
                 checkpoint=checkpoint,
             )
             report, ok = render(summary)
@@ -223,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
     p.add_argument("--engines", default="vllm", choices=["vllm", "toy"], help="(d): vLLM engines, or the CPU stand-in")
     p.add_argument("--switches", type=int, default=100, help="(d): switches of the loop")
+    p.add_argument(
+        "--kv",
+        default="reprefill",
+        choices=["reprefill", "migrate"],
+        help="(d): move in-flight requests by re-prefill, or migrate their KV through the Nitsum KV connector "
+        "(loop switches then alternate migrate / re-prefill); results in pool-kv/",
+    )
     args = p.parse_args(argv)
     if args.part == "summary":
         print(compact_summary(Path(args.out)))

@@ -88,6 +88,12 @@ class ProfileGrid:
     mixed: tuple[ChunkedPrefillConfig, ...]
     mixed_repeats: int
 
+    @property
+    def repeat_stride(self) -> int:
+        """Repeat indices one pass over the grid uses at most (prefill, mixed and decode repeats); pass ``p``
+        of a multi-pass profile labels its rows ``p * repeat_stride + r``."""
+        return max(self.prefill_repeats, self.mixed_repeats, self.decode_steps, 1)
+
     def setup_tokens(self) -> int:
         """Prompt tokens all decode setups prefill (the dominant cost of a profile)."""
         return sum(s.setup_tokens for s in self.decode)

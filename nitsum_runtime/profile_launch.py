@@ -147,11 +147,13 @@ def launch(
     smoke: bool = False,
     pack: Path | None = None,
     log: Callable[[str], None] = print,
+    passes: int = 1,
 ) -> LaunchResult:
     """Run every job (see the module docstring); returns how each ended.
 
     ``budget_s[tp]`` is the stepping time wanted per engine; ``deadline_s`` bounds the whole launch (seconds
     from now). ``pack``: a tar.gz of ``parts_dir`` rewritten after every job (for runs cut off by a limit).
+    ``passes``: times each engine measures its whole grid (within its budget).
     """
     parts_dir.mkdir(parents=True, exist_ok=True)
     end = time.monotonic() + deadline_s
@@ -175,7 +177,7 @@ def launch(
                 pending.pop(0)
                 continue
             budget = min(budget_s[job.tp], left)
-            running.append(_start(job, block, parts_dir, budget, smoke, command, now))
+            running.append(_start(job, block, parts_dir, budget, smoke, command, now, passes))
             busy.update(block)
             pending.pop(0)
             log(f"{job.stem}: started on GPUs {block}, stepping budget {budget:.0f} s")
@@ -204,7 +206,14 @@ def launch(
 
 
 def _start(
-    job: Job, block: tuple[int, ...], parts_dir: Path, budget: float, smoke: bool, command: str, now: float
+    job: Job,
+    block: tuple[int, ...],
+    parts_dir: Path,
+    budget: float,
+    smoke: bool,
+    command: str,
+    now: float,
+    passes: int = 1,
 ) -> _Running:
     env = {
         **os.environ,
@@ -228,6 +237,8 @@ def _start(
         f"{budget:.0f}",
         "--command",
         command,
+        "--passes",
+        str(passes),
     ]
     if smoke:
         argv.append("--smoke")

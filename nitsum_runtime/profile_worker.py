@@ -122,6 +122,7 @@ def run_worker(args: argparse.Namespace) -> int:
             max_model_len=spec.max_model_len,
             deadline=deadline,
             seed=args.seed,
+            passes=args.passes,
             progress=lambda m: _log(f"{stem}: {m}"),
         )
         prof.run()
@@ -145,6 +146,7 @@ def run_worker(args: argparse.Namespace) -> int:
         "profile_wall_s": round(profile_s, 1),
         "budget_s": args.budget_s,
         "seed": args.seed,
+        "passes": args.passes,
         "warmup_prefill_tokens_per_s": round(prof.prefill_tokens_per_s),
         "sleep_wake_repeats_s": {k: [round(x, 4) for x in v] for k, v in sleeps.items()},
         "skipped": prof.skipped,
@@ -178,6 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for the part files")
     p.add_argument("--budget-s", type=float, default=150.0, help="seconds of stepping after the engine is up")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--passes", type=int, default=1, help="times the whole grid is measured (repeats spread in time)")
     p.add_argument("--smoke", action="store_true", help="2-layer model and a tiny grid")
     p.add_argument("--command", default=" ".join(sys.argv), help="command line recorded in the metadata")
     return p.parse_args(argv)

@@ -70,6 +70,10 @@ class Profiler:
     deadline: float = float("inf")
     """``time.monotonic()`` after which no new configuration starts (the ones started finish)."""
     seed: int = 0
+    passes: int = 1
+    """Times the whole grid is measured, one pass after the other on the same engine. Later passes spread a
+    configuration's repeats over the run, so slow drifts (whole blocks of steps shifting together) average out
+    of its mean; pass ``p`` labels repeat ``r`` as ``p * grid.repeat_stride + r``."""
     progress: Callable[[str], None] = lambda _msg: None
     mismatches: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -79,8 +83,11 @@ class Profiler:
     _prompts: dict[str, int] = field(default_factory=dict)
     _computed: dict[str, int] = field(default_factory=dict)
     _rng: random.Random = field(init=False)
+    _repeat_offset: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
+        if self.passes < 1:
+            raise ValueError(f"passes={self.passes} must be at least 1")
         self._rng = random.Random(self.seed)
 
     # --- primitives -------------------------------------------------------------------------------
@@ -110,8 +117,8 @@ class Profiler:
             self._computed[req.request_id] = req.num_computed_tokens + req.num_new_tokens
         if ctx.expected is not None and comp.counts() != ctx.expected:
             self.mismatches.append(
-                f"{ctx.config_id} repeat {ctx.repeat}: planned (prefill seqs, prefill tokens, decode seqs)="
-                f"{ctx.expected}, scheduled {comp.counts()}"
+                f"{ctx.config_id} repeat {ctx.repeat + self._repeat_offset}: planned (prefill seqs, prefill "
+                f"tokens, decode seqs)={ctx.expected}, scheduled {comp.counts()}"
             )
         if ctx.record:
             self.sink(
@@ -121,7 +128,7 @@ class Profiler:
                     tp=self.tp,
                     experiment=comp.experiment,
                     config_id=ctx.config_id,
-                    repeat=ctx.repeat,
+                    repeat=ctx.repeat + self._repeat_offset,
                     num_prefill_seqs=comp.num_prefill_seqs,
                     prefill_tokens=comp.prefill_tokens,
                     prefill_context_tokens=comp.prefill_context_tokens,
@@ -253,9 +260,14 @@ class Profiler:
             self._abort(active)
 
     def run(self) -> None:
-        """Warm up, then prefill, decode (with mixed), chunked prefill; none starts after the deadline."""
+        """Warm up, then ``passes`` times: prefill, decode (with mixed), chunked prefill; no configuration
+        starts after the deadline."""
         self.progress("warm-up")
         self.warm_up()
-        self.prefill()
-        self.decode()
-        self.chunked_prefill()
+        for p in range(self.passes):
+            self._repeat_offset = p * self.grid.repeat_stride
+            if self.passes > 1:
+                self.progress(f"pass {p + 1} of {self.passes}")
+            self.prefill()
+            self.decode()
+            self.chunked_prefill()

@@ -78,6 +78,7 @@ class ToySamplingParams:
     prompt_logprobs: int | None = None
     detokenize: bool = True
     ignore_eos: bool = False
+    extra_args: dict[str, Any] | None = None
 
 
 @dataclass

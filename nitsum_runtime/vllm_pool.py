@@ -24,6 +24,7 @@ from pydantic import Field
 
 from nitsum_opt.models.spec import Frozen, ModelSpec
 from nitsum_runtime.engine_handle import EngineHandle
+from nitsum_runtime.kv_ticket import CONNECTOR_CONFIG
 from nitsum_runtime.pool import EnginePool, candidate_groups
 from nitsum_runtime.vllm_engine import write_model_dir
 from nitsum_runtime.vllm_pool_engine import VllmEngine
@@ -66,6 +67,9 @@ class VllmPoolSettings(Frozen):
     """Build engines on disjoint GPUs at the same time (see the module docstring)."""
     defer_sleep: bool = True
     """Sleep commands return at once; the memory is released before a sibling wakes."""
+    kv_connector: bool = False
+    """Run the Nitsum KV connector (:mod:`nitsum_runtime.kv_connector`) in every engine, so that requests moved
+    between engines can bring their KV (the executor's ``migrate``) instead of recomputing it."""
     deadlines: VllmDeadlines = VllmDeadlines()
     """Command deadlines."""
     extra_llm_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -84,6 +88,7 @@ class VllmPoolSettings(Frozen):
             "disable_log_stats": True,
             "enforce_eager": self.enforce_eager,
             "compilation_config": {"cudagraph_capture_sizes": list(self.cudagraph_capture_sizes)},
+            **({"kv_transfer_config": dict(CONNECTOR_CONFIG)} if self.kv_connector else {}),
             **self.extra_llm_kwargs,
         }
 
@@ -144,6 +149,7 @@ def build_vllm_pool(
             deadlines=settings.deadlines,
             check_fill_at_start=settings.check_fill_at_start,
             defer_sleep=settings.defer_sleep,
+            kv_connector=settings.kv_connector,
         )
         for g in groups
     }

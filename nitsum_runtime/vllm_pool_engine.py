@@ -18,13 +18,18 @@ one scheduler iteration and an engine nobody steps makes no progress:
   first steps instead of lying on the pause -> resume path. The memory is released before any engine sharing
   a GPU with it wakes (:meth:`VllmEngine.wake` settles its siblings' pending sleeps first), and before any
   other command to the engine itself.
-* **Requests move by re-prefill only.** :meth:`VllmEngine.can_migrate_from` is False: bringing external KV
-  into a vLLM engine needs a KV connector (``kv_connector_module_path``) so that its scheduler counts those
-  tokens as computed, and none exists yet. :meth:`VllmEngine.import_requests` therefore takes
-  ``kv_source=None`` only and re-adds each request as its prompt followed by the tokens generated so far,
-  asking only for the tokens still missing (all or nothing); the executor prices this as re-prefill
-  (:func:`~nitsum_runtime.switch_cost.kv_switch_cost` with ``can_migrate=False``). :meth:`export_requests`
-  still reports where the KV lives (vLLM block ids, read from the in-process scheduler) for that connector.
+* **Requests move by KV migration or re-prefill.** :meth:`VllmEngine.import_requests` re-adds each request as
+  its prompt followed by the tokens generated so far, asking only for the tokens still missing (all or
+  nothing). With ``kv_source=None`` the engine recomputes that context (re-prefill). With a source engine
+  (engines built with ``kv_connector=True``, i.e. vLLM's ``kv_transfer_config`` naming
+  :mod:`nitsum_runtime.kv_connector`), the requests' KV is first copied into buffers staged on this engine's
+  workers (:mod:`nitsum_runtime.kv_mover`: source export -> CUDA IPC copies in this process, heads re-split for
+  this TP -> target stage) and each request is added with an import ticket in its ``kv_transfer_params``; the
+  connector then reports those tokens as computed and writes the KV into the blocks vLLM allocated, so only
+  the last token is recomputed. A request whose KV cannot be moved (none cached, a failed copy) is
+  re-prefilled instead (``ImportResult.reprefilled``; the reason is kept in :attr:`VllmEngine.kv_errors`).
+  :meth:`can_migrate_from` says whether the path exists (both engines have the connector and this process
+  sees the GPUs); the executor prices the choice (:func:`~nitsum_runtime.switch_cost.kv_switch_cost`).
 * Every command has a deadline (:class:`VllmDeadlines`) enforced by the engine process's watchdog, which
   answers a stuck command (or engine step) with the engine's state and the blocked stack, then exits. A lost
   process (crash, watchdog, no answer) marks the engine failed and kills its process group; the requests it
@@ -37,7 +42,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.engine import (
@@ -52,6 +57,7 @@ from nitsum_runtime.engine import (
     TokenEvent,
 )
 from nitsum_runtime.engine_handle import EngineCommandFailed, EngineHandle, EngineNoAnswer, EngineProcessLost
+from nitsum_runtime.kv_ticket import IMPORT_PARAMS_KEY
 from nitsum_runtime.vllm_protocol import (
     AddSpec,
     EngineStarted,
@@ -60,6 +66,14 @@ from nitsum_runtime.vllm_protocol import (
     StepAnswer,
     VllmDeadlines,
 )
+
+if TYPE_CHECKING:
+    from nitsum_runtime.kv_mover import MoveStats
+
+
+def tickets_key(params: dict[str, Any]) -> str:
+    """The staged-KV key of an import ticket (:func:`~nitsum_runtime.kv_import.ticket_params`)."""
+    return str(params[IMPORT_PARAMS_KEY]["key"])
 
 
 @dataclass
@@ -80,10 +94,18 @@ class VllmEngine:
         deadlines: VllmDeadlines | None = None,
         check_fill_at_start: bool = True,
         defer_sleep: bool = True,
+        kv_connector: bool = False,
     ) -> None:
         self.handle, self.spec, self.store_handles = handle, spec, store_handles
         self.deadlines = deadlines or VllmDeadlines()
         self.check_fill_at_start, self.defer_sleep = check_fill_at_start, defer_sleep
+        self.kv_connector = kv_connector
+        """The engine runs the Nitsum KV connector (it can take migrated KV)."""
+        self.kv_errors: list[str] = []
+        """Why KV migrations into this engine fell back to re-prefill (latest last)."""
+        self.kv_moves: list[MoveStats] = []
+        """Every KV migration into this engine (copies timed in this process)."""
+        self._staged: dict[str, str] = {}  # request id -> key of KV staged for it (until it finishes or drops)
         self._state = EngineState.ASLEEP
         self._resident = False  # a wake command was sent since the last sleep
         self._held: dict[str, _Held] = {}
@@ -271,8 +293,13 @@ class VllmEngine:
                 f"{self.engine_id} takes at most max_model_len={limit}"
             )
 
-    def _add(self, items: Sequence[tuple[GenerationRequest, tuple[int, ...]]]) -> None:
+    def _add(
+        self,
+        items: Sequence[tuple[GenerationRequest, tuple[int, ...]]],
+        tickets: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         specs = []
+        tickets = tickets or {}
         for req, done in items:
             left = req.max_tokens - len(done)
             if left < 1:
@@ -284,6 +311,7 @@ class VllmEngine:
                     max_tokens=left,
                     top_k=req.top_k,
                     prompt_logprobs=req.prompt_logprobs and not done,
+                    kv_transfer_params=tickets.get(req.request_id),
                 )
             )
         self._call("add_many", self.deadlines.call_s, requests=specs)  # all or nothing in the engine process
@@ -331,6 +359,7 @@ class VllmEngine:
                 )
             if new.finished:
                 del self._held[new.request_id]
+                self._staged.pop(new.request_id, None)
         return events
 
     def export_requests(self, request_ids: Sequence[str]) -> list[RequestSnapshot]:
@@ -374,28 +403,88 @@ class VllmEngine:
         )
 
     def can_migrate_from(self, source: object) -> bool:
-        """Always False: KV cannot enter a vLLM engine without a KV connector (not written yet); requests join
-        by re-prefill."""
-        return False
+        """True when both engines run the Nitsum KV connector, both serve, and this process can open CUDA IPC
+        handles (:mod:`nitsum_runtime.kv_mover`); otherwise requests from ``source`` are re-prefilled."""
+        if not (isinstance(source, VllmEngine) and self.kv_connector and source.kv_connector):
+            return False
+        if self.failure is not None or source.failure is not None:
+            return False
+        from nitsum_runtime.kv_mover import controller_sees_gpus
+
+        return controller_sees_gpus()
 
     def import_requests(self, snapshots: Sequence[RequestSnapshot], kv_source: object | None) -> ImportResult:
-        if kv_source is not None:
+        if kv_source is not None and not self.can_migrate_from(kv_source):
             raise EngineError(
-                f"engine {self.engine_id} cannot take KV from {kv_source!r}: vLLM engines need a KV connector for "
-                "that, which does not exist yet; import with kv_source=None to re-prefill"
+                f"engine {self.engine_id} cannot take KV from {kv_source!r}: both engines need the Nitsum KV connector "
+                "(VllmPoolSettings.kv_connector=True) and this process must see their GPUs; import with "
+                "kv_source=None to re-prefill"
             )
         self._need_awake("import requests into")
         t0 = time.perf_counter()
         self._check_new([s.request.request_id for s in snapshots])
         for s in snapshots:
             self._check_fits(s.request)
-        self._add([(s.request, s.output_token_ids) for s in snapshots])
-        return ImportResult(migrated=0, reprefilled=len(snapshots), bytes_moved=0, seconds=time.perf_counter() - t0)
+        tickets: dict[str, dict[str, Any]] = {}
+        moved = 0
+        with_kv = [s for s in snapshots if s.kv is not None and s.kv.num_tokens > 0]
+        if isinstance(kv_source, VllmEngine) and with_kv:
+            stamp = time.monotonic_ns()
+            keys = {s.request.request_id: f"{s.request.request_id}@{kv_source.engine_id}#{stamp}" for s in with_kv}
+            try:
+                stats = self._pull_kv(kv_source, with_kv, keys)
+            except EngineError as exc:  # the copy failed: these requests re-prefill
+                self.kv_errors.append(str(exc))
+            else:
+                self.kv_moves.append(stats)
+                moved = stats.bytes_remote + stats.bytes_local
+                from nitsum_runtime.kv_ticket import ticket_params
+
+                for s in with_kv:
+                    assert s.kv is not None
+                    tickets[s.request.request_id] = ticket_params(keys[s.request.request_id], s.kv.num_tokens)
+        try:
+            self._add([(s.request, s.output_token_ids) for s in snapshots], tickets)
+        except BaseException:
+            self._release_staged([tickets_key(t) for t in tickets.values()])
+            raise
+        for rid, t in tickets.items():
+            self._staged[rid] = tickets_key(t)
+        return ImportResult(
+            migrated=len(tickets),
+            reprefilled=len(snapshots) - len(tickets),
+            bytes_moved=moved,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _pull_kv(self, source: VllmEngine, snaps: Sequence[RequestSnapshot], keys: dict[str, str]) -> MoveStats:
+        """Export the requests' KV on ``source``, stage buffers here, copy (module docstring)."""
+        from nitsum_runtime.kv_mover import move_staged
+
+        order = [keys[s.request.request_id] for s in snaps]
+        out = [[keys[s.request.request_id], list(s.kv.block_ids), s.kv.num_tokens] for s in snaps if s.kv]
+        exported = source.rpc("nitsum_kv_export", out)
+        try:
+            staged = self.rpc("nitsum_kv_stage", [[k, n] for k, _, n in out])
+            try:
+                stats = move_staged(self.spec.num_kv_heads, order, exported, staged, source.gpu_ids, self.gpu_ids)
+            except Exception as exc:
+                self._release_staged(order)
+                raise EngineError(f"KV copy {source.engine_id} -> {self.engine_id} failed: {exc}") from exc
+        finally:
+            source.rpc("nitsum_kv_release", order)
+        self.timings["kv_copy_s"], self.timings["kv_open_s"] = stats.copy_s, stats.open_s
+        return stats
+
+    def _release_staged(self, keys: Sequence[str]) -> None:
+        if keys and self.failure is None:
+            self.rpc("nitsum_kv_release", list(keys))
 
     def drop_requests(self, request_ids: Sequence[str]) -> None:
         known = [r for r in request_ids if r in self._held]
         for rid in known:
             del self._held[rid]
+        self._release_staged([k for r in request_ids if (k := self._staged.pop(r, None))])
         if known and self.failure is None:
             try:
                 self._call("abort", self.deadlines.call_s, request_ids=known)

@@ -145,6 +145,7 @@ class _Engine:
                     prompt_logprobs=r.top_k if r.prompt_logprobs else None,
                     detokenize=False,
                     ignore_eos=True,
+                    **({"extra_args": {"kv_transfer_params": r.kv_transfer_params}} if r.kv_transfer_params else {}),
                 )
                 self._add(r.request_id, list(r.prompt_token_ids), params)
                 self.top_k[r.request_id], self.reported[r.request_id] = r.top_k, 0

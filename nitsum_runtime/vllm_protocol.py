@@ -56,6 +56,9 @@ class AddSpec(Frozen):
     """Log-probabilities returned per generated token."""
     prompt_logprobs: bool = False
     """Also return the top-k of every prompt position (with the first new token)."""
+    kv_transfer_params: dict[str, Any] | None = None
+    """Passed to vLLM as ``SamplingParams.extra_args["kv_transfer_params"]`` (a KV import ticket of
+    :mod:`nitsum_runtime.kv_import`: the engine's KV connector reports those tokens as computed)."""
 
 
 class NewTokens(Frozen):

@@ -215,6 +215,71 @@ class NitsumWorkerExtension:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    # KV migration through the Nitsum KV connector (kv_import.py): export on the source, stage on the target,
+    # the controller copies between the two over CUDA IPC (it sees every GPU of the node).
+    def nitsum_kv_export(self, items: list[list[Any]]) -> dict[str, Any]:
+        """Gather each ``[key, block_ids, num_tokens]`` request's KV of this rank into a new head-major buffer
+        (``[heads_local, layers, tokens, 2*head_dim]``) kept until :meth:`nitsum_kv_release`; returns this
+        rank's GPU UUID and the buffers' CUDA IPC handles by key."""
+        from nitsum_runtime.kv_import import gather_head_major
+
+        nhd = self._nitsum_nhd()
+        kept = self.__dict__.setdefault("_nitsum_kv_out", {})
+        handles = {}
+        for key, block_ids, num_tokens in items:
+            slots = token_slots(block_ids, num_tokens, nhd[0].shape[1])
+            buf = gather_head_major(nhd, torch.tensor(slots, dtype=torch.long, device=nhd[0].device))
+            kept[key] = buf
+            handles[key] = ipc_handle(buf)
+        torch.cuda.synchronize()
+        return {"rank": self._nitsum_rank()[1], "uuid": gpu_uuid(self.device.index), "handles": handles}  # type: ignore[attr-defined]
+
+    def nitsum_kv_stage(self, items: list[list[Any]]) -> dict[str, Any]:
+        """Allocate, for each ``[key, num_tokens]``, the head-major buffer the connector reads this rank's KV
+        from (:data:`~nitsum_runtime.kv_import.STAGED`); returns this rank's GPU UUID and the IPC handles."""
+        from nitsum_runtime.kv_import import STAGED, STAGED_LOCK
+
+        nhd = self._nitsum_nhd()
+        heads, width = nhd[0].shape[2], nhd[0].shape[3]
+        handles = {}
+        for key, num_tokens in items:
+            buf = torch.empty((heads, len(nhd), num_tokens, width), dtype=nhd[0].dtype, device=nhd[0].device)
+            with STAGED_LOCK:
+                STAGED[key] = buf
+            handles[key] = ipc_handle(buf)
+        torch.cuda.synchronize()
+        return {"rank": self._nitsum_rank()[1], "uuid": gpu_uuid(self.device.index), "handles": handles}  # type: ignore[attr-defined]
+
+    def nitsum_kv_release(self, keys: list[str]) -> int:
+        """Drop exported and staged buffers (staged ones the connector has not consumed); returns how many."""
+        from nitsum_runtime.kv_import import STAGED, STAGED_LOCK
+
+        kept = self.__dict__.setdefault("_nitsum_kv_out", {})
+        n = 0
+        for key in keys:
+            n += kept.pop(key, None) is not None
+            with STAGED_LOCK:
+                n += STAGED.pop(key, None) is not None
+        torch.cuda.ipc_collect()
+        return n
+
+
+def ipc_handle(t: torch.Tensor) -> list[Any]:
+    """CUDA IPC handle of a tensor as JSON values (:func:`open_ipc_tensor` opens it in another process)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    return _encode(reduce_tensor(t)[1])
+
+
+def open_ipc_tensor(encoded: list[Any], device_index: int) -> torch.Tensor:
+    """Open in this process a tensor published by :func:`ipc_handle` (``device_index``: the GPU as this process
+    numbers it)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    args = _decode(encoded)
+    args[6] = device_index
+    return rebuild_cuda_tensor(*args)
+
 
 def kv_to_wire(t: torch.Tensor) -> dict[str, Any]:
     """A tensor as plain values (shape, dtype name, raw bytes) that any RPC layer carries."""

@@ -16,6 +16,7 @@ deadline=${2:-420}
 models=${3:-llama-3.1-8b,qwen2.5-14b}
 tps=${4:-1,2,4}
 budgets=${5:-1=90,2=60,4=45}
+passes=${PASSES:-1}  # PASSES=N: each engine measures the whole grid N times (repeats spread in time)
 parts=${PARTS:-/tmp/nitsum-parts}
 # NVLink multicast stays off in NCCL, PyTorch and NVSHMEM, here and in every child process.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -27,7 +28,7 @@ cd "$parts"  # not a source checkout: `python -m` would import the uninstalled t
   date -u +"start %Y-%m-%dT%H:%M:%SZ"
   nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
   nitsum profile --model "$models" --tp "$tps" --gpus 0,1,2,3 --parts "$parts" --pack "$out/parts.tgz" \
-    --out "$out/profiles" --deadline-s "$deadline" --budget-s "$budgets"
+    --out "$out/profiles" --deadline-s "$deadline" --budget-s "$budgets" --passes "$passes"
   echo "nitsum profile exit $?"
   date -u +"end %Y-%m-%dT%H:%M:%SZ"
 } 2>&1 | tee "$out/launch.log"

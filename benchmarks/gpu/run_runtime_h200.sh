@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu/run_runtime_h200.sh rerun   # (b) then (c), one command of < 7 min (about 4.5 expected):
 #                                                   # switch <= 90 s, vllm <= 300 s, compact summary at the end
 #   bash benchmarks/gpu/run_runtime_h200.sh pool    # (d) the transition executor on vLLM engines: TP1->TP2->TP4->TP1
+#   bash benchmarks/gpu/run_runtime_h200.sh pool-kv # (d) with the KV of in-flight requests migrated (KV connector)
 #                                                   # (TP1->TP2->TP1 with --world 2) + 100 switches, ~5.5 min on
 #                                                   # 4 GPUs, ~3.5 on 2 (needs vLLM in /tmp/site; <= 560 s)
 #   bash benchmarks/gpu/run_runtime_h200.sh vllm-test|pool-test|kv|switch|tests   # single steps
@@ -93,18 +94,23 @@ case $part in
     else
       say "!! vLLM not found (install the bundles into /tmp/site): (c) skipped"; status=2
     fi ;;
+  pool-kv|pool-kv-test)  # (d) with in-flight requests' KV migrated into vLLM engines (Nitsum KV connector)
+    have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; }
+    if [ "$part" = pool-kv-test ]; then pytest_gpu gpu_pool_kv_test 560 "migrates_kv" test_gpu_vllm_pool.py
+    else step pool-kv 560 python3 -m nitsum_runtime.gpu_bench pool --kv migrate --switches "${NITSUM_KV_SWITCHES:-60}" \
+      --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
   pool|pool-test)
     case " ${NITSUM_BENCH_ARGS:-} " in
       *" --engines toy "*) ;;  # CPU dry run on the toy engines: no vLLM needed
       *) have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; } ;;
     esac
-    if [ "$part" = pool-test ]; then pytest_gpu gpu_pool_test 560 "pool" test_gpu_vllm_pool.py
+    if [ "$part" = pool-test ]; then pytest_gpu gpu_pool_test 560 "100_switches" test_gpu_vllm_pool.py
     else step pool 560 python3 -m nitsum_runtime.gpu_bench pool --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
   vllm|vllm-test)
     have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; }
     if [ "$part" = vllm-test ]; then pytest_gpu gpu_vllm_test 240 "vllm"
     else step vllm 540 python3 -m nitsum_runtime.gpu_bench vllm --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
-  *) say "unknown part $part (core|vllm|pool|rerun|vllm-test|pool-test|tests|kv|switch)"; exit 2 ;;
+  *) say "unknown part $part (core|vllm|pool|pool-kv|pool-kv-test|rerun|vllm-test|pool-test|tests|kv|switch)"; exit 2 ;;
 esac
 nvidia-smi --query-gpu=index,memory.used --format=csv 2>&1 | tee -a "$log"
 { echo "# Runtime on H200 ($part), status $status"; echo; for f in "$OUT"/*/report.md; do [ -f "$f" ] && cat "$f" && echo; done; } > "$OUT/REPORT_$part.md"

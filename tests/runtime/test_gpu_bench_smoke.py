@@ -88,3 +88,20 @@ def test_pool_benchmark_runs_on_cpu_with_toy_engines(tmp_path: Path) -> None:
     assert [r["switch"] for r in rows if r["phase"] == "round_trip"][1:4] == ["tp1->tp2", "tp2->tp4", "tp4->tp1"]
     assert sum(r["phase"] == "loop" for r in rows) == 9 and all(r["ok"] == "True" for r in rows)
     assert "(d) pool: PASS" in compact_summary(tmp_path)
+
+
+def test_pool_kv_benchmark_fails_fast_without_a_kv_path(tmp_path: Path) -> None:
+    # --kv migrate on engines that cannot take KV (here: no GPU for the CUDA IPC copies) stops at the first switch
+    # with requests in flight, naming the cause, instead of passing on re-prefill.
+    args = ["pool", "--out", str(tmp_path), *SMOKE[:4], "--world", "2", "--quick", "--engines", "toy"]
+    assert main([*args, "--switches", "2", "--kv", "migrate"]) == 2  # stopped: could not run
+    error = (tmp_path / "pool-kv" / "ERROR.txt").read_text()
+    assert "KV migration into vLLM failed at the first switch" in error and "0 of 2 requests migrated" in error
+
+
+def test_compact_summary_reads_the_kv_migration_run() -> None:
+    # the committed 2 x H200 run of `run_runtime_h200.sh pool-kv` (KV migrated into vLLM engines)
+    out = Path(__file__).resolve().parents[2] / "benchmarks/gpu/results/runtime-h200x2-pool-kv-2026-11-22"
+    text = compact_summary(out)
+    assert "(d) pool, KV migrated: PASS" in text
+    assert "KV migrated into vLLM engines: 68 requests" in text and "fallbacks to re-prefill 0" in text

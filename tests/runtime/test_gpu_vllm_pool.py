@@ -51,3 +51,22 @@ def test_executor_switches_vllm_engines_round_trip_and_100_switches(tmp_path: Pa
     assert loop["switches"] == 100 and loop["lost"] == 0 and loop["completed"] == loop["submitted"]
     assert all(r["ok"] for r in summary["switch_rows"])
     assert ok, report
+
+
+@pytest.mark.skipif(GPUS < 2 or importlib.util.find_spec("vllm") is None, reason="needs 2 GPUs and vLLM")
+def test_executor_migrates_kv_into_vllm_engines(tmp_path: Path) -> None:
+    """Same round trip with the in-flight requests' KV migrated through the Nitsum KV connector (every request
+    of a busy switch migrated, none re-prefilled), then 20 loop switches alternating migrate / re-prefill.
+    Run: ``bash benchmarks/gpu/run_runtime_h200.sh pool-kv-test``."""
+    assert os.environ.get("VLLM_BATCH_INVARIANT") == "1", "set VLLM_BATCH_INVARIANT=1 (the GPU script's default)"
+    world = _world()
+    summary = run_vllm_pool_bench(tmp_path, MODEL_PRESETS["llama-3.1-8b"], world, switches=20, kv="migrate")
+    report, ok = report_pool(summary, quick=False, title=f"KV migrated into vLLM engines, {world} GPUs")
+    print(report)
+    rt, rows = summary["round_trip"], summary["switch_rows"]
+    busy = [r for r in rows if r["phase"] == "round_trip" and r["in_flight"] and r["switch"] != "start"]
+    assert busy and all(r["migrated"] == r["in_flight"] and r["kv_bytes"] > 0 for r in busy), busy
+    assert not summary["kv_errors"], summary["kv_errors"]
+    assert rt["probe_bit_identical"] and rt["ledger_ok"], rt["probe_comparison"]
+    assert rt["max_logprob_diff"] <= 0.15, rt["max_logprob_diff_by_engine"]
+    assert summary["loop"]["lost"] == 0 and ok, report

@@ -86,7 +86,7 @@ class ToyEngine:
         return StepResult(1e-3 + tokens * 1e-7, scheduled, frozenset(finished))
 
 
-def _run(smoke: bool, kv: int, deadline: float = float("inf")) -> tuple[Profiler, list[ProfileRow]]:
+def _run(smoke: bool, kv: int, deadline: float = float("inf"), passes: int = 1) -> tuple[Profiler, list[ProfileRow]]:
     limits = EngineLimits(max_model_len=8192, max_num_batched_tokens=16384, max_num_seqs=512, kv_cache_tokens=kv)
     rows: list[ProfileRow] = []
     prof = Profiler(
@@ -99,6 +99,7 @@ def _run(smoke: bool, kv: int, deadline: float = float("inf")) -> tuple[Profiler
         vocab_size=1000,
         max_model_len=8192,
         deadline=deadline,
+        passes=passes,
     )
     prof.run()
     return prof, rows
@@ -162,3 +163,27 @@ def test_deadline_skips_configurations_and_says_which() -> None:
 def test_small_cache_never_preempts(kv: int) -> None:
     prof, _rows = _run(smoke=False, kv=kv)
     assert prof.mismatches == []
+
+
+def test_passes_repeat_the_grid_with_disjoint_repeat_labels() -> None:
+    _, one = _run(smoke=True, kv=200_000)
+    prof, two = _run(smoke=True, kv=200_000, passes=2)
+    assert prof.mismatches == [] and prof.skipped == []
+    assert len(two) == 2 * len(one)
+    stride = build_grid(
+        EngineLimits(max_model_len=8192, max_num_batched_tokens=16384, max_num_seqs=512, kv_cache_tokens=200_000),
+        smoke=True,
+    ).repeat_stride
+    first = {(r.config_id, r.repeat) for r in one}
+    labels = [(r.config_id, r.repeat) for r in two]
+    assert len(set(labels)) == len(labels), "a (config, repeat) label was recorded twice"
+    assert set(labels) == first | {(c, r + stride) for c, r in first}
+    # the second pass measures the same compositions as the first
+    key = lambda r: (r.config_id, r.repeat % stride, r.num_prefill_seqs, r.prefill_tokens, r.num_decode_seqs)  # noqa: E731
+    assert sorted(map(key, two[: len(one)])) == sorted(map(key, two[len(one) :]))
+
+
+def test_passes_below_one_are_refused() -> None:
+    limits = EngineLimits(max_model_len=8192, max_num_batched_tokens=16384, max_num_seqs=512, kv_cache_tokens=10**5)
+    with pytest.raises(ValueError, match="passes=0"):
+        Profiler(ToyEngine(), build_grid(limits, smoke=True), lambda _r: None, "toy", "CPU", 1, 1000, 8192, passes=0)
