@@ -51,18 +51,14 @@ from nitsum_runtime.engine import (
     EngineState,
     FillSummary,
     GenerationRequest,
-    ImportResult,
-    KvDescriptor,
-    RequestSnapshot,
     TokenEvent,
 )
 from nitsum_runtime.engine_handle import EngineCommandFailed, EngineHandle, EngineNoAnswer, EngineProcessLost
-from nitsum_runtime.kv_ticket import IMPORT_PARAMS_KEY
+from nitsum_runtime.vllm_pool_kv import KvPort
 from nitsum_runtime.vllm_protocol import (
     AddSpec,
     EngineStarted,
     EngineStartReport,
-    KvBlocks,
     StepAnswer,
     VllmDeadlines,
 )
@@ -71,18 +67,13 @@ if TYPE_CHECKING:
     from nitsum_runtime.kv_mover import MoveStats
 
 
-def tickets_key(params: dict[str, Any]) -> str:
-    """The staged-KV key of an import ticket (:func:`~nitsum_runtime.kv_import.ticket_params`)."""
-    return str(params[IMPORT_PARAMS_KEY]["key"])
-
-
 @dataclass
 class _Held:
     request: GenerationRequest
     output: list[int]  # every token generated so far, on any engine
 
 
-class VllmEngine:
+class VllmEngine(KvPort):
     """One vLLM engine process (a TP group of GPUs) behind the ``Engine`` protocol; see the module docstring.
     Nothing runs before :meth:`start`; the engine is then asleep."""
 
@@ -361,124 +352,6 @@ class VllmEngine:
                 del self._held[new.request_id]
                 self._staged.pop(new.request_id, None)
         return events
-
-    def export_requests(self, request_ids: Sequence[str]) -> list[RequestSnapshot]:
-        missing = [r for r in request_ids if r not in self._held]
-        if missing:
-            raise EngineError(f"engine {self.engine_id} holds no request {missing}")
-        where = self._kv_blocks(request_ids)
-        out = []
-        for rid in request_ids:
-            held, kv = self._held[rid], where.get(rid)
-            out.append(
-                RequestSnapshot(
-                    request=held.request,
-                    output_token_ids=tuple(held.output),
-                    num_computed_tokens=kv.num_computed_tokens if kv else 0,
-                    kv=self._descriptor(kv) if kv else None,
-                )
-            )
-        return out
-
-    def _kv_blocks(self, request_ids: Sequence[str]) -> dict[str, KvBlocks]:
-        """Where the requests' KV lives; nothing when the engine was lost (its KV is gone with it)."""
-        if self.failure is not None or self.started is None or not self.started.kv_blocks_readable:
-            return {}
-        try:
-            found = self._call("kv_blocks", self.deadlines.call_s, request_ids=list(request_ids))
-        except EngineError:
-            if self.failure is None:
-                raise
-            return {}  # lost just now: export from this side's copy
-        return {b.request_id: b for b in found}
-
-    def _descriptor(self, kv: KvBlocks) -> KvDescriptor:
-        assert self.started is not None
-        return KvDescriptor(
-            engine_id=self.engine_id,
-            gpu_ids=self.gpu_ids,
-            block_ids=kv.block_ids,
-            num_tokens=kv.num_computed_tokens,
-            block_size=self.started.block_size,
-        )
-
-    def can_migrate_from(self, source: object) -> bool:
-        """True when both engines run the Nitsum KV connector, both serve, and this process can open CUDA IPC
-        handles (:mod:`nitsum_runtime.kv_mover`); otherwise requests from ``source`` are re-prefilled."""
-        if not (isinstance(source, VllmEngine) and self.kv_connector and source.kv_connector):
-            return False
-        if self.failure is not None or source.failure is not None:
-            return False
-        from nitsum_runtime.kv_mover import controller_sees_gpus
-
-        return controller_sees_gpus()
-
-    def import_requests(self, snapshots: Sequence[RequestSnapshot], kv_source: object | None) -> ImportResult:
-        if kv_source is not None and not self.can_migrate_from(kv_source):
-            raise EngineError(
-                f"engine {self.engine_id} cannot take KV from {kv_source!r}: both engines need the Nitsum KV connector "
-                "(VllmPoolSettings.kv_connector=True) and this process must see their GPUs; import with "
-                "kv_source=None to re-prefill"
-            )
-        self._need_awake("import requests into")
-        t0 = time.perf_counter()
-        self._check_new([s.request.request_id for s in snapshots])
-        for s in snapshots:
-            self._check_fits(s.request)
-        tickets: dict[str, dict[str, Any]] = {}
-        moved = 0
-        with_kv = [s for s in snapshots if s.kv is not None and s.kv.num_tokens > 0]
-        if isinstance(kv_source, VllmEngine) and with_kv:
-            stamp = time.monotonic_ns()
-            keys = {s.request.request_id: f"{s.request.request_id}@{kv_source.engine_id}#{stamp}" for s in with_kv}
-            try:
-                stats = self._pull_kv(kv_source, with_kv, keys)
-            except EngineError as exc:  # the copy failed: these requests re-prefill
-                self.kv_errors.append(str(exc))
-            else:
-                self.kv_moves.append(stats)
-                moved = stats.bytes_remote + stats.bytes_local
-                from nitsum_runtime.kv_ticket import ticket_params
-
-                for s in with_kv:
-                    assert s.kv is not None
-                    tickets[s.request.request_id] = ticket_params(keys[s.request.request_id], s.kv.num_tokens)
-        try:
-            self._add([(s.request, s.output_token_ids) for s in snapshots], tickets)
-        except BaseException:
-            self._release_staged([tickets_key(t) for t in tickets.values()])
-            raise
-        for rid, t in tickets.items():
-            self._staged[rid] = tickets_key(t)
-        return ImportResult(
-            migrated=len(tickets),
-            reprefilled=len(snapshots) - len(tickets),
-            bytes_moved=moved,
-            seconds=time.perf_counter() - t0,
-        )
-
-    def _pull_kv(self, source: VllmEngine, snaps: Sequence[RequestSnapshot], keys: dict[str, str]) -> MoveStats:
-        """Export the requests' KV on ``source``, stage buffers here, copy (module docstring)."""
-        from nitsum_runtime.kv_mover import move_staged
-
-        order = [keys[s.request.request_id] for s in snaps]
-        out = [[keys[s.request.request_id], list(s.kv.block_ids), s.kv.num_tokens] for s in snaps if s.kv]
-        exported = source.rpc("nitsum_kv_export", out)
-        try:
-            staged = self.rpc("nitsum_kv_stage", [[k, n] for k, _, n in out])
-            try:
-                stats = move_staged(self.spec.num_kv_heads, order, exported, staged, source.gpu_ids, self.gpu_ids)
-            except Exception as exc:
-                self._release_staged(order)
-                raise EngineError(f"KV copy {source.engine_id} -> {self.engine_id} failed: {exc}") from exc
-        finally:
-            source.rpc("nitsum_kv_release", order)
-        self.timings["kv_copy_s"], self.timings["kv_open_s"] = stats.copy_s, stats.open_s
-        return stats
-
-    def _release_staged(self, keys: Sequence[str]) -> None:
-        if keys and self.failure is None:
-            self.rpc("nitsum_kv_release", list(keys))
 
     def drop_requests(self, request_ids: Sequence[str]) -> None:
         known = [r for r in request_ids if r in self._held]
