@@ -7,7 +7,12 @@ import pytest
 from nitsum_opt.models.spec import Role
 from nitsum_opt.planners import MilpPlanner, PinnedPlanner
 from nitsum_opt.sim.controllers.nitsum import NitsumController
-from nitsum_opt.sim.controllers.planning import candidate_configs, capacity_table, tuning_table
+from nitsum_opt.sim.controllers.planning import (
+    candidate_configs,
+    capacity_table,
+    shared_capacity_table,
+    tuning_table,
+)
 from nitsum_opt.sim.controllers.registry import make_controller
 from nitsum_opt.sim.controllers.search import StaticEvaluator, tiered_candidates
 from nitsum_opt.sim.core import Simulator
@@ -68,3 +73,21 @@ def test_oracle_plans_with_and_without_shared_instances() -> None:
     labels = [d.label for d in tiered_candidates(_evaluator(8))]
     assert any("[dedicated only]" in label and "*:" not in label for label in labels)
     assert any("[shared, ties pooled]" in label and "*:" in label for label in labels)
+
+
+def test_shared_table_prices_tiers_at_the_slackened_strictest_tpot() -> None:
+    ev = _evaluator()
+    mixes = length_mixes(ev.trace)
+    strictest = min(t.tpot_slo_ms for t in TIERS)
+    own = capacity_table(ev.ctx, mixes)
+    exact = shared_capacity_table(ev.ctx, mixes, 1.0, tpot_slack=1.0)
+    loose = shared_capacity_table(ev.ctx, mixes, 1.0, tpot_slack=1e9)  # = each tier at its own TPOT
+    slack2 = shared_capacity_table(ev.ctx, mixes, 1.0, tpot_slack=2.0)
+    for tier in TIERS:
+        for config, rate in exact.rates_rps[tier.name].items():
+            assert rate <= slack2.rates_rps[tier.name][config] + 1e-9 <= loose.rates_rps[tier.name][config] + 2e-9
+            assert loose.rates_rps[tier.name][config] == pytest.approx(own.rates_rps[tier.name][config])
+            if tier.tpot_slo_ms <= strictest * 2:  # its own TPOT is within the slack: priced as if alone
+                assert slack2.rates_rps[tier.name][config] == pytest.approx(own.rates_rps[tier.name][config])
+    with pytest.raises(ValueError, match=r"tpot_slack=0\.5"):
+        shared_capacity_table(ev.ctx, mixes, 1.0, tpot_slack=0.5)

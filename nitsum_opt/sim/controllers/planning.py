@@ -78,11 +78,16 @@ def capacity_table(
     return CapacityTable(rates_rps=rows, source=source)
 
 
-def shared_capacity_table(ctx: ControlContext, mixes: dict[str, LengthMix], role_preference: float) -> CapacityTable:
+def shared_capacity_table(
+    ctx: ControlContext, mixes: dict[str, LengthMix], role_preference: float, tpot_slack: float = 1.0
+) -> CapacityTable:
     """``R^s[t,c]`` for shared (colocated) instances: each tier's mix at its own TTFT target and the strictest TPOT
-    target of all tiers, since a shared instance batches every tier's requests and its steps must keep the
-    strictest tier's TPOT (memoised like :func:`capacity_table`); the role preference is applied as to ``R``."""
-    strictest = min(t.tpot_slo_ms for t in ctx.tiers)
+    target of all tiers (times ``tpot_slack``, never looser than the tier's own), since a shared instance batches
+    every tier's requests and its steps must keep the strictest tier's TPOT (memoised like
+    :func:`capacity_table`); the role preference is applied as to ``R``."""
+    if tpot_slack < 1:
+        raise ValueError(f"tpot_slack={tpot_slack} must be >= 1 (1: price shared tiers at the strictest TPOT)")
+    strictest = tpot_slack * min(t.tpot_slo_ms for t in ctx.tiers)
     tightened = tuple(t.model_copy(update={"tpot_slo_ms": min(t.tpot_slo_ms, strictest)}) for t in ctx.tiers)
     colocated = tuple(c for c in candidate_configs(ctx) if c.role is Role.COLOCATED)
     table = capacity_table(dataclasses.replace(ctx, tiers=tightened), mixes, colocated)

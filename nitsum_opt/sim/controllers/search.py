@@ -30,7 +30,7 @@ from nitsum_opt.models.spec import LengthMix, ModelSpec
 from nitsum_opt.planners import MilpPlanner
 from nitsum_opt.sim.capacity import slo_token_budget
 from nitsum_opt.sim.controllers.base import ControlContext, StaticController
-from nitsum_opt.sim.controllers.nitsum import POOL_ON_TIES
+from nitsum_opt.sim.controllers.nitsum import POOL_ON_TIES, SHARED_TPOT_SLACK
 from nitsum_opt.sim.controllers.planning import (
     FALLBACK_MIX,
     ROLE_PREFERENCE,
@@ -39,6 +39,7 @@ from nitsum_opt.sim.controllers.planning import (
     fill_idle_gpus,
     prefer_roles,
     seats_table,
+    shared_capacity_table,
     tuning_table,
 )
 from nitsum_opt.sim.controllers.static import distserve, distserve_candidates, split, vllm_static
@@ -203,9 +204,14 @@ def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
     mixes = hindsight_mixes(ev.trace)
     plain = capacity_table(ctx, mixes)
     tuning = tuning_table(ctx, mixes)
-    families = (
-        ("", plain, None),
-        (" [Nitsum planning inputs]", prefer_roles(plain, ev.tiers, ROLE_PREFERENCE), seats_table(ctx, mixes)),
+    families = (  # (label, R, seats, role preference)
+        ("", plain, None, 1.0),
+        (
+            " [Nitsum planning inputs]",
+            prefer_roles(plain, ev.tiers, ROLE_PREFERENCE),
+            seats_table(ctx, mixes),
+            ROLE_PREFERENCE,
+        ),
     )
     rates = epoch_demand(ev.trace, ev.settings.epoch_s).rates_rps
     sharing_modes = (  # (label, MILP with shared instances, ε_s): the old plans, and the nitsum controller's
@@ -213,9 +219,13 @@ def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
         (" [shared, ties pooled]", True, POOL_ON_TIES),
     )
     out: dict[str, Deployment] = {}
-    for (family, capacity, seats), (sharing, shared, shared_cost) in itertools.product(families, sharing_modes):
+    for (family, capacity, seats, preference), (sharing, shared, shared_cost) in itertools.product(
+        families, sharing_modes
+    ):
         family = family + sharing
         planner = MilpPlanner(shared=shared)
+        # shared instances priced as the nitsum controller prices them (R^s at the slackened strictest TPOT)
+        shared_capacity = shared_capacity_table(ctx, mixes, preference, SHARED_TPOT_SLACK) if shared else None
         for q in HINDSIGHT_QUANTILES:
             level = rates.mean(axis=0) if q == "mean" else np.percentile(rates, q, axis=0)
             inp = PlanningInput(
@@ -226,6 +236,7 @@ def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
                 configs=candidate_configs(ctx),
                 objective=ObjectiveSettings(shared_gpu_cost=shared_cost),
                 model=ev.model_spec,
+                shared_capacity=shared_capacity,
             )
             plan = fill_idle_gpus(inp, planner.plan(inp))
             plan_caps = {a.tier: min(a.prefill_capacity_rps, a.decode_capacity_rps) for a in plan.tiers}
