@@ -37,7 +37,7 @@ import numpy as np
 
 from nitsum_opt.models.spec import CapacityTable, LengthMix
 from nitsum_opt.plan import Plan
-from nitsum_opt.planners import Planner, StabilizerSettings, StabilizerState, stabilize
+from nitsum_opt.planners import MilpPlanner, Planner, StabilizerSettings, StabilizerState, stabilize
 from nitsum_opt.sim.controllers.base import ControlContext, Controller
 from nitsum_opt.sim.controllers.planning import (
     ROLE_PREFERENCE,
@@ -252,7 +252,7 @@ class NitsumController(Controller):
             shared_capacity=shared_capacity_table(
                 ctx, self._planned_mixes, self.role_preference, self.shared_tpot_slack
             )
-            if self.shared_table
+            if self.shared_table and isinstance(self.planner, MilpPlanner) and self.planner.shared
             else None,
             configs=candidate_configs(ctx),
             objective=ObjectiveSettings(
