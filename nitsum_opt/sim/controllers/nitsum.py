@@ -24,11 +24,12 @@ Per epoch it sees the requests of the epoch that just ended and
 
 With a planner that allows them (``MilpPlanner``'s default) plans may hold *shared* colocated instances, which
 serve every tier with tier priority, deployed tuned for the strictest tier
-(:func:`~nitsum_opt.sim.deployment.shared_host_tier`). The controller prices a shared GPU a little *below* a
-dedicated one (:data:`POOL_ON_TIES`): where the MILP's time-sharing model sees no difference it pools, because
-the model does not credit the statistical multiplexing of a larger pool (measured in ``benchmarks/RESULTS.md``:
-ties to dedicated instances lost 3 req/s at load ×8). Isolation is still chosen where it wins in the model, e.g.
-prefill/decode instances for the strictest tier.
+(:func:`~nitsum_opt.sim.deployment.shared_host_tier`) and priced in the MILP at twice the strictest TPOT
+(:data:`SHARED_TPOT_SLACK`): a tier whose own target is much looser pays for sharing batches with a strict one.
+The controller prices a shared GPU a little *below* a dedicated one (:data:`POOL_ON_TIES`): where the MILP's
+time-sharing model sees no difference it pools, because the model does not credit the statistical multiplexing
+of a larger pool (measured in ``benchmarks/RESULTS.md``: ties to dedicated instances lost 3 req/s at load ×8).
+Isolation is still chosen where it wins in the model, e.g. prefill/decode instances for the strictest tier.
 """
 
 from __future__ import annotations
