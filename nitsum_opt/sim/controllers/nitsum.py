@@ -72,7 +72,7 @@ SHARED_TPOT_SLACK = 2.0
 ``R^s[t,c]`` is built at ``min(TPOT_t, SHARED_TPOT_SLACK × min_u TPOT_u)``. A shared instance batches every tier,
 so its steps keep the strictest TPOT (the physical price is a slack of 1); the slack credits the statistical
 multiplexing of one larger pool, which the time-sharing row does not see. Measured (``benchmarks/RESULTS.md``,
-"Shared instances"): a slack of 1 loses 2.6–3.7 req/s on the default scenario, no cap (``R^s = R``) loses 10–18 %
+"Shared instances"): a slack of 1 loses 1.3–3.7 req/s on the default scenario, no cap (``R^s = R``) loses 6–16 %
 on ``qwen14b-tight`` (TPOT targets 10 / 50 / 200 ms), 2 matches the better of the two on both."""
 
 
