@@ -80,17 +80,7 @@ def _load_azure(
         header = next(reader, None)
         i_time, i_input, i_output = header_indices(header, AZURE_COLUMNS, path, fmt)
         width = len(header or ())
-        for row in reader:
-            if not row:
-                continue
-            line = reader.line_num
-            if max_rows is not None and rows.rows_read >= max_rows:
-                rows.stopped_early = True
-                break
-            rows.rows_read += 1
-            if len(row) != width:
-                rows.bad(line, f"expected {width} comma-separated fields, found {len(row)}", value=",".join(row))
-                continue
+        for line, row in rows.csv_rows(reader, width, max_rows):
             time_ns = rows.field(line, AZURE_COLUMNS[0], row[i_time], parse_time)
             inputs = rows.field(line, AZURE_COLUMNS[1], row[i_input], parse_tokens)
             outputs = rows.field(line, AZURE_COLUMNS[2], row[i_output], parse_tokens)

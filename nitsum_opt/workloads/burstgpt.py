@@ -58,17 +58,7 @@ def load_burstgpt(
         header = next(reader, None)
         i_time, i_model, i_req, i_resp, i_total, i_log = header_indices(header, BURSTGPT_COLUMNS, path, "burstgpt")
         width = len(header or ())
-        for row in reader:
-            if not row:
-                continue
-            line = reader.line_num
-            if max_rows is not None and rows.rows_read >= max_rows:
-                rows.stopped_early = True
-                break
-            rows.rows_read += 1
-            if len(row) != width:
-                rows.bad(line, f"expected {width} comma-separated fields, found {len(row)}", value=",".join(row))
-                continue
+        for line, row in rows.csv_rows(reader, width, max_rows):
             time_s = rows.field(line, "Timestamp", row[i_time], parse_seconds)
             request = rows.field(line, "Request tokens", row[i_req], parse_tokens)
             response = rows.field(line, "Response tokens", row[i_resp], _nonneg_tokens)

@@ -11,7 +11,7 @@ import gzip
 import io
 import logging
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -122,6 +122,25 @@ class RowCollector:
         self._first_time: float | None = None
         self._min_time: float | None = None
         self._last_bad_line: int | None = None
+
+    def csv_rows(
+        self, reader: Iterator[list[str]], width: int, max_rows: int | None
+    ) -> Iterator[tuple[int, list[str]]]:
+        """``(line, row)`` for each data row of a ``csv.reader`` that has ``width`` fields: empty lines are skipped,
+        rows are counted in ``rows_read``, reading stops after ``max_rows`` (``stopped_early``), and a row with
+        another number of fields is a bad row."""
+        for row in reader:
+            if not row:
+                continue
+            line = reader.line_num  # type: ignore[attr-defined]
+            if max_rows is not None and self.rows_read >= max_rows:
+                self.stopped_early = True
+                return
+            self.rows_read += 1
+            if len(row) != width:
+                self.bad(line, f"expected {width} comma-separated fields, found {len(row)}", value=",".join(row))
+                continue
+            yield line, row
 
     def bad(self, line: int, reason: str, column: str | None = None, value: object = None) -> None:
         """Record a malformed row: raise, or count it when skipping."""
