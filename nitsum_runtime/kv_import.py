@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from nitsum_runtime.kv_arena import worker_arena
 from nitsum_runtime.kv_migration import HeadTransfer
 from nitsum_runtime.kv_ticket import ImportTicket, ticket_of
 
@@ -95,10 +96,17 @@ def write_staged(
     return part.numel() * part.element_size()
 
 
-def gather_head_major(nhd: Sequence[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
-    """A request's KV (``slots``) from NHD caches, head-major ``[heads, layers, tokens, width]`` (new tensor)."""
+def gather_head_major(
+    nhd: Sequence[torch.Tensor], slots: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A request's KV (``slots``) from NHD caches, head-major ``[heads, layers, tokens, width]``, into ``out``
+    (e.g. a range of the worker's arena) or a new tensor."""
     heads, width = nhd[0].shape[2], nhd[0].shape[3]
-    out = torch.empty((heads, len(nhd), slots.numel(), width), dtype=nhd[0].dtype, device=nhd[0].device)
+    shape = (heads, len(nhd), slots.numel(), width)
+    if out is None:
+        out = torch.empty(shape, dtype=nhd[0].dtype, device=nhd[0].device)
+    elif tuple(out.shape) != shape or out.dtype != nhd[0].dtype:
+        raise ValueError(f"export buffer {tuple(out.shape)} {out.dtype} does not match the KV {shape} {nhd[0].dtype}")
     for layer, cache in enumerate(nhd):
         flat = cache.view(cache.shape[0] * cache.shape[1], heads, width)
         out[:, layer] = flat.index_select(0, slots).transpose(0, 1)
@@ -110,20 +118,22 @@ def copy_heads(
     sources: Mapping[int, torch.Tensor],
     targets: Mapping[int, torch.Tensor],
     bounce_bytes: int = 0,
+    links: dict[tuple[int, int], int] | None = None,
 ) -> tuple[int, int]:
     """Carry out ``plan`` between head-major buffers keyed by GPU (world rank): each transfer is one
-    contiguous copy (peer to peer across GPUs). Returns (bytes copied across GPUs, bytes copied on one GPU);
-    the copies are asynchronous on GPUs (synchronise to time them).
+    contiguous copy (peer to peer across GPUs). Returns (bytes copied across GPUs, bytes copied on one GPU)
+    and adds each transfer's bytes to ``links[(src, dst)]`` when given; the copies are asynchronous on GPUs
+    (synchronise to time them).
 
-    ``bounce_bytes > 0``: a transfer across GPUs goes through a buffer of that size that this process owns on
-    the target GPU (cross-GPU hop into it, then a copy on the target GPU). Measured on H200
-    (``benchmarks/gpu/ipc_copy_bench.py``): a copy *into* a buffer another process exported over CUDA IPC runs
-    at 38 GB/s when it crosses GPUs, against 381 GB/s into a buffer of this process; reading an IPC buffer
-    across GPUs is full speed, and so is any copy within one GPU."""
+    ``bounce_bytes > 0``: a transfer across GPUs goes through buffers of that size that this process owns on
+    the target GPU (:func:`_copy_through_bounce`). Measured on H200 (``benchmarks/gpu/ipc_copy_bench.py``): a
+    copy *into* a buffer another process exported over CUDA IPC runs at 38 GB/s when it crosses GPUs, against
+    381 GB/s into a buffer of this process; reading an IPC buffer across GPUs is full speed, and so is any copy
+    within one GPU."""
     if bounce_bytes < 0:
         raise ValueError(f"bounce_bytes={bounce_bytes} must be >= 0")
     remote = local = 0
-    bounce: dict[torch.device, torch.Tensor] = {}
+    bounce: dict[torch.device, list[torch.Tensor]] = {}
     for t in plan:
         src = sources[t.src].narrow(0, t.src_head, t.num_heads)
         dst = targets[t.dst].narrow(0, t.dst_head, t.num_heads)
@@ -135,24 +145,60 @@ def copy_heads(
             dst.copy_(src, non_blocking=True)
         n = dst.numel() * dst.element_size()
         remote, local = (remote, local + n) if t.src == t.dst else (remote + n, local)
+        if links is not None:
+            links[(t.src, t.dst)] = links.get((t.src, t.dst), 0) + n
     return remote, local
 
 
 def _copy_through_bounce(
-    dst: torch.Tensor, src: torch.Tensor, bounce: dict[torch.device, torch.Tensor], bounce_bytes: int
+    dst: torch.Tensor, src: torch.Tensor, bounce: dict[torch.device, list[torch.Tensor]], bounce_bytes: int
 ) -> None:
-    """``dst.copy_(src)`` in chunks through a buffer of ``bounce_bytes`` owned here, on ``dst``'s device (torch
-    orders the cross-device copy against both devices' current streams, so reusing the buffer is safe)."""
+    """``dst.copy_(src)`` in chunks through two buffers of ``bounce_bytes`` each, owned here on ``dst``'s device.
+
+    Each chunk takes two hops: across GPUs into a bounce buffer (torch runs it on the source GPU's stream,
+    ordered after the target's current stream), then on the target GPU into ``dst`` on a side stream, so the
+    second hop of chunk ``i`` overlaps the first hop of chunk ``i + 1`` (double buffering). Events keep a
+    buffer from being refilled before its second hop read it; the current stream waits for the side stream at
+    the end (and the caching allocator orders the buffers' reuse on it). On CPU the same chunks are copied in
+    order."""
     flat_src, flat_dst = src.reshape(-1), dst.view(-1)
-    chunk = max(1, bounce_bytes // dst.element_size())
-    buf = bounce.get(dst.device)
-    if buf is None or buf.dtype != dst.dtype or buf.numel() < min(chunk, flat_dst.numel()):
-        buf = torch.empty(min(chunk, flat_dst.numel()), dtype=dst.dtype, device=dst.device)
-        bounce[dst.device] = buf
-    for start in range(0, flat_dst.numel(), buf.numel()):
-        m = min(buf.numel(), flat_dst.numel() - start)
+    total = flat_dst.numel()
+    chunk = max(1, min(bounce_bytes // dst.element_size(), total))
+    bufs = bounce.get(dst.device)
+    if bufs is None or bufs[0].dtype != dst.dtype or bufs[0].numel() < chunk:
+        bufs = [torch.empty(chunk, dtype=dst.dtype, device=dst.device) for _ in range(2)]
+        bounce[dst.device] = bufs
+    chunk = bufs[0].numel()
+    if not dst.is_cuda:
+        for start in range(0, total, chunk):
+            m = min(chunk, total - start)
+            bufs[0][:m].copy_(flat_src[start : start + m])
+            flat_dst[start : start + m].copy_(bufs[0][:m])
+        return
+    main = torch.cuda.current_stream(dst.device)
+    side = _side_stream(dst.device)
+    read: list[torch.cuda.Event | None] = [None, None]
+    for i, start in enumerate(range(0, total, chunk)):
+        m, buf = min(chunk, total - start), bufs[i % 2]
+        if read[i % 2] is not None:
+            main.wait_event(read[i % 2])
         buf[:m].copy_(flat_src[start : start + m], non_blocking=True)
-        flat_dst[start : start + m].copy_(buf[:m], non_blocking=True)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            flat_dst[start : start + m].copy_(buf[:m], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(side)
+        read[i % 2] = event
+    main.wait_stream(side)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 @dataclass(frozen=True)
@@ -235,16 +281,22 @@ class ImportWorker:
     def load(self, jobs: Sequence[ImportJob]) -> None:
         """Write each job's staged KV into its blocks (and drop the stage); a missing stage marks the job's
         blocks failed (:meth:`take_failed_blocks`)."""
+        arena = worker_arena()
         for job in jobs:
             with STAGED_LOCK:
                 staged = STAGED.pop(job.key, None)
-            if staged is None or staged.shape[2] < job.first_token + job.num_tokens:
+            if staged is not None and staged.shape[2] >= job.first_token + job.num_tokens:
+                slots = slots_of(job.block_ids, self.block_size, job.first_token, job.num_tokens)
+                index = torch.tensor(slots, dtype=torch.long, device=staged.device)
+                n = write_staged(self.nhd, staged, index, job.first_token, job.num_tokens)
+                self.loaded.append((job.request_id, job.num_tokens, n))
+            else:
                 self.failed_blocks.update(job.block_ids)
-                continue
-            slots = slots_of(job.block_ids, self.block_size, job.first_token, job.num_tokens)
-            index = torch.tensor(slots, dtype=torch.long, device=staged.device)
-            n = write_staged(self.nhd, staged, index, job.first_token, job.num_tokens)
-            self.loaded.append((job.request_id, job.num_tokens, n))
+            if arena is not None:
+                # The write above is queued on this stream; the range is reused only after a later stage or
+                # export call, which this stream runs after it (and the stage call synchronises before answering).
+                with STAGED_LOCK:
+                    arena.give_back(job.key)
 
     def take_failed_blocks(self) -> set[int]:
         out, self.failed_blocks = self.failed_blocks, set()

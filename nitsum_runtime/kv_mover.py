@@ -3,10 +3,13 @@
 Each engine process sees only its own GPUs (``CUDA_VISIBLE_DEVICES``), so neither side can open the other's
 buffers when, say, a TP4 engine on GPUs 0-3 hands requests to a TP1 engine on GPU 0. The controller (the
 process holding the resident weight stores, which sees every GPU of the node) can: the source's workers
-export head-major copies of each request's KV (``nitsum_kv_export``), the target's workers allocate the
-buffers their KV connector will read (``nitsum_kv_stage``), and :func:`move_staged` opens both sets of CUDA
-IPC handles here and runs :func:`~nitsum_runtime.kv_migration.kv_transfer_plan` as contiguous device copies
-(peer to peer over NVLink across GPUs). Imports torch only (no vLLM).
+export head-major copies of each request's KV (``nitsum_kv_export``), the target's workers make the buffers
+their KV connector will read (``nitsum_kv_stage``), and :func:`move_staged` resolves both sides' refs and runs
+:func:`~nitsum_runtime.kv_migration.kv_transfer_plan` as contiguous device copies (peer to peer over NVLink
+across GPUs, through double-buffered bounce buffers on the target GPU). The buffers are ranges of each
+worker's persistent arena (:mod:`nitsum_runtime.kv_arena`), opened here once and kept in :data:`ARENAS`;
+only a request too large for the free space gets buffers of its own, opened for that migration.
+Imports torch only (no vLLM).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from pydantic import Field
 
 from nitsum_opt.models.spec import Frozen
+from nitsum_runtime.kv_arena import view_range
 from nitsum_runtime.kv_import import copy_heads
 from nitsum_runtime.kv_migration import kv_transfer_plan
 
@@ -31,15 +35,27 @@ class MoveStats(Frozen):
     """Bytes copied between different GPUs."""
     bytes_local: int = Field(ge=0)
     """Bytes copied within one GPU."""
+    link_bytes: int = Field(default=0, ge=0)
+    """Bytes over the busiest GPU pair (source GPU -> target GPU, across GPUs): what point-to-point bandwidth
+    bounds."""
     copy_s: float = Field(ge=0)
-    """Wall time of the copies, devices synchronised (handles opened before the clock starts)."""
+    """Wall time of the copies, devices synchronised (buffers opened before the clock starts)."""
     open_s: float = Field(ge=0)
-    """Wall time of opening the IPC handles."""
+    """Wall time of opening the buffers (CUDA IPC handles not opened before)."""
+    arena_refs: int = Field(default=0, ge=0)
+    """Buffers that were ranges of the engines' persistent arenas (the others were opened one by one)."""
+    own_refs: int = Field(default=0, ge=0)
+    """Buffers of their own (did not fit in an arena), opened for this migration."""
 
     @property
     def gb_per_s(self) -> float:
         """Bytes moved (remote + local) per second of copy."""
         return (self.bytes_remote + self.bytes_local) / self.copy_s / 1e9 if self.copy_s > 0 else 0.0
+
+    @property
+    def link_gb_per_s(self) -> float:
+        """Bytes over the busiest GPU pair per second of copy (compare with point-to-point bandwidth)."""
+        return self.link_bytes / self.copy_s / 1e9 if self.copy_s > 0 else 0.0
 
 
 @functools.cache
@@ -60,14 +76,76 @@ def device_of_uuid(uuid: str) -> int:
     return seen[uuid]
 
 
-#: Size of the buffer each cross-GPU copy goes through on the target GPU (see :func:`copy_heads`: writing into
-#: another process's CUDA IPC buffer across GPUs runs at a tenth of the NVLink bandwidth).
+#: Size of each of the two buffers a cross-GPU copy goes through on the target GPU (see :func:`copy_heads`:
+#: writing into another process's CUDA IPC buffer across GPUs runs at a tenth of the NVLink bandwidth).
 BOUNCE_BYTES = 64 * 2**20
 
 
 def controller_sees_gpus() -> bool:
     """Whether this process can open CUDA IPC handles at all (a CUDA build with a GPU)."""
     return torch.cuda.is_available()
+
+
+#: Opens one buffer: ``(ref or arena description, GPU UUID) -> tensor`` (an arena opens as flat uint8).
+Opener = Callable[[dict[str, Any], str], torch.Tensor]
+
+
+class ArenaCache:
+    """The engines' arenas opened in this process, by arena id: each is opened once, when first seen (or at
+    pool start, :meth:`~nitsum_runtime.vllm_pool_kv.KvPort.warm_kv_path`), and closed with its engine."""
+
+    def __init__(self) -> None:
+        self.opened: dict[str, torch.Tensor] = {}
+
+    def open(self, arena: dict[str, Any], uuid: str, opener: Opener) -> tuple[torch.Tensor, bool]:
+        """The opened arena and whether it was opened now."""
+        got = self.opened.get(arena["id"])
+        if got is not None:
+            return got, False
+        got = opener(arena, uuid)
+        if got.dtype != torch.uint8 or got.dim() != 1 or got.numel() != int(arena["bytes"]):
+            raise RuntimeError(
+                f"arena {arena['id']} opened as {got.dtype} {tuple(got.shape)}, want {arena['bytes']} bytes (uint8)"
+            )
+        self.opened[arena["id"]] = got
+        return got, True
+
+    def forget(self, arena_ids: Sequence[str]) -> None:
+        """Close the mappings of arenas whose engine went away."""
+        for a in arena_ids:
+            self.opened.pop(a, None)
+
+
+#: The controller's arenas (one process drives the pool).
+ARENAS = ArenaCache()
+
+
+def resolve_refs(
+    answers: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    gpus: Sequence[int],
+    opener: Opener,
+    arenas: ArenaCache,
+) -> tuple[dict[int, dict[str, torch.Tensor]], int, int]:
+    """Each rank's buffers by node GPU and key, from the ranks' export/stage answers (``rank``, ``uuid``,
+    ``arena``, ``refs``); returns them with the counts of arena ranges and own buffers."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    in_arena = own = 0
+    for a in answers:
+        tensors = {}
+        for k in keys:
+            ref = a["refs"][k]
+            if "arena" in ref:
+                if a.get("arena") is None or a["arena"]["id"] != ref["arena"]:
+                    raise RuntimeError(f"rank {a['rank']}: ref of {k!r} names arena {ref['arena']} it did not describe")
+                buffer, _ = arenas.open(a["arena"], a["uuid"], opener)
+                tensors[k] = view_range(buffer, ref)
+                in_arena += 1
+            else:
+                tensors[k] = opener(ref, a["uuid"])
+                own += 1
+        out[gpus[a["rank"]]] = tensors
+    return out, in_arena, own
 
 
 def move_staged(
@@ -77,17 +155,20 @@ def move_staged(
     staged: Sequence[dict[str, Any]],
     src_gpus: Sequence[int],
     dst_gpus: Sequence[int],
-    open_tensor: Callable[[list[Any], str], torch.Tensor] | None = None,
+    open_tensor: Opener | None = None,
+    arenas: ArenaCache | None = None,
 ) -> MoveStats:
     """Copy every key's KV from the source ranks' exports to the target ranks' stages.
 
     ``exported`` / ``staged``: the per-rank answers of ``nitsum_kv_export`` / ``nitsum_kv_stage`` (``rank``,
-    ``uuid``, ``handles`` by key); ``src_gpus`` / ``dst_gpus``: the engines' node GPU ids in TP rank order
-    (the plan's world ranks). ``open_tensor(handle, uuid)`` opens one buffer (default: CUDA IPC)."""
+    ``uuid``, ``arena``, ``refs`` by key, :data:`~nitsum_runtime.kv_arena.KvRef`); ``src_gpus`` / ``dst_gpus``:
+    the engines' node GPU ids in TP rank order (the plan's world ranks). ``open_tensor(ref_or_arena, uuid)``
+    opens one buffer (default: CUDA IPC); ``arenas``: the cache of opened arenas (default: this process's)."""
     opener = open_tensor or _open_cuda
+    cache = ARENAS if arenas is None else arenas
     t0 = time.perf_counter()
-    src = {src_gpus[a["rank"]]: {k: opener(a["handles"][k], a["uuid"]) for k in keys} for a in exported}
-    dst = {dst_gpus[a["rank"]]: {k: opener(a["handles"][k], a["uuid"]) for k in keys} for a in staged}
+    src, a1, o1 = resolve_refs(exported, keys, src_gpus, opener, cache)
+    dst, a2, o2 = resolve_refs(staged, keys, dst_gpus, opener, cache)
     if set(src) != set(src_gpus) or set(dst) != set(dst_gpus):
         raise RuntimeError(f"answers from ranks on GPUs {sorted(src)} -> {sorted(dst)}, want {src_gpus} -> {dst_gpus}")
     open_s = time.perf_counter() - t0
@@ -96,18 +177,28 @@ def move_staged(
     _sync(devices)
     t1 = time.perf_counter()
     remote = local = 0
+    links: dict[tuple[int, int], int] = {}
     for k in keys:
         r, lo = copy_heads(
             plan,
             {g: b[k] for g, b in src.items()},
             {g: b[k] for g, b in dst.items()},
             bounce_bytes=BOUNCE_BYTES if devices else 0,
+            links=links,
         )
         remote, local = remote + r, local + lo
     _sync(devices)
     copy_s = time.perf_counter() - t1
-    del src, dst  # close the IPC mappings before the owners free the buffers
-    return MoveStats(bytes_remote=remote, bytes_local=local, copy_s=copy_s, open_s=open_s)
+    del src, dst  # close the own buffers' IPC mappings before their owners free them (arenas stay open)
+    return MoveStats(
+        bytes_remote=remote,
+        bytes_local=local,
+        link_bytes=max((n for (a, b), n in links.items() if a != b), default=0),
+        copy_s=copy_s,
+        open_s=open_s,
+        arena_refs=a1 + a2,
+        own_refs=o1 + o2,
+    )
 
 
 def _sync(devices: set[torch.device]) -> None:
@@ -115,7 +206,11 @@ def _sync(devices: set[torch.device]) -> None:
         torch.cuda.synchronize(d)
 
 
-def _open_cuda(handle: list[Any], uuid: str) -> torch.Tensor:
+def _open_cuda(ref: dict[str, Any], uuid: str) -> torch.Tensor:
+    """Open an own buffer (``{"ipc": handle}``) or an arena description (``{"id", "bytes", "handle"}``)."""
     from nitsum_runtime.worker_ext import open_ipc_tensor
 
+    handle = ref.get("ipc", ref.get("handle"))
+    if handle is None:
+        raise RuntimeError(f"buffer {ref.get('id', ref)} has no CUDA IPC handle (made on CPU?)")
     return open_ipc_tensor(handle, device_of_uuid(uuid))

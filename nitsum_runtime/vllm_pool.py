@@ -70,6 +70,10 @@ class VllmPoolSettings(Frozen):
     kv_connector: bool = False
     """Run the Nitsum KV connector (:mod:`nitsum_runtime.kv_connector`) in every engine, so that requests moved
     between engines can bring their KV (the executor's ``migrate``) instead of recomputing it."""
+    kv_arena_bytes: int = Field(default=2**30, ge=0)
+    """Size of each worker's persistent KV exchange arena (:mod:`nitsum_runtime.kv_arena`), allocated and opened
+    by the controller at start when ``kv_connector`` is on; migrations that do not fit use buffers of their own
+    (slower: opened per migration). 1 GiB holds ~8k tokens of Llama-3.1-8B KV per TP1 worker; 0: no arena."""
     deadlines: VllmDeadlines = VllmDeadlines()
     """Command deadlines."""
     extra_llm_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -150,6 +154,7 @@ def build_vllm_pool(
             check_fill_at_start=settings.check_fill_at_start,
             defer_sleep=settings.defer_sleep,
             kv_connector=settings.kv_connector,
+            kv_arena_bytes=settings.kv_arena_bytes,
         )
         for g in groups
     }

@@ -86,12 +86,17 @@ class VllmEngine(KvPort):
         check_fill_at_start: bool = True,
         defer_sleep: bool = True,
         kv_connector: bool = False,
+        kv_arena_bytes: int = 0,
     ) -> None:
         self.handle, self.spec, self.store_handles = handle, spec, store_handles
         self.deadlines = deadlines or VllmDeadlines()
         self.check_fill_at_start, self.defer_sleep = check_fill_at_start, defer_sleep
         self.kv_connector = kv_connector
         """The engine runs the Nitsum KV connector (it can take migrated KV)."""
+        self.kv_arena_bytes = kv_arena_bytes
+        """Size of each worker's KV exchange arena, made and opened at start (0: none)."""
+        self.kv_arenas: list[str] = []
+        """Ids of this engine's arenas opened by the controller (forgotten when the engine closes)."""
         self.kv_errors: list[str] = []
         """Why KV migrations into this engine fell back to re-prefill (latest last)."""
         self.kv_moves: list[MoveStats] = []
@@ -139,6 +144,7 @@ class VllmEngine(KvPort):
         self.rpc("nitsum_attach_store", self.spec.model_dump_json(), self.store_handles)
         fills = self._call("rpc", d.call_s, method="nitsum_fill_weights")
         checks = self._call("rpc", 2 * d.call_s, method="nitsum_check_fill") if self.check_fill_at_start else []
+        self.warm_kv_path()
         sleep_s = self._call("sleep", d.memory_s)
         self._state, self._resident = EngineState.ASLEEP, False
         return EngineStartReport(
@@ -167,6 +173,7 @@ class VllmEngine(KvPort):
 
     def close(self) -> None:
         """Kill the engine's process group (teardown; requests held are forgotten)."""
+        self.forget_kv_arenas()
         self.handle.close()
         self._held.clear()
         self._state, self._resident = EngineState.ASLEEP, False
@@ -184,6 +191,7 @@ class VllmEngine(KvPort):
 
     def _fail(self, why: str) -> None:
         self.failure = why
+        self.forget_kv_arenas()
         self.handle.close()
 
     def _guard(self, fn: Any, what: str) -> Any:

@@ -35,11 +35,35 @@ class KvPort:
     started: Any
     failure: str | None
     kv_connector: bool
+    kv_arena_bytes: int
+    kv_arenas: list[str]
     kv_errors: list[str]
     kv_moves: list[MoveStats]
     timings: dict[str, float]
     _held: dict[str, Any]
     _staged: dict[str, str]
+
+    def warm_kv_path(self) -> None:
+        """Make every worker's KV exchange arena and open it here, so that no migration opens a CUDA IPC handle
+        on the switch path (:mod:`nitsum_runtime.kv_arena`); nothing without the KV connector, an arena size or
+        GPUs visible to this process."""
+        from nitsum_runtime.kv_mover import ARENAS, _open_cuda, controller_sees_gpus
+
+        if not (self.kv_connector and self.kv_arena_bytes > 0 and controller_sees_gpus()):
+            return
+        t0 = time.perf_counter()
+        for answer in self.rpc("nitsum_kv_arena", self.kv_arena_bytes):
+            if answer["arena"] is not None:
+                ARENAS.open(answer["arena"], answer["uuid"], _open_cuda)
+                self.kv_arenas.append(answer["arena"]["id"])
+        self.timings["kv_arena_open_s"] = time.perf_counter() - t0
+
+    def forget_kv_arenas(self) -> None:
+        """Close this process's mappings of the engine's arenas (the engine is going away)."""
+        from nitsum_runtime.kv_mover import ARENAS
+
+        ARENAS.forget(self.kv_arenas)
+        self.kv_arenas.clear()
 
     def export_requests(self, request_ids: Sequence[str]) -> list[RequestSnapshot]:
         missing = [r for r in request_ids if r not in self._held]

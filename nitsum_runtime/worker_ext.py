@@ -216,50 +216,92 @@ class NitsumWorkerExtension:
         return time.perf_counter() - t0
 
     # KV migration through the Nitsum KV connector (kv_import.py): export on the source, stage on the target,
-    # the controller copies between the two over CUDA IPC (it sees every GPU of the node).
+    # the controller copies between the two over CUDA IPC (it sees every GPU of the node). Buffers are ranges of
+    # this worker's persistent arena (kv_arena.py) when they fit, else buffers of their own.
+    def nitsum_kv_arena(self, capacity_bytes: int) -> dict[str, Any]:
+        """Make this worker's KV exchange arena (once; a later call with another size replaces it when no range
+        is in use); returns this rank's GPU UUID and the arena's description (:meth:`KvArena.describe`)."""
+        from nitsum_runtime.kv_arena import WORKER_ARENA, KvArena
+        from nitsum_runtime.kv_import import STAGED_LOCK
+
+        with STAGED_LOCK:
+            arena = WORKER_ARENA[0] if WORKER_ARENA else None
+            if arena is None or (arena.capacity_bytes != capacity_bytes and not arena.ranges.ranges()):
+                WORKER_ARENA[:] = [KvArena(capacity_bytes, self.device)] if capacity_bytes > 0 else []  # type: ignore[attr-defined]
+            described = WORKER_ARENA[0].describe() if WORKER_ARENA else None
+        return {"rank": self._nitsum_rank()[1], "uuid": gpu_uuid(self.device.index), "arena": described}  # type: ignore[attr-defined]
+
+    def _nitsum_kv_buffer(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
+        """A buffer for ``key``: an arena range if it fits, else its own allocation (kept until released)."""
+        from nitsum_runtime.kv_arena import worker_arena
+        from nitsum_runtime.kv_import import STAGED_LOCK
+
+        arena = worker_arena()
+        with STAGED_LOCK:
+            got = arena.take(key, shape, dtype) if arena is not None else None
+        if got is not None:
+            return got
+        buf = torch.empty(shape, dtype=dtype, device=self.device)  # type: ignore[attr-defined]
+        return buf, {"ipc": ipc_handle(buf)}
+
+    def _nitsum_kv_answer(self, refs: dict[str, Any]) -> dict[str, Any]:
+        from nitsum_runtime.kv_arena import worker_arena
+
+        torch.cuda.synchronize()
+        arena = worker_arena()
+        return {
+            "rank": self._nitsum_rank()[1],
+            "uuid": gpu_uuid(self.device.index),  # type: ignore[attr-defined]
+            "arena": arena.describe() if arena is not None else None,
+            "refs": refs,
+        }
+
     def nitsum_kv_export(self, items: list[list[Any]]) -> dict[str, Any]:
-        """Gather each ``[key, block_ids, num_tokens]`` request's KV of this rank into a new head-major buffer
+        """Gather each ``[key, block_ids, num_tokens]`` request's KV of this rank into a head-major buffer
         (``[heads_local, layers, tokens, 2*head_dim]``) kept until :meth:`nitsum_kv_release`; returns this
-        rank's GPU UUID and the buffers' CUDA IPC handles by key."""
+        rank's GPU UUID, its arena and a ref per key (:data:`~nitsum_runtime.kv_arena.KvRef`)."""
         from nitsum_runtime.kv_import import gather_head_major
 
         nhd = self._nitsum_nhd()
         kept = self.__dict__.setdefault("_nitsum_kv_out", {})
-        handles = {}
+        refs = {}
         for key, block_ids, num_tokens in items:
             slots = token_slots(block_ids, num_tokens, nhd[0].shape[1])
-            buf = gather_head_major(nhd, torch.tensor(slots, dtype=torch.long, device=nhd[0].device))
+            shape = (nhd[0].shape[2], len(nhd), len(slots), nhd[0].shape[3])
+            buf, refs[key] = self._nitsum_kv_buffer(key, shape, nhd[0].dtype)
+            gather_head_major(nhd, torch.tensor(slots, dtype=torch.long, device=nhd[0].device), out=buf)
             kept[key] = buf
-            handles[key] = ipc_handle(buf)
-        torch.cuda.synchronize()
-        return {"rank": self._nitsum_rank()[1], "uuid": gpu_uuid(self.device.index), "handles": handles}  # type: ignore[attr-defined]
+        return self._nitsum_kv_answer(refs)
 
     def nitsum_kv_stage(self, items: list[list[Any]]) -> dict[str, Any]:
-        """Allocate, for each ``[key, num_tokens]``, the head-major buffer the connector reads this rank's KV
-        from (:data:`~nitsum_runtime.kv_import.STAGED`); returns this rank's GPU UUID and the IPC handles."""
+        """Make, for each ``[key, num_tokens]``, the head-major buffer the connector reads this rank's KV from
+        (:data:`~nitsum_runtime.kv_import.STAGED`); returns this rank's GPU UUID, its arena and the refs."""
         from nitsum_runtime.kv_import import STAGED, STAGED_LOCK
 
         nhd = self._nitsum_nhd()
         heads, width = nhd[0].shape[2], nhd[0].shape[3]
-        handles = {}
+        refs = {}
         for key, num_tokens in items:
-            buf = torch.empty((heads, len(nhd), num_tokens, width), dtype=nhd[0].dtype, device=nhd[0].device)
+            buf, refs[key] = self._nitsum_kv_buffer(key, (heads, len(nhd), num_tokens, width), nhd[0].dtype)
             with STAGED_LOCK:
                 STAGED[key] = buf
-            handles[key] = ipc_handle(buf)
-        torch.cuda.synchronize()
-        return {"rank": self._nitsum_rank()[1], "uuid": gpu_uuid(self.device.index), "handles": handles}  # type: ignore[attr-defined]
+        return self._nitsum_kv_answer(refs)
 
     def nitsum_kv_release(self, keys: list[str]) -> int:
         """Drop exported and staged buffers (staged ones the connector has not consumed); returns how many."""
+        from nitsum_runtime.kv_arena import worker_arena
         from nitsum_runtime.kv_import import STAGED, STAGED_LOCK
 
         kept = self.__dict__.setdefault("_nitsum_kv_out", {})
+        arena = worker_arena()
         n = 0
+        torch.cuda.synchronize()  # no pending copy reads a range given back below
         for key in keys:
             n += kept.pop(key, None) is not None
             with STAGED_LOCK:
                 n += STAGED.pop(key, None) is not None
+                if arena is not None:
+                    arena.give_back(key)
         torch.cuda.ipc_collect()
         return n
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nitsum_runtime import kv_import
+from nitsum_runtime.kv_arena import WORKER_ARENA, KvArena
 from nitsum_runtime.kv_import import (
     STAGED,
     ImportScheduler,
@@ -26,7 +27,7 @@ from nitsum_runtime.kv_import import (
     slots_of,
 )
 from nitsum_runtime.kv_migration import kv_transfer_plan
-from nitsum_runtime.kv_mover import move_staged
+from nitsum_runtime.kv_mover import ArenaCache, move_staged
 from nitsum_runtime.kv_ticket import CONNECTOR_CONFIG, ticket_of, ticket_params
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 3, 4, 8, 16
@@ -80,7 +81,39 @@ def test_nhd_views_refuse_other_layouts() -> None:
         nhd_views([torch.zeros(4, 2, BLOCK, 16)])  # HND memory
 
 
-def _migrate(src_tp: int, dst_tp: int, computed_on_target: int, seed: int) -> None:
+class Ranks:
+    """The answers of one TP group's workers to ``nitsum_kv_export`` / ``nitsum_kv_stage``, as the worker
+    extension builds them: a range of each worker's :class:`KvArena` when ``arena_bytes`` holds it, else an own
+    buffer (``{"ipc": ...}``; on CPU the test's opener hands back the tensor itself, standing in for CUDA IPC)."""
+
+    def __init__(self, gpus: list[int], arena_bytes: int) -> None:
+        self.gpus = gpus
+        self.arenas = [KvArena(arena_bytes, "cpu") if arena_bytes else None for _ in gpus]
+
+    def answer(self, key: str, buffers: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
+        """Place each rank's ``buffers[r]`` (copy into the arena when it fits); returns the tensors the worker
+        now holds and its answers."""
+        held, answers = [], []
+        for r, (buf, arena) in enumerate(zip(buffers, self.arenas, strict=True)):
+            got = arena.take(key, tuple(buf.shape), buf.dtype) if arena is not None else None
+            if got is None:
+                tensor, ref = buf, {"ipc": buf}
+            else:
+                tensor, ref = got
+                tensor.copy_(buf)
+            held.append(tensor)
+            described = arena.describe() if arena is not None else None
+            answers.append({"rank": r, "uuid": f"u{id(self)}-{r}", "arena": described, "refs": {key: ref}})
+        return held, answers
+
+    def opener(self, ref: dict, _uuid: str) -> torch.Tensor:
+        if "ipc" in ref:
+            return ref["ipc"]
+        (arena,) = [a for a in self.arenas if a is not None and a.arena_id == ref["id"]]
+        return arena.buffer
+
+
+def _migrate(src_tp: int, dst_tp: int, computed_on_target: int, seed: int, arena_bytes: int = 0) -> None:
     """Source TP group -> export -> plan copies -> target stages -> scheduler -> worker load, then check."""
     STAGED.clear()
     rng = random.Random(seed)
@@ -93,16 +126,26 @@ def _migrate(src_tp: int, dst_tp: int, computed_on_target: int, seed: int) -> No
     key = "req-7@src#1"
     # source workers: head-major exports (nitsum_kv_export)
     slots = torch.tensor(slots_of(src_blocks, BLOCK, 0, n))
-    exports = [
-        {"rank": r, "uuid": f"s{r}", "handles": {key: gather_head_major(nhd_views(src[r]), slots)}} for r in src_gpus
-    ]
+    src_ranks, dst_ranks = Ranks(src_gpus, arena_bytes), Ranks(dst_gpus, arena_bytes)
+    _, exports = src_ranks.answer(key, [gather_head_major(nhd_views(src[r]), slots) for r in src_gpus])
     # target workers: stages (nitsum_kv_stage), registered where their connector reads them
     heads = max(1, KV_HEADS // dst_tp)
-    stages = [torch.full((heads, LAYERS, n, 2 * HEAD_DIM), float("nan")) for _ in dst_gpus]
-    answers = [{"rank": r, "uuid": f"d{r}", "handles": {key: stages[r]}} for r in dst_gpus]
-    stats = move_staged(KV_HEADS, [key], exports, answers, src_gpus, dst_gpus, open_tensor=lambda h, _u: h)
+    stages, answers = dst_ranks.answer(
+        key, [torch.full((heads, LAYERS, n, 2 * HEAD_DIM), float("nan")) for _ in dst_gpus]
+    )
+
+    def opener(ref: dict, uuid: str) -> torch.Tensor:
+        return (src_ranks if uuid.startswith(f"u{id(src_ranks)}-") else dst_ranks).opener(ref, uuid)
+
+    cache = ArenaCache()
+    stats = move_staged(KV_HEADS, [key], exports, answers, src_gpus, dst_gpus, open_tensor=opener, arenas=cache)
     per_rank = n * LAYERS * 2 * HEAD_DIM * 4
     assert stats.bytes_remote + stats.bytes_local == per_rank * heads * dst_tp
+    fits = arena_bytes >= per_rank * KV_HEADS
+    assert (stats.arena_refs, stats.own_refs) == ((src_tp + dst_tp, 0) if fits else (0, src_tp + dst_tp))
+    assert len(cache.opened) == (src_tp + dst_tp if fits else 0)
+    if src_tp == 1 and dst_tp > 1:  # every target rank's heads come from GPU 0: the busiest remote pair is one
+        assert stats.link_bytes == per_rank * heads
     # scheduler side (engine core): the request arrives with its ticket
     sched = ImportScheduler(BLOCK)
     request = SimpleNamespace(
@@ -117,11 +160,14 @@ def _migrate(src_tp: int, dst_tp: int, computed_on_target: int, seed: int) -> No
     # worker side, every target rank: stage by key, caches by layer name (dict order scrambled)
     for r in dst_gpus:
         STAGED[key] = stages[r]
+        WORKER_ARENA[:] = [dst_ranks.arenas[r]] if dst_ranks.arenas[r] is not None else []
         worker = ImportWorker(BLOCK)
         names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
         worker.register_kv_caches({nm: dst[r][int(nm.split(".")[2])] for nm in reversed(names)})
         worker.load([job])
         assert worker.take_failed_blocks() == set() and key not in STAGED
+        assert key not in (dst_ranks.arenas[r].ranges if dst_ranks.arenas[r] else ())  # the range is free again
+    WORKER_ARENA.clear()
     got = full_kv(dst, dst_blocks, n) if dst_tp <= KV_HEADS else None
     want = full_kv(src, src_blocks, n) if src_tp <= KV_HEADS else None
     if got is not None and want is not None:
@@ -137,8 +183,9 @@ def _migrate(src_tp: int, dst_tp: int, computed_on_target: int, seed: int) -> No
 
 
 @pytest.mark.parametrize(("src_tp", "dst_tp"), [(1, 2), (2, 4), (4, 1), (2, 2), (1, 8), (8, 2)])
-def test_migrated_kv_lands_in_the_target_blocks(src_tp: int, dst_tp: int) -> None:
-    _migrate(src_tp, dst_tp, 0, seed=src_tp * 10 + dst_tp)
+@pytest.mark.parametrize("arena_bytes", [0, 1024, 2**20], ids=["own-buffers", "arena-too-small", "arena"])
+def test_migrated_kv_lands_in_the_target_blocks(src_tp: int, dst_tp: int, arena_bytes: int) -> None:
+    _migrate(src_tp, dst_tp, 0, seed=src_tp * 10 + dst_tp, arena_bytes=arena_bytes)
 
 
 def test_locally_computed_prefix_is_not_overwritten() -> None:
