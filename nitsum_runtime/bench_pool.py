@@ -89,14 +89,24 @@ def _row(phase: str, k: int, label: str, r: TransitionReport, pool: EnginePool) 
 
 def _new_kv_moves(pool: EnginePool) -> dict[str, float]:
     """KV copies done since the last call (every engine's ``kv_moves``): ms and GB/s of the copies."""
-    copy_s = moved = 0.0
+    copy_s = moved = link = open_s = 0.0
+    arena_refs = own_refs = 0
     for e in pool.engines.values():
         if isinstance(e, VllmEngine):
             seen = getattr(e, "_bench_seen", 0)
             for m in e.kv_moves[seen:]:
                 copy_s, moved = copy_s + m.copy_s, moved + m.bytes_remote + m.bytes_local
+                link, open_s = link + m.link_bytes, open_s + m.open_s
+                arena_refs, own_refs = arena_refs + m.arena_refs, own_refs + m.own_refs
             e._bench_seen = len(e.kv_moves)  # type: ignore[attr-defined]
-    return {"kv_copy_ms": copy_s * 1e3, "kv_copy_gb_per_s": moved / copy_s / 1e9 if copy_s > 0 else 0.0}
+    return {
+        "kv_copy_ms": copy_s * 1e3,
+        "kv_copy_gb_per_s": moved / copy_s / 1e9 if copy_s > 0 else 0.0,
+        "kv_link_gb_per_s": link / copy_s / 1e9 if copy_s > 0 else 0.0,
+        "kv_open_ms": open_s * 1e3,
+        "kv_arena_refs": arena_refs,
+        "kv_own_refs": own_refs,
+    }
 
 
 def check_first_migration(row: dict[str, Any], pool: EnginePool) -> None:
@@ -126,10 +136,15 @@ def run_vllm_pool_bench(
     seed: int = 0,
     settings: VllmPoolSettings | None = None,
     kv: Literal["reprefill", "migrate"] = "reprefill",
+    bulk_switches: int = 0,
+    bulk_requests: int = 8,
+    bulk_prompt_len: int = 900,
     log: Callable[[str], None] = print,
     checkpoint: Callable[[dict[str, Any]], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Run benchmark (d) (module docstring); returns the summary, also written as ``summary`` checkpoints."""
+    """Run benchmark (d) (module docstring); returns the summary, also written as ``summary`` checkpoints.
+    ``bulk_switches > 0`` with ``kv="migrate"``: then large migrations against point-to-point bandwidth
+    (:mod:`nitsum_runtime.bench_pool_kv`; the p2p reference only on vLLM engines, i.e. GPUs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = switch_path(world)
     groups = tuple(dict.fromkeys(path))
@@ -143,6 +158,13 @@ def run_vllm_pool_bench(
         handles, stores = _resident_store(spec, world, seed, Path(tmp), engines)
         summary["store_build_s"] = time.perf_counter() - t0
         log(f"resident weights on {world} GPUs in {summary['store_build_s']:.1f} s; starting {len(groups)} engines")
+        bulk = kv == "migrate" and bulk_switches > 0
+        if bulk and engines == "vllm":
+            from nitsum_runtime.bench_pool_kv import measure_p2p
+
+            summary["p2p"] = measure_p2p()
+            p2p = summary["p2p"]
+            log(f"p2p GPU0->GPU1: NCCL {p2p['nccl_gb_per_s']:.1f} GB/s, own copy {p2p['copy_gb_per_s']:.1f} GB/s")
         target = None
         if engines == "toy":
             from nitsum_runtime.toy_vllm import toy_engine_process as target
@@ -200,6 +222,21 @@ def run_vllm_pool_bench(
             summary["kv_errors"] = [x for e in pool.engines.values() if isinstance(e, VllmEngine) for x in e.kv_errors]
             log(f"switch loop: {loop.switches} switches, {loop.submitted} requests, lost {loop.lost}")
             loop_pool.sleep_all()
+            if bulk:
+                summary.update(bulk_requests=bulk_requests, bulk_prompt_len=bulk_prompt_len)
+                bulk_pool = EnginePool(list(pool.engines.values()), node=0, gpus_per_node=world)
+
+                def on_bulk(k: int, label: str, r: TransitionReport) -> dict[str, Any]:
+                    rows.append(_row("bulk", k, label, r, bulk_pool))
+                    log(_line(rows[-1]))
+                    return rows[-1]
+
+                from nitsum_runtime.bench_pool_kv import run_bulk_migrations
+
+                summary["bulk"] = run_bulk_migrations(
+                    bulk_pool, spec, path, bulk_switches, bulk_requests, bulk_prompt_len, on_bulk
+                )
+                bulk_pool.sleep_all()
             summary["complete"] = True
         finally:
             close_pool(pool)
@@ -267,7 +304,9 @@ def report_pool(s: dict[str, Any], quick: bool, title: str) -> tuple[str, bool]:
     ok = bool(s.get("complete")) and bool(rt and rt["passed"]) and bool(loop and loop["lost"] == 0)
     ok = ok and all(r["ok"] for r in rows) and not mism and (quick or worst <= 500.0)
     if s.get("kv") == "migrate":  # every request moved by a migrate switch kept its KV
-        ok = ok and not s.get("kv_errors") and all(r["migrated"] == r["in_flight"] for r in _migrating(rows))
+        from nitsum_runtime.bench_pool_kv import migrating
+
+        ok = ok and not s.get("kv_errors") and all(r["migrated"] == r["in_flight"] for r in migrating(rows))
     lines = [f"# {title}" + ("" if s.get("complete") else " -- INCOMPLETE (partial results)"), ""]
     lines.append(f"- resident weights built in {s.get('store_build_s', 0):.1f} s")
     for e in s.get("engines", {}).values():
@@ -309,39 +348,13 @@ def report_pool(s: dict[str, Any], quick: bool, title: str) -> tuple[str, bool]:
                 f"{r['old_engine_sleep_ms']:.1f} |"
             )
     if s.get("kv") == "migrate":
+        from nitsum_runtime.bench_pool_kv import bulk_lines, kv_lines
+
         lines += ["", *kv_lines(s)]
+        more, _ = bulk_lines(s)
+        lines += more
+        if s.get("bulk"):
+            ok = ok and s["bulk"]["lost"] == 0
     if s.get("error"):
         lines += ["", "Stopped by:", "", "```", s["error"].rstrip()[-3000:], "```"]
     return "\n".join(lines) + "\n", ok
-
-
-def _migrating(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Switches with requests in flight run under the migrate policy (round trip, even loop switches)."""
-    return [r for r in rows if r["in_flight"] and r["switch"] != "start" and r.get("policy") in ("", "migrate")]
-
-
-def kv_lines(s: dict[str, Any]) -> list[str]:
-    """Markdown lines on KV migration into vLLM engines (``kv="migrate"``) vs re-prefill."""
-    rows = s.get("switch_rows", [])
-    mig = [r for r in _migrating(rows) if r["kv_copy_ms"] > 0]
-    rep = [r for r in rows if r["phase"] == "loop" and r.get("policy") == "reprefill" and r["in_flight"]]
-    out = [
-        f"- KV migrated into vLLM engines through the Nitsum KV connector: {sum(r['migrated'] for r in rows)} "
-        f"requests, {sum(r['kv_bytes'] for r in rows) / 1e6:.1f} MB; fell back: {s.get('kv_errors') or 'never'}"
-    ]
-    if mig:
-        gbs = sorted(r["kv_copy_gb_per_s"] for r in mig)
-        ms = sorted(r["kv_copy_ms"] for r in mig)
-        out.append(
-            f"- KV copy (CUDA IPC, heads re-split): p50 {ms[len(ms) // 2]:.2f} ms, max {ms[-1]:.2f} ms; "
-            f"p50 {gbs[len(gbs) // 2]:.1f} GB/s (min {gbs[0]:.1f})"
-        )
-    for name, sel in (("migrate", [r for r in mig if r["phase"] == "loop"]), ("re-prefill", rep)):
-        if sel:
-            mv = sorted(r["move_requests_ms"] for r in sel)
-            pr = sorted(r["pause_to_resume_ms"] for r in sel)
-            out.append(
-                f"- loop switches by {name} ({len(sel)}): move_requests p50 {mv[len(mv) // 2]:.1f} ms, pause->resume "
-                f"p50 {pr[len(pr) // 2]:.1f} ms (a re-prefill's compute lands in the target's first step)"
-            )
-    return out

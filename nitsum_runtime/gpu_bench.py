@@ -167,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
                 steps_between=1 if args.quick else 4,
                 tolerance=args.tolerance,
                 kv=args.kv,
+                bulk_switches=args.bulk_switches,
+                bulk_requests=args.bulk_requests,
+                bulk_prompt_len=args.bulk_prompt_len,
                 checkpoint=checkpoint,
             )
             report, ok = render(summary)
@@ -232,6 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         help="(d): move in-flight requests by re-prefill, or migrate their KV through the Nitsum KV connector "
         "(loop switches then alternate migrate / re-prefill); results in pool-kv/",
     )
+    p.add_argument(
+        "--bulk-switches",
+        type=int,
+        default=6,
+        help="(d) with --kv migrate: switches with long requests in flight, all migrated, timed against NCCL "
+        "point-to-point bandwidth measured in the same run (0: skip)",
+    )
+    p.add_argument("--bulk-requests", type=int, default=8, help="(d) bulk phase: requests in flight")
+    p.add_argument("--bulk-prompt-len", type=int, default=900, help="(d) bulk phase: prompt tokens per request")
     args = p.parse_args(argv)
     if args.part == "summary":
         print(compact_summary(Path(args.out)))

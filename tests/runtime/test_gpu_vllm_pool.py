@@ -60,7 +60,9 @@ def test_executor_migrates_kv_into_vllm_engines(tmp_path: Path) -> None:
     Run: ``bash benchmarks/gpu/run_runtime_h200.sh pool-kv-test``."""
     assert os.environ.get("VLLM_BATCH_INVARIANT") == "1", "set VLLM_BATCH_INVARIANT=1 (the GPU script's default)"
     world = _world()
-    summary = run_vllm_pool_bench(tmp_path, MODEL_PRESETS["llama-3.1-8b"], world, switches=20, kv="migrate")
+    summary = run_vllm_pool_bench(
+        tmp_path, MODEL_PRESETS["llama-3.1-8b"], world, switches=20, kv="migrate", bulk_switches=2
+    )
     report, ok = report_pool(summary, quick=False, title=f"KV migrated into vLLM engines, {world} GPUs")
     print(report)
     rt, rows = summary["round_trip"], summary["switch_rows"]
@@ -70,3 +72,9 @@ def test_executor_migrates_kv_into_vllm_engines(tmp_path: Path) -> None:
     assert rt["probe_bit_identical"] and rt["ledger_ok"], rt["probe_comparison"]
     assert rt["max_logprob_diff"] <= 0.15, rt["max_logprob_diff_by_engine"]
     assert summary["loop"]["lost"] == 0 and ok, report
+    # every buffer of every migration was a range of the engines' persistent arenas (opened at start)
+    moved = [r for r in rows if r["kv_copy_ms"] > 0]
+    assert moved and all(r["kv_arena_refs"] > 0 and r["kv_own_refs"] == 0 for r in moved), moved
+    bulk = [r for r in rows if r["phase"] == "bulk"]
+    assert len(bulk) == 2 and all(r["migrated"] == r["in_flight"] == 8 for r in bulk), bulk
+    assert summary["bulk"]["lost"] == 0 and summary["p2p"]["nccl_gb_per_s"] > 0
