@@ -10,6 +10,13 @@ stages are then byte ranges of it, described by a :data:`KvRef` (arena id, offse
 that does not fit in the free space falls back to its own buffer (a ``{"ipc": handle}`` ref), so an arena
 bounds memory, never correctness.
 
+Who owns the bytes matters (H200, ``benchmarks/gpu/ipc_copy_bench.py``): the controller's copy *into* a buffer
+another process exported runs at a tenth of NVLink bandwidth when it crosses GPUs, while reading one, and any
+copy within one GPU, is full speed. So the controller allocates each worker's arena on the worker's GPU and
+hands it over (``nitsum_kv_arena`` with an offer): the worker allocates ranges and writes exports into it
+within its GPU, the controller's cross-GPU copies write into its own memory, and the connector reads stages
+within the GPU. A worker offered nothing allocates its own arena (the controller then opens it over IPC).
+
 The arena is allocated by torch's caching allocator, outside vLLM's sleep-mode memory pool, so it survives the
 engine's sleep at level 2 (as the resident weight store's mappings do). :class:`RangeAllocator` is plain Python
 (tested with hypothesis); :class:`KvArena` is torch only and runs on CPU too.
@@ -106,10 +113,23 @@ def view_range(buffer: torch.Tensor, ref: KvRef) -> torch.Tensor:
 class KvArena:
     """A worker's exchange buffer (module docstring): ``capacity_bytes`` on ``device``, ranges by key."""
 
-    def __init__(self, capacity_bytes: int, device: torch.device | str) -> None:
-        self.arena_id = uuid.uuid4().hex
-        """Name of this buffer for the controller's cache of opened arenas (new per arena)."""
-        self.buffer = torch.empty(capacity_bytes, dtype=torch.uint8, device=device)
+    def __init__(
+        self,
+        capacity_bytes: int,
+        device: torch.device | str,
+        buffer: torch.Tensor | None = None,
+        arena_id: str | None = None,
+    ) -> None:
+        self.arena_id = arena_id or uuid.uuid4().hex
+        """Name of this buffer for the controller's cache of opened arenas."""
+        if buffer is not None and (
+            buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != capacity_bytes
+        ):
+            raise ValueError(f"arena buffer {buffer.dtype} {tuple(buffer.shape)}: want {capacity_bytes} uint8 bytes")
+        self.borrowed = buffer is not None
+        """The bytes belong to another process (the controller's offer); this process never re-exports them."""
+        self.buffer = buffer if buffer is not None else torch.empty(capacity_bytes, dtype=torch.uint8, device=device)
+        """The bytes: allocated here, or another process's buffer opened here (module docstring)."""
         self.ranges = RangeAllocator(capacity_bytes)
         self._handle: list[Any] | None = None
 
@@ -137,8 +157,8 @@ class KvArena:
 
     def describe(self) -> dict[str, Any]:
         """``{"id", "bytes", "handle"}``: what the controller needs to open the arena (handle made once; None
-        on CPU, where only this process can use the buffer)."""
-        if self._handle is None and self.buffer.is_cuda:
+        for a borrowed buffer, which its owner has, and on CPU, where only this process can use the buffer)."""
+        if self._handle is None and self.buffer.is_cuda and not self.borrowed:
             from nitsum_runtime.worker_ext import ipc_handle
 
             self._handle = ipc_handle(self.buffer)

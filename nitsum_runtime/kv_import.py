@@ -21,9 +21,9 @@
 
 Staged KV is **head-major**: ``[heads_local, layers, tokens, 2 * head_dim]`` (K then V in the last axis, as in
 vLLM's FlashAttention cache), so that each (source rank, target rank) head range of
-:func:`~nitsum_runtime.kv_migration.kv_transfer_plan` is one contiguous copy (:func:`copy_heads`).
-The paged caches are vLLM 0.26's FlashAttention layout: logical ``[blocks, heads, block_size, 2*head_dim]``,
-NHD in memory (:mod:`nitsum_runtime.kv_migration`).
+:func:`~nitsum_runtime.kv_migration.kv_transfer_plan` is one contiguous copy
+(:func:`nitsum_runtime.kv_copy.copy_heads`). The paged caches are vLLM 0.26's FlashAttention layout: logical
+``[blocks, heads, block_size, 2*head_dim]``, NHD in memory (:mod:`nitsum_runtime.kv_migration`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from typing import Any
 import torch
 
 from nitsum_runtime.kv_arena import worker_arena
-from nitsum_runtime.kv_migration import HeadTransfer
 from nitsum_runtime.kv_ticket import ImportTicket, ticket_of
 
 
@@ -111,94 +110,6 @@ def gather_head_major(
         flat = cache.view(cache.shape[0] * cache.shape[1], heads, width)
         out[:, layer] = flat.index_select(0, slots).transpose(0, 1)
     return out
-
-
-def copy_heads(
-    plan: Sequence[HeadTransfer],
-    sources: Mapping[int, torch.Tensor],
-    targets: Mapping[int, torch.Tensor],
-    bounce_bytes: int = 0,
-    links: dict[tuple[int, int], int] | None = None,
-) -> tuple[int, int]:
-    """Carry out ``plan`` between head-major buffers keyed by GPU (world rank): each transfer is one
-    contiguous copy (peer to peer across GPUs). Returns (bytes copied across GPUs, bytes copied on one GPU)
-    and adds each transfer's bytes to ``links[(src, dst)]`` when given; the copies are asynchronous on GPUs
-    (synchronise to time them).
-
-    ``bounce_bytes > 0``: a transfer across GPUs goes through buffers of that size that this process owns on
-    the target GPU (:func:`_copy_through_bounce`). Measured on H200 (``benchmarks/gpu/ipc_copy_bench.py``): a
-    copy *into* a buffer another process exported over CUDA IPC runs at 38 GB/s when it crosses GPUs, against
-    381 GB/s into a buffer of this process; reading an IPC buffer across GPUs is full speed, and so is any copy
-    within one GPU."""
-    if bounce_bytes < 0:
-        raise ValueError(f"bounce_bytes={bounce_bytes} must be >= 0")
-    remote = local = 0
-    bounce: dict[torch.device, list[torch.Tensor]] = {}
-    for t in plan:
-        src = sources[t.src].narrow(0, t.src_head, t.num_heads)
-        dst = targets[t.dst].narrow(0, t.dst_head, t.num_heads)
-        if src.shape[1:] != dst.shape[1:]:
-            raise ValueError(f"transfer {t}: source heads {tuple(src.shape)} vs target heads {tuple(dst.shape)}")
-        if bounce_bytes and t.src != t.dst:
-            _copy_through_bounce(dst, src, bounce, bounce_bytes)
-        else:
-            dst.copy_(src, non_blocking=True)
-        n = dst.numel() * dst.element_size()
-        remote, local = (remote, local + n) if t.src == t.dst else (remote + n, local)
-        if links is not None:
-            links[(t.src, t.dst)] = links.get((t.src, t.dst), 0) + n
-    return remote, local
-
-
-def _copy_through_bounce(
-    dst: torch.Tensor, src: torch.Tensor, bounce: dict[torch.device, list[torch.Tensor]], bounce_bytes: int
-) -> None:
-    """``dst.copy_(src)`` in chunks through two buffers of ``bounce_bytes`` each, owned here on ``dst``'s device.
-
-    Each chunk takes two hops: across GPUs into a bounce buffer (torch runs it on the source GPU's stream,
-    ordered after the target's current stream), then on the target GPU into ``dst`` on a side stream, so the
-    second hop of chunk ``i`` overlaps the first hop of chunk ``i + 1`` (double buffering). Events keep a
-    buffer from being refilled before its second hop read it; the current stream waits for the side stream at
-    the end (and the caching allocator orders the buffers' reuse on it). On CPU the same chunks are copied in
-    order."""
-    flat_src, flat_dst = src.reshape(-1), dst.view(-1)
-    total = flat_dst.numel()
-    chunk = max(1, min(bounce_bytes // dst.element_size(), total))
-    bufs = bounce.get(dst.device)
-    if bufs is None or bufs[0].dtype != dst.dtype or bufs[0].numel() < chunk:
-        bufs = [torch.empty(chunk, dtype=dst.dtype, device=dst.device) for _ in range(2)]
-        bounce[dst.device] = bufs
-    chunk = bufs[0].numel()
-    if not dst.is_cuda:
-        for start in range(0, total, chunk):
-            m = min(chunk, total - start)
-            bufs[0][:m].copy_(flat_src[start : start + m])
-            flat_dst[start : start + m].copy_(bufs[0][:m])
-        return
-    main = torch.cuda.current_stream(dst.device)
-    side = _side_stream(dst.device)
-    read: list[torch.cuda.Event | None] = [None, None]
-    for i, start in enumerate(range(0, total, chunk)):
-        m, buf = min(chunk, total - start), bufs[i % 2]
-        if read[i % 2] is not None:
-            main.wait_event(read[i % 2])
-        buf[:m].copy_(flat_src[start : start + m], non_blocking=True)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            flat_dst[start : start + m].copy_(buf[:m], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(side)
-        read[i % 2] = event
-    main.wait_stream(side)
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
 
 
 @dataclass(frozen=True)

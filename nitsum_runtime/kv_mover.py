@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import functools
 import time
+import uuid as uuid_mod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ from pydantic import Field
 
 from nitsum_opt.models.spec import Frozen
 from nitsum_runtime.kv_arena import view_range
-from nitsum_runtime.kv_import import copy_heads
+from nitsum_runtime.kv_copy import CopyStreams, copy_heads
 from nitsum_runtime.kv_migration import kv_transfer_plan
 
 
@@ -91,33 +93,63 @@ Opener = Callable[[dict[str, Any], str], torch.Tensor]
 
 
 class ArenaCache:
-    """The engines' arenas opened in this process, by arena id: each is opened once, when first seen (or at
-    pool start, :meth:`~nitsum_runtime.vllm_pool_kv.KvPort.warm_kv_path`), and closed with its engine."""
+    """The engines' arenas known to this process, by arena id: the ones it owns (made by :meth:`offer` and
+    handed to the workers, the normal case) and ones a worker allocated itself, opened once when first seen.
+    An engine's arenas are dropped when it goes away (:meth:`forget`)."""
 
     def __init__(self) -> None:
         self.opened: dict[str, torch.Tensor] = {}
+        self.owned: set[str] = set()
 
-    def open(self, arena: dict[str, Any], uuid: str, opener: Opener) -> tuple[torch.Tensor, bool]:
-        """The opened arena and whether it was opened now."""
+    def offer(self, devices: Sequence[int], capacity_bytes: int) -> dict[str, list[Any]]:
+        """Allocate one arena of ``capacity_bytes`` on each CUDA device of ``devices`` (this process's
+        numbering) and return the offer for ``nitsum_kv_arena``: GPU UUID -> ``[arena id, CUDA IPC handle]``."""
+        from nitsum_runtime.worker_ext import gpu_uuid, ipc_handle
+
+        offers: dict[str, list[Any]] = {}
+        for d in devices:
+            buffer = torch.empty(capacity_bytes, dtype=torch.uint8, device=torch.device("cuda", d))
+            arena_id = uuid_mod.uuid4().hex
+            self.opened[arena_id] = buffer
+            self.owned.add(arena_id)
+            offers[gpu_uuid(d)] = [arena_id, ipc_handle(buffer)]
+        return offers
+
+    def open(self, arena: dict[str, Any], uuid: str, opener: Opener) -> torch.Tensor:
+        """The arena's bytes here: an owned or already opened one as is, else opened now with ``opener``."""
         got = self.opened.get(arena["id"])
         if got is not None:
-            return got, False
+            return got
         got = opener(arena, uuid)
         if got.dtype != torch.uint8 or got.dim() != 1 or got.numel() != int(arena["bytes"]):
             raise RuntimeError(
                 f"arena {arena['id']} opened as {got.dtype} {tuple(got.shape)}, want {arena['bytes']} bytes (uint8)"
             )
         self.opened[arena["id"]] = got
-        return got, True
+        return got
 
     def forget(self, arena_ids: Sequence[str]) -> None:
-        """Close the mappings of arenas whose engine went away."""
+        """Drop arenas whose engine went away (its process must be gone before an owned arena is freed)."""
         for a in arena_ids:
             self.opened.pop(a, None)
+            self.owned.discard(a)
 
 
 #: The controller's arenas (one process drives the pool).
 ARENAS = ArenaCache()
+
+
+@dataclass
+class Resolved:
+    """One side's buffers of a migration, by node GPU and key (:func:`resolve_refs`)."""
+
+    tensors: dict[int, dict[str, torch.Tensor]]
+    in_arena: int = 0
+    """Buffers that are ranges of arenas."""
+    own: int = 0
+    """Buffers of their own (opened one by one)."""
+    foreign: set[str] = field(default_factory=set)
+    """Keys with a buffer this process does not own (writing into those across GPUs needs the bounce)."""
 
 
 def resolve_refs(
@@ -126,11 +158,10 @@ def resolve_refs(
     gpus: Sequence[int],
     opener: Opener,
     arenas: ArenaCache,
-) -> tuple[dict[int, dict[str, torch.Tensor]], int, int]:
+) -> Resolved:
     """Each rank's buffers by node GPU and key, from the ranks' export/stage answers (``rank``, ``uuid``,
-    ``arena``, ``refs``); returns them with the counts of arena ranges and own buffers."""
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    in_arena = own = 0
+    ``arena``, ``refs``)."""
+    out = Resolved(tensors={})
     for a in answers:
         tensors = {}
         for k in keys:
@@ -138,14 +169,16 @@ def resolve_refs(
             if "arena" in ref:
                 if a.get("arena") is None or a["arena"]["id"] != ref["arena"]:
                     raise RuntimeError(f"rank {a['rank']}: ref of {k!r} names arena {ref['arena']} it did not describe")
-                buffer, _ = arenas.open(a["arena"], a["uuid"], opener)
-                tensors[k] = view_range(buffer, ref)
-                in_arena += 1
+                tensors[k] = view_range(arenas.open(a["arena"], a["uuid"], opener), ref)
+                out.in_arena += 1
+                if ref["arena"] not in arenas.owned:
+                    out.foreign.add(k)
             else:
                 tensors[k] = opener(ref, a["uuid"])
-                own += 1
-        out[gpus[a["rank"]]] = tensors
-    return out, in_arena, own
+                out.own += 1
+                out.foreign.add(k)
+        out.tensors[gpus[a["rank"]]] = tensors
+    return out
 
 
 def move_staged(
@@ -163,42 +196,66 @@ def move_staged(
     ``exported`` / ``staged``: the per-rank answers of ``nitsum_kv_export`` / ``nitsum_kv_stage`` (``rank``,
     ``uuid``, ``arena``, ``refs`` by key, :data:`~nitsum_runtime.kv_arena.KvRef`); ``src_gpus`` / ``dst_gpus``:
     the engines' node GPU ids in TP rank order (the plan's world ranks). ``open_tensor(ref_or_arena, uuid)``
-    opens one buffer (default: CUDA IPC); ``arenas``: the cache of opened arenas (default: this process's)."""
+    opens one buffer (default: CUDA IPC); ``arenas``: the arenas known here (default: this process's).
+    Targets this process owns are written directly; others through the bounce buffers
+    (:mod:`nitsum_runtime.kv_copy`). Same-GPU copies run on side streams, beside the NVLink copies."""
     opener = open_tensor or _open_cuda
     cache = ARENAS if arenas is None else arenas
     t0 = time.perf_counter()
-    src, a1, o1 = resolve_refs(exported, keys, src_gpus, opener, cache)
-    dst, a2, o2 = resolve_refs(staged, keys, dst_gpus, opener, cache)
-    if set(src) != set(src_gpus) or set(dst) != set(dst_gpus):
-        raise RuntimeError(f"answers from ranks on GPUs {sorted(src)} -> {sorted(dst)}, want {src_gpus} -> {dst_gpus}")
+    src = resolve_refs(exported, keys, src_gpus, opener, cache)
+    dst = resolve_refs(staged, keys, dst_gpus, opener, cache)
+    if set(src.tensors) != set(src_gpus) or set(dst.tensors) != set(dst_gpus):
+        raise RuntimeError(
+            f"answers from ranks on GPUs {sorted(src.tensors)} -> {sorted(dst.tensors)}, want {src_gpus} -> {dst_gpus}"
+        )
     open_s = time.perf_counter() - t0
     plan = kv_transfer_plan(num_kv_heads, src_gpus, dst_gpus)
-    devices = {t.device for per in (*src.values(), *dst.values()) for t in per.values() if t.is_cuda}
+    devices = {t.device for per in (*src.tensors.values(), *dst.tensors.values()) for t in per.values() if t.is_cuda}
     _sync(devices)
     t1 = time.perf_counter()
     remote = local = 0
     links: dict[tuple[int, int], int] = {}
+    streams = CopyStreams()
     for k in keys:
         r, lo = copy_heads(
             plan,
-            {g: b[k] for g, b in src.items()},
-            {g: b[k] for g, b in dst.items()},
-            bounce_bytes=BOUNCE_BYTES if devices else 0,
+            {g: b[k] for g, b in src.tensors.items()},
+            {g: b[k] for g, b in dst.tensors.items()},
+            bounce_bytes=BOUNCE_BYTES if devices and k in dst.foreign else 0,
             links=links,
+            streams=streams,
         )
         remote, local = remote + r, local + lo
+    streams.join()
     _sync(devices)
     copy_s = time.perf_counter() - t1
-    del src, dst  # close the own buffers' IPC mappings before their owners free them (arenas stay open)
+    counts = (src.in_arena + dst.in_arena, src.own + dst.own)
+    del src, dst  # close the own buffers' IPC mappings before their owners free them (arenas stay)
     return MoveStats(
         bytes_remote=remote,
         bytes_local=local,
         link_bytes=max((n for (a, b), n in links.items() if a != b), default=0),
         copy_s=copy_s,
         open_s=open_s,
-        arena_refs=a1 + a2,
-        own_refs=o1 + o2,
+        arena_refs=counts[0],
+        own_refs=counts[1],
     )
+
+
+_WARM_PAIRS: set[tuple[int, int]] = set()
+
+
+def warm_peers(devices: Sequence[int]) -> None:
+    """One small copy between every ordered pair of ``devices`` (once per process), so that the first
+    migration does not pay for enabling peer access."""
+    for a in devices:
+        for b in devices:
+            if a != b and (a, b) not in _WARM_PAIRS:
+                x = torch.zeros(1 << 20, dtype=torch.uint8, device=torch.device("cuda", a))
+                x.to(torch.device("cuda", b))
+                _WARM_PAIRS.add((a, b))
+    for d in devices:
+        torch.cuda.synchronize(d)
 
 
 def _sync(devices: set[torch.device]) -> None:

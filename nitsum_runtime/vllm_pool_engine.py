@@ -173,8 +173,8 @@ class VllmEngine(KvPort):
 
     def close(self) -> None:
         """Kill the engine's process group (teardown; requests held are forgotten)."""
-        self.forget_kv_arenas()
         self.handle.close()
+        self.forget_kv_arenas()  # after the workers that mapped them are gone
         self._held.clear()
         self._state, self._resident = EngineState.ASLEEP, False
 
@@ -191,8 +191,8 @@ class VllmEngine(KvPort):
 
     def _fail(self, why: str) -> None:
         self.failure = why
-        self.forget_kv_arenas()
         self.handle.close()
+        self.forget_kv_arenas()
 
     def _guard(self, fn: Any, what: str) -> Any:
         try:

@@ -44,26 +44,37 @@ class KvPort:
     _staged: dict[str, str]
 
     def warm_kv_path(self) -> None:
-        """Make every worker's KV exchange arena and open it here, so that no migration opens a CUDA IPC handle
-        on the switch path (:mod:`nitsum_runtime.kv_arena`); nothing without the KV connector, an arena size or
-        GPUs visible to this process."""
-        from nitsum_runtime.kv_mover import ARENAS, _open_cuda, controller_sees_gpus
+        """Give every worker a KV exchange arena this process allocates on the worker's GPU
+        (:mod:`nitsum_runtime.kv_arena`) and enable peer access between the engine's GPUs, so that no
+        migration allocates, opens a CUDA IPC handle or sets up peer access on the switch path; nothing without
+        the KV connector, an arena size or GPUs visible to this process."""
+        from nitsum_runtime.kv_mover import ARENAS, controller_sees_gpus, warm_peers
 
         if not (self.kv_connector and self.kv_arena_bytes > 0 and controller_sees_gpus()):
             return
         t0 = time.perf_counter()
-        for answer in self.rpc("nitsum_kv_arena", self.kv_arena_bytes):
-            if answer["arena"] is not None:
-                ARENAS.open(answer["arena"], answer["uuid"], _open_cuda)
-                self.kv_arenas.append(answer["arena"]["id"])
-        self.timings["kv_arena_open_s"] = time.perf_counter() - t0
+        self.forget_kv_arenas()
+        offers = ARENAS.offer(self.gpu_ids, self.kv_arena_bytes)
+        ids = [arena_id for arena_id, _ in offers.values()]
+        try:
+            answers = self.rpc("nitsum_kv_arena", self.kv_arena_bytes, offers)
+        except BaseException:
+            ARENAS.forget(ids)
+            raise
+        taken = {a["arena"]["id"] for a in answers if a["arena"] is not None}
+        if taken != set(ids):
+            ARENAS.forget(ids)
+            raise EngineError(f"engine {self.engine_id}: workers took arenas {sorted(taken)}, offered {sorted(ids)}")
+        self.kv_arenas = ids
+        warm_peers(range(max(self.gpu_ids) + 1))
+        self.timings["kv_arena_s"] = time.perf_counter() - t0
 
     def forget_kv_arenas(self) -> None:
-        """Close this process's mappings of the engine's arenas (the engine is going away)."""
+        """Free the engine's arenas in this process (call once its workers are gone or hold none)."""
         from nitsum_runtime.kv_mover import ARENAS
 
         ARENAS.forget(self.kv_arenas)
-        self.kv_arenas.clear()
+        self.kv_arenas = []
 
     def export_requests(self, request_ids: Sequence[str]) -> list[RequestSnapshot]:
         missing = [r for r in request_ids if r not in self._held]

@@ -218,18 +218,32 @@ class NitsumWorkerExtension:
     # KV migration through the Nitsum KV connector (kv_import.py): export on the source, stage on the target,
     # the controller copies between the two over CUDA IPC (it sees every GPU of the node). Buffers are ranges of
     # this worker's persistent arena (kv_arena.py) when they fit, else buffers of their own.
-    def nitsum_kv_arena(self, capacity_bytes: int) -> dict[str, Any]:
-        """Make this worker's KV exchange arena (once; a later call with another size replaces it when no range
-        is in use); returns this rank's GPU UUID and the arena's description (:meth:`KvArena.describe`)."""
+    def nitsum_kv_arena(self, capacity_bytes: int, offers: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+        """Make this worker's KV exchange arena (:mod:`nitsum_runtime.kv_arena`): the buffer the controller
+        offers for this rank's GPU (``offers``: GPU UUID -> ``[arena id, CUDA IPC handle]``), else one of its
+        own. A later call replaces it when no range is in use. Returns this rank's GPU UUID and the arena's
+        description."""
         from nitsum_runtime.kv_arena import WORKER_ARENA, KvArena
         from nitsum_runtime.kv_import import STAGED_LOCK
 
+        uuid = gpu_uuid(self.device.index)  # type: ignore[attr-defined]
+        if offers is not None and uuid not in offers:
+            raise KeyError(
+                f"no KV arena offered for GPU {uuid}; offered for {sorted(offers)}: the controller must number "
+                "the node's GPUs as the plan does (node GPU id = its CUDA device index)"
+            )
         with STAGED_LOCK:
-            arena = WORKER_ARENA[0] if WORKER_ARENA else None
-            if arena is None or (arena.capacity_bytes != capacity_bytes and not arena.ranges.ranges()):
-                WORKER_ARENA[:] = [KvArena(capacity_bytes, self.device)] if capacity_bytes > 0 else []  # type: ignore[attr-defined]
+            if WORKER_ARENA and WORKER_ARENA[0].ranges.ranges():
+                raise RuntimeError("the KV arena still holds staged or exported KV; release it first")
+            WORKER_ARENA.clear()
+            if offers is not None:
+                arena_id, handle = offers[uuid]
+                buffer = open_ipc_tensor(handle, self.device.index)  # type: ignore[attr-defined]
+                WORKER_ARENA.append(KvArena(capacity_bytes, buffer.device, buffer=buffer, arena_id=arena_id))
+            elif capacity_bytes > 0:
+                WORKER_ARENA.append(KvArena(capacity_bytes, self.device))  # type: ignore[attr-defined]
             described = WORKER_ARENA[0].describe() if WORKER_ARENA else None
-        return {"rank": self._nitsum_rank()[1], "uuid": gpu_uuid(self.device.index), "arena": described}  # type: ignore[attr-defined]
+        return {"rank": self._nitsum_rank()[1], "uuid": uuid, "arena": described}
 
     def _nitsum_kv_buffer(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
         """A buffer for ``key``: an arena range if it fits, else its own allocation (kept until released)."""

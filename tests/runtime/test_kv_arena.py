@@ -93,13 +93,37 @@ def test_controller_opens_each_arena_once() -> None:
     for step in range(3):
         _, ref = arena.take(f"k{step}", (4,), torch.float32)
         answers = [{"rank": 0, "uuid": "g", "arena": arena.describe(), "refs": {f"k{step}": ref, "own": {"ipc": own}}}]
-        got, in_arena, own_n = resolve_refs(answers, [f"k{step}", "own"], [5], opener, cache)
-        assert (in_arena, own_n) == (1, 1) and set(got) == {5}
-        got[5][f"k{step}"].copy_(torch.full((4,), float(step)))
+        got = resolve_refs(answers, [f"k{step}", "own"], [5], opener, cache)
+        assert (got.in_arena, got.own) == (1, 1) and set(got.tensors) == {5}
+        assert got.foreign == {f"k{step}", "own"}  # neither is this process's memory: writes need the bounce
+        got.tensors[5][f"k{step}"].copy_(torch.full((4,), float(step)))
         assert torch.equal(view_range(arena.buffer, ref), torch.full((4,), float(step)))
     assert opened == [arena.arena_id, "own", "own", "own"]  # the arena once, own buffers every time
     cache.forget([arena.arena_id])
     assert not cache.opened
+
+
+def test_owned_arenas_are_written_directly() -> None:
+    """An arena the controller owns (offered to the worker, which borrows it) is never opened and needs no bounce;
+    the borrowing worker's description carries no handle (it never re-exports another process's memory)."""
+    cache = ArenaCache()
+    owner = torch.zeros(1024, dtype=torch.uint8)
+    cache.opened["a1"], cache.owned = owner, {"a1"}
+    worker = KvArena(1024, "cpu", buffer=owner, arena_id="a1")
+    assert worker.borrowed and worker.describe() == {"id": "a1", "bytes": 1024, "handle": None}
+    t, ref = worker.take("k", (8,), torch.float32)
+    t.fill_(2.0)
+
+    def never(desc: dict, uuid: str) -> torch.Tensor:
+        raise AssertionError(f"opened {desc} on {uuid}")
+
+    answer = {"rank": 0, "uuid": "g", "arena": worker.describe(), "refs": {"k": ref}}
+    got = resolve_refs([answer], ["k"], [0], never, cache)
+    assert got.foreign == set() and torch.equal(got.tensors[0]["k"], torch.full((8,), 2.0))
+    cache.forget(["a1"])
+    assert cache.owned == set() and not cache.opened
+    with pytest.raises(ValueError, match="want 64 uint8 bytes"):
+        KvArena(64, "cpu", buffer=torch.zeros(16, dtype=torch.float32))
 
 
 def test_refs_naming_an_undescribed_arena_are_refused() -> None:

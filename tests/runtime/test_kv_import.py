@@ -15,11 +15,11 @@ import torch
 
 from nitsum_runtime import kv_import
 from nitsum_runtime.kv_arena import WORKER_ARENA, KvArena
+from nitsum_runtime.kv_copy import copy_heads
 from nitsum_runtime.kv_import import (
     STAGED,
     ImportScheduler,
     ImportWorker,
-    copy_heads,
     gather_head_major,
     layer_order,
     matched_tokens,
