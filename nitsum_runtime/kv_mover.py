@@ -246,8 +246,11 @@ _WARM_PAIRS: set[tuple[int, int]] = set()
 
 
 def warm_peers(devices: Sequence[int]) -> None:
-    """One small copy between every ordered pair of ``devices`` (once per process), so that the first
-    migration does not pay for enabling peer access."""
+    """One small copy between every ordered pair of ``devices`` and a side stream on each (once per process), so
+    that the first migration pays neither for enabling peer access nor for torch's lazy stream pool (measured
+    on 2 x H200: the first migration's copies took 19 ms for 138 MB, the next ones 0.4-0.7 ms)."""
+    for d in devices:
+        torch.cuda.Stream(torch.device("cuda", d))  # creates the device's stream pool on first use
     for a in devices:
         for b in devices:
             if a != b and (a, b) not in _WARM_PAIRS:
