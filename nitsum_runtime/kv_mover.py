@@ -198,7 +198,7 @@ def move_staged(
     the engines' node GPU ids in TP rank order (the plan's world ranks). ``open_tensor(ref_or_arena, uuid)``
     opens one buffer (default: CUDA IPC); ``arenas``: the arenas known here (default: this process's).
     Targets this process owns are written directly; others through the bounce buffers
-    (:mod:`nitsum_runtime.kv_copy`). Same-GPU copies run on side streams, beside the NVLink copies."""
+    (:mod:`nitsum_runtime.kv_copy`). Each GPU pair's copies run on streams of their own, side by side."""
     opener = open_tensor or _open_cuda
     cache = ARENAS if arenas is None else arenas
     t0 = time.perf_counter()
