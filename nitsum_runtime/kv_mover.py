@@ -215,7 +215,8 @@ def move_staged(
     t1 = time.perf_counter()
     remote = local = 0
     links: dict[tuple[int, int], int] = {}
-    streams = CopyStreams()
+    total_bytes = sum(t.numel() * t.element_size() for per in dst.tensors.values() for t in per.values())
+    streams = CopyStreams.for_plan(plan, total_bytes)
     for k in keys:
         r, lo = copy_heads(
             plan,

@@ -137,3 +137,15 @@ def test_refs_naming_an_undescribed_arena_are_refused() -> None:
 def test_cache_refuses_a_buffer_of_the_wrong_size() -> None:
     with pytest.raises(RuntimeError, match="want 64 bytes"):
         ArenaCache().open({"id": "a", "bytes": 64}, "g", lambda d, u: torch.zeros(32, dtype=torch.uint8))
+
+
+def test_pair_streams_only_for_large_fan_in_or_fan_out() -> None:
+    from nitsum_runtime.kv_copy import PAIR_STREAMS_MIN_BYTES, CopyStreams
+    from nitsum_runtime.kv_migration import kv_transfer_plan
+
+    big, small = PAIR_STREAMS_MIN_BYTES, PAIR_STREAMS_MIN_BYTES - 1
+    assert not CopyStreams.for_plan(kv_transfer_plan(8, [0], [0, 1]), big).per_pair  # one link (and a local copy)
+    assert not CopyStreams.for_plan(kv_transfer_plan(8, [0, 1], [0]), big).per_pair
+    assert CopyStreams.for_plan(kv_transfer_plan(8, [0, 1, 2, 3], [0]), big).per_pair  # fan-in: 1, 2, 3 -> 0
+    assert CopyStreams.for_plan(kv_transfer_plan(8, [0, 1], [0, 1, 2, 3]), big).per_pair  # fan-out from 1
+    assert not CopyStreams.for_plan(kv_transfer_plan(8, [0, 1, 2, 3], [0]), small).per_pair
