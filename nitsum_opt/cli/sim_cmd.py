@@ -117,7 +117,7 @@ def print_sweep(sweep: SweepResult, summary: SweepSummary) -> None:
         )
     console.print(loads)
     targets = Table(title="targets")
-    for col in ("target", "load ×", "measured", "required", "met", "note"):
+    for col in ("target", "load ×", "measured", "required", "ceiling", "met", "note"):
         targets.add_column(col)
     for t in summary.targets:
         targets.add_row(
@@ -125,6 +125,7 @@ def print_sweep(sweep: SweepResult, summary: SweepSummary) -> None:
             "–" if t.load_scale is None else f"{t.load_scale:g}",
             "–" if t.ratio is None else f"{t.ratio:.2f}",
             f"{t.target:g}",
+            "–" if t.ceiling is None else f"{t.ceiling:.2f}",
             {True: "[green]yes[/]", False: "[red]no[/]", None: "–"}[t.met],
             t.note,
         )

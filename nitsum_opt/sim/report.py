@@ -248,13 +248,14 @@ def write_html(sweep: SweepResult, summary: SweepSummary, images: list[Path], pa
         ],
     )
     targets = _table(
-        ["target", "load ×", "measured", "required", "met", "note"],
+        ["target", "load ×", "measured", "required", "ceiling", "met", "note"],
         [
             [
                 t.name,
                 _fmt(t.load_scale, "g"),
                 _fmt(t.ratio),
                 f"{t.target:g}",
+                _fmt(t.ceiling),
                 {True: "yes", False: "no", None: "–"}[t.met],
                 t.note,
             ]

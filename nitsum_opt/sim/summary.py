@@ -63,6 +63,9 @@ class TargetCheck(Frozen):
     """Required ratio."""
     met: bool | None
     """Whether the ratio reaches the target (``None``: not measurable on this sweep)."""
+    ceiling: float | None = None
+    """The largest ratio any system could reach there: offered req/s over the reference system's goodput (a
+    system serving every request within its SLO). A target above it cannot be met on this sweep."""
     note: str = ""
     """How it was judged, or why it could not be."""
 
@@ -119,6 +122,7 @@ def _targets(sweep: SweepResult) -> tuple[TargetCheck, ...]:
         )
     else:
         r = ratio(_goodput(level, "nitsum") or 0.0, _goodput(level, "oracle-static") or 0.0)
+        ceiling = ratio(level.offered_rps, _goodput(level, "oracle-static") or 0.0)
         out.append(
             TargetCheck(
                 name="nitsum / oracle-static where oracle-static < 90 % attainment",
@@ -126,7 +130,9 @@ def _targets(sweep: SweepResult) -> tuple[TargetCheck, ...]:
                 ratio=r,
                 target=ORACLE_TARGET,
                 met=r >= ORACLE_TARGET,
-                note=f"first sweep load with oracle-static attainment {_attainment(level, 'oracle-static'):.1%}",
+                ceiling=ceiling,
+                note=f"first sweep load with oracle-static attainment {_attainment(level, 'oracle-static'):.1%}"
+                + (f"; no system can exceed {ceiling:.2f}x there" if ceiling < ORACLE_TARGET else ""),
             )
         )
     double = None if brk is None else _level_at(sweep, 2 * brk)
@@ -152,6 +158,7 @@ def _targets(sweep: SweepResult) -> tuple[TargetCheck, ...]:
                 ratio=r,
                 target=VLLM_TARGET,
                 met=r >= VLLM_TARGET,
+                ceiling=ratio(double.offered_rps, _goodput(double, best) or 0.0),
                 note=f"best vllm-static there: {best}",
             )
         )
