@@ -156,18 +156,16 @@ def kv_lines(s: dict[str, Any]) -> list[str]:
         f"requests, {sum(r['kv_bytes'] for r in rows) / 1e6:.1f} MB; fell back: {s.get('kv_errors') or 'never'}"
     ]
     if mig:
-        gbs = sorted(r["kv_copy_gb_per_s"] for r in mig)
-        ms = sorted(r["kv_copy_ms"] for r in mig)
+        ms, gbs = [r["kv_copy_ms"] for r in mig], [r["kv_copy_gb_per_s"] for r in mig]
         out.append(
-            f"- KV copy (CUDA IPC, heads re-split): p50 {ms[len(ms) // 2]:.2f} ms, max {ms[-1]:.2f} ms; "
-            f"p50 {gbs[len(gbs) // 2]:.1f} GB/s (min {gbs[0]:.1f})"
+            f"- KV copy (CUDA IPC, heads re-split): p50 {_p50(ms):.2f} ms, max {max(ms):.2f} ms; "
+            f"p50 {_p50(gbs):.1f} GB/s (min {min(gbs):.1f})"
         )
     for name, sel in (("migrate", [r for r in mig if r["phase"] == "loop"]), ("re-prefill", rep)):
         if sel:
-            mv = sorted(r["move_requests_ms"] for r in sel)
-            pr = sorted(r["pause_to_resume_ms"] for r in sel)
+            mv, pr = [r["move_requests_ms"] for r in sel], [r["pause_to_resume_ms"] for r in sel]
             out.append(
-                f"- loop switches by {name} ({len(sel)}): move_requests p50 {mv[len(mv) // 2]:.1f} ms, pause->resume "
-                f"p50 {pr[len(pr) // 2]:.1f} ms (a re-prefill's compute lands in the target's first step)"
+                f"- loop switches by {name} ({len(sel)}): move_requests p50 {_p50(mv):.1f} ms, pause->resume "
+                f"p50 {_p50(pr):.1f} ms (a re-prefill's compute lands in the target's first step)"
             )
     return out

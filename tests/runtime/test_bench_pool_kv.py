@@ -63,3 +63,19 @@ def test_bulk_report_judges_the_median_single_link_switch() -> None:
     summary["switch_rows"] = [_row("tp1->tp2", 300.0)]
     assert bulk_lines(summary)[1] is False  # a lost request fails the phase whatever the bandwidth
     assert bulk_lines({"switch_rows": []}) == ([], False)
+
+
+def test_committed_4_gpu_run_reads_back() -> None:
+    """The committed 4 x H200 `pool-kv` run: its summary re-renders to the KV lines of its report, and the bulk
+    phase is judged at 0.77 x NCCL p2p over one link."""
+    import json
+    from pathlib import Path
+
+    from nitsum_runtime.bench_pool_kv import kv_lines
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks/gpu/results/runtime-h200x4-pool-kv-2026-11-22/pool-kv"
+    summary = json.loads((root / "summary.json").read_text())
+    report = (root / "report.md").read_text().splitlines()
+    lines, ok = bulk_lines(summary)
+    assert ok and any("= 0.77 x NCCL p2p" in x for x in lines)
+    assert all(x in report for x in kv_lines(summary) + [x for x in lines if x])
