@@ -53,7 +53,6 @@ class KvPort:
         if not (self.kv_connector and self.kv_arena_bytes > 0 and controller_sees_gpus()):
             return
         t0 = time.perf_counter()
-        self.forget_kv_arenas()
         offers = ARENAS.offer(self.gpu_ids, self.kv_arena_bytes)
         ids = [arena_id for arena_id, _ in offers.values()]
         try:
@@ -65,6 +64,7 @@ class KvPort:
         if taken != set(ids):
             ARENAS.forget(ids)
             raise EngineError(f"engine {self.engine_id}: workers took arenas {sorted(taken)}, offered {sorted(ids)}")
+        ARENAS.forget(self.kv_arenas)  # the workers replaced them (they refuse to while a range is in use)
         self.kv_arenas = ids
         warm_peers(range(max(self.gpu_ids) + 1))
         self.timings["kv_arena_s"] = time.perf_counter() - t0
