@@ -45,7 +45,7 @@ class SwitchCosts(Frozen):
     large migrations, 302.7 GB/s for 32k tokens TP1→TP1 (256 MiB chunks; 0.83 × the 366.2 GB/s NCCL
     point-to-point of the same run) and 303–336 GB/s TP4→TP1, rounded down. Migrations between vLLM engines
     (the KV connector path, runs 7–8) copy at 263–279 GB/s over one GPU pair; their whole ``move_requests`` step
-    (export, stage, copy, re-add) took 18–24 ms for 0.95 GB and 7–10 ms for a few MB."""
+    (export, stage, copy, re-add) took 16–24 ms for 0.95 GB and 6–11 ms for a few MB."""
     internode_gb_s: float = Field(default=50.0, gt=0, allow_inf_nan=False)
     """KV-cache transfer bandwidth between nodes (400 Gb/s InfiniBand), GB/s. Not measured: the line rate."""
     transfer_latency_ms: float = Field(default=1.0, ge=0, allow_inf_nan=False)
