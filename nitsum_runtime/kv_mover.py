@@ -6,9 +6,10 @@ process holding the resident weight stores, which sees every GPU of the node) ca
 export head-major copies of each request's KV (``nitsum_kv_export``), the target's workers make the buffers
 their KV connector will read (``nitsum_kv_stage``), and :func:`move_staged` resolves both sides' refs and runs
 :func:`~nitsum_runtime.kv_migration.kv_transfer_plan` as contiguous device copies (peer to peer over NVLink
-across GPUs, through double-buffered bounce buffers on the target GPU). The buffers are ranges of each
-worker's persistent arena (:mod:`nitsum_runtime.kv_arena`), opened here once and kept in :data:`ARENAS`;
-only a request too large for the free space gets buffers of its own, opened for that migration.
+across GPUs; :mod:`nitsum_runtime.kv_copy`). The buffers are ranges of each worker's persistent arena
+(:mod:`nitsum_runtime.kv_arena`), which this process allocated on the worker's GPU and handed over at engine
+start (:data:`ARENAS`), so its copies write memory it owns; only a request too large for the free space gets
+buffers of its own, exported by the worker, opened for that migration and written through bounce buffers.
 Imports torch only (no vLLM).
 """
 
@@ -78,8 +79,9 @@ def device_of_uuid(uuid: str) -> int:
     return seen[uuid]
 
 
-#: Size of each of the two buffers a cross-GPU copy goes through on the target GPU (see :func:`copy_heads`:
-#: writing into another process's CUDA IPC buffer across GPUs runs at a tenth of the NVLink bandwidth).
+#: Size of each of the two buffers a cross-GPU copy into a buffer this process does not own goes through on the
+#: target GPU (:mod:`nitsum_runtime.kv_copy`: writing into another process's CUDA IPC buffer across GPUs runs at a
+#: tenth of the NVLink bandwidth).
 BOUNCE_BYTES = 64 * 2**20
 
 
