@@ -1,89 +1,21 @@
 """The profiler's experiment loop, run against a small engine that schedules like vLLM's v1 scheduler.
 
-``ToyEngine`` below is not a mock of vLLM: it implements the scheduling policy the profiler relies on
-(running requests first, one token per decode; then waiting requests first-come-first-served; a token budget
-per step; an optional per-request prompt chunk cap; a request finishes after ``max_tokens`` sampled tokens)
-and reports what it scheduled the way ``InProcessVllmEngine.step`` does. That lets CI check the labels, repeats and
-compositions the profiler records, and that its plan agrees with such a scheduler.
+``ToyEngine`` (``tests/engine_factories.py``) is not a mock of vLLM: it implements the scheduling policy the
+profiler relies on and reports what it scheduled the way ``InProcessVllmEngine.step`` does. That lets CI check
+the labels, repeats and compositions the profiler records, and that its plan agrees with such a scheduler.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
 
 import pytest
+from engine_factories import ToyEngine
 
-from nitsum_runtime.composition import ScheduledRequest
 from nitsum_runtime.profile_grid import EngineLimits, build_grid
 from nitsum_runtime.profile_schema import ExperimentKind, ProfileRow
 from nitsum_runtime.profiler import Profiler
-from nitsum_runtime.vllm_engine import StepResult
-
-
-@dataclass
-class _Req:
-    rid: str
-    prompt: int
-    max_tokens: int
-    computed: int = 0
-    generated: int = 0
-
-
-@dataclass
-class ToyEngine:
-    budget: int = 16384
-    max_seqs: int = 512
-    chunk_cap: int = 0
-    waiting: list[_Req] = field(default_factory=list)
-    running: list[_Req] = field(default_factory=list)
-    n: int = 0
-
-    def add_request(self, prompt_token_ids: list[int], max_tokens: int) -> str:
-        self.n += 1
-        self.waiting.append(_Req(f"q{self.n}", len(prompt_token_ids), max_tokens))
-        return f"q{self.n}"
-
-    def abort(self, request_ids: list[str]) -> None:
-        gone = set(request_ids)
-        self.running = [r for r in self.running if r.rid not in gone]
-        self.waiting = [r for r in self.waiting if r.rid not in gone]
-
-    def set_prefill_chunk_limit(self, tokens: int | None) -> None:
-        self.chunk_cap = tokens or 0
-
-    def _want(self, r: _Req, budget: int) -> int:
-        new = r.prompt + r.generated - r.computed
-        if 0 < self.chunk_cap < new:
-            new = self.chunk_cap
-        return min(new, budget)
-
-    def step(self) -> StepResult:
-        budget, plan = self.budget, []
-        for r in self.running:
-            if budget <= 0:
-                break
-            k = self._want(r, budget)
-            plan.append((r, k))
-            budget -= k
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
-            r = self.waiting.pop(0)
-            self.running.append(r)
-            k = self._want(r, budget)
-            plan.append((r, k))
-            budget -= k
-        scheduled = tuple(ScheduledRequest(r.rid, k, r.computed) for r, k in plan)
-        finished = set()
-        for r, k in plan:
-            r.computed += k
-            if r.computed >= r.prompt + r.generated:
-                r.generated += 1
-                if r.generated >= r.max_tokens:
-                    finished.add(r.rid)
-        self.running = [r for r in self.running if r.rid not in finished]
-        tokens = sum(k for _, k in plan)
-        return StepResult(1e-3 + tokens * 1e-7, scheduled, frozenset(finished))
 
 
 def _run(smoke: bool, kv: int, deadline: float = float("inf"), passes: int = 1) -> tuple[Profiler, list[ProfileRow]]:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The simulator check on one H200: replay the committed trace slices on a vLLM 0.26.0 engine (Llama-3.1-8B
+# architecture, dummy weights, TP 1, the default scenario's engine settings) and write what each request took.
+#
+#   OUT=/path bash benchmarks/gpu/run_fidelity_h200.sh [SLICES=benchmarks/gpu/fidelity/slices.csv] [DEADLINE_S=520]
+#
+# Needs vLLM importable (benchmarks/gpu/install_vllm.sh into /tmp/site). Writes OUT/measured.csv, OUT/meta.json
+# and OUT/run_fidelity_h200.log; compare on any machine with
+#   python benchmarks/sim/fidelity.py compare --measured OUT
+# vLLM's default kernels (no batch invariance), as in the profiles the latency model was fitted on.
+set -uo pipefail
+OUT=${OUT:?set OUT to the results folder}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+slices=$(realpath "${1:-$ROOT/benchmarks/gpu/fidelity/slices.csv}")
+deadline=${2:-520}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+unset PYTORCH_CUDA_ALLOC_CONF VLLM_BATCH_INVARIANT
+# Import this tree without installing it: models/ and solvers/ map into nitsum_opt (see pyproject).
+PP=$(mktemp -d /tmp/nitsum_pp.XXXXXX)
+mkdir -p "$PP/nitsum_opt"
+for f in "$ROOT"/nitsum_opt/*; do ln -s "$f" "$PP/nitsum_opt/"; done
+ln -s "$ROOT/models" "$PP/nitsum_opt/models"
+ln -s "$ROOT/solvers" "$PP/nitsum_opt/solvers"
+ln -s "$ROOT/nitsum_runtime" "$PP/nitsum_runtime"
+export PYTHONPATH="$PP${PYTHONPATH:+:$PYTHONPATH}"
+[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+cd "$PP" || exit 2
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT/run_fidelity_h200.log"
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} timeout -k 15 $((deadline + 60)) setsid python3 -m nitsum_runtime.bench_fidelity \
+  --slices "$slices" --out "$OUT" --deadline-s "$deadline" \
+  --command "bash benchmarks/gpu/run_fidelity_h200.sh ${1:-} ${2:-}" 2>&1 | tee -a "$OUT/run_fidelity_h200.log"
+rc=${PIPESTATUS[0]}
+rm -rf "$PP"
+echo "exit $rc" | tee -a "$OUT/run_fidelity_h200.log"
+exit "$rc"

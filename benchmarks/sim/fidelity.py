@@ -1,0 +1,129 @@
+"""Simulator vs a real vLLM engine on the same requests (:mod:`nitsum_opt.sim.fidelity`).
+
+Usage:
+
+* ``python benchmarks/sim/fidelity.py prepare [--rates 4,8,10,13] [--window-s 60] [--start-s 1200]
+  [--out benchmarks/gpu/fidelity/slices.csv]`` — cut the slices from the bundled default workload (a window
+  starting at minute 20 of the trace, inside the background burst, so all three tiers are in it) compressed to each
+  rate. The file is committed: the GPU run and the comparison read the same requests.
+* on an H200: ``OUT=... bash benchmarks/gpu/run_fidelity_h200.sh`` (writes ``measured.csv`` and ``meta.json``);
+* ``python benchmarks/sim/fidelity.py compare --measured DIR [--out-csv benchmarks/sim/fidelity.csv]
+  [--plot benchmarks/sim/fidelity.png]`` — simulate each measured slice on one TP1 engine (the default scenario's
+  fitted H200 model, engine settings and tiers; drain as in the GPU run) and print the table real vs simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nitsum_opt.sim.fidelity import compare, read_measured, simulate_slice, slo_met
+from nitsum_opt.sim.scenario import Scenario
+from nitsum_opt.sim.slices import TraceSlice, make_slices, read_slices, write_slices
+
+DEFAULT_SLICES = Path("benchmarks/gpu/fidelity/slices.csv")
+
+
+def prepare(args: argparse.Namespace) -> int:
+    scenario = Scenario()
+    rates = [float(x) for x in args.rates.split(",")]
+    slices = make_slices(scenario.trace(1.0), rates, args.window_s, start_s=args.start_s)
+    write_slices(args.out, slices)
+    for s in slices:
+        counts = {t: s.tier.count(t) for t in sorted(set(s.tier))}
+        print(f"{s.name}: {len(s)} requests, {s.offered_rps:.2f} req/s, {counts}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _fmt(x: object) -> str:
+    if isinstance(x, float):
+        return "" if math.isnan(x) else f"{x:.4g}"
+    return str(x)
+
+
+def _plot(path: Path, pieces: list[TraceSlice], real: dict, sim: dict, scenario: Scenario) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(pieces), figsize=(4 * len(pieces), 6.5), squeeze=False)
+    for j, piece in enumerate(pieces):
+        for i, (metric, label) in enumerate((("ttft_s", "TTFT (ms)"), ("tpot_s", "TPOT (ms)"))):
+            ax = axes[i][j]
+            for name, timings, style in (("vLLM on H200", real[piece.name], "-"), ("simulator", sim[piece.name], "--")):
+                values = np.sort(getattr(timings, metric)) * 1000.0
+                values = values[np.isfinite(values)]
+                ax.plot(values, np.arange(1, values.size + 1) / values.size, style, label=name)
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("share of requests")
+            ax.grid(alpha=0.3)
+            if i == 0:
+                met_r = slo_met(piece, real[piece.name], scenario.tiers).mean()
+                met_s = slo_met(piece, sim[piece.name], scenario.tiers).mean()
+                ax.set_title(f"{piece.offered_rps:.1f} req/s: attainment {met_r:.0%} real, {met_s:.0%} sim")
+            ax.legend(fontsize=8)
+    fig.suptitle("Llama-3.1-8B, 1×H200 TP1, default workload slices: measured vs simulated (CDF)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    warnings.simplefilter("ignore")
+    scenario = Scenario()
+    measured_dir = Path(args.measured)
+    meta = json.loads((measured_dir / "meta.json").read_text(encoding="utf-8"))
+    pieces = read_slices(args.slices)
+    real = read_measured(measured_dir / "measured.csv", pieces)
+    done = [p for p in pieces if p.name in real]
+    drain_s = float(meta.get("drain_s", 60.0))
+    sim = {p.name: simulate_slice(scenario, p, drain_s=drain_s) for p in tqdm(done, desc="simulating")}
+    rows = [row for p in done for row in compare(p, real[p.name], sim[p.name], scenario.tiers)]
+    model, _ = scenario.iteration_model()
+    print(f"KV cache tokens: vLLM {meta.get('kv_cache_tokens')}, simulator {model.kv_cache_tokens(1)}")
+    cols = ("slice", "tier", "requests", "attainment", "goodput_rps", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms")
+    print(" | ".join(cols[:3] + tuple(f"{c} real/sim" for c in cols[3:])))
+    for row in rows:
+        cells = [_fmt(row[c]) for c in cols[:3]]
+        cells += [f"{_fmt(row[f'real_{c}'])} / {_fmt(row[f'sim_{c}'])}" for c in cols[3:]]
+        print(" | ".join(cells))
+    if args.out_csv:
+        with open(args.out_csv, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({k: _fmt(v) for k, v in row.items()} for row in rows)
+        print(f"wrote {args.out_csv}")
+    if args.plot:
+        _plot(Path(args.plot), done, real, sim, scenario)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="cut the slices from the default workload")
+    p.add_argument("--rates", default="4,8,10,13", help="comma-separated arrival rates, req/s")
+    p.add_argument("--window-s", type=float, default=60.0, help="seconds of arrivals per slice")
+    p.add_argument("--start-s", type=float, default=1200.0, help="window start on the uncompressed trace clock")
+    p.add_argument("--out", type=Path, default=DEFAULT_SLICES)
+    c = sub.add_parser("compare", help="simulate the measured slices and compare")
+    c.add_argument("--measured", required=True, help="folder with measured.csv and meta.json from the GPU run")
+    c.add_argument("--slices", type=Path, default=DEFAULT_SLICES)
+    c.add_argument("--out-csv", default="", help="write the comparison rows here")
+    c.add_argument("--plot", default="", help="write the CDF plot here (PNG)")
+    args = parser.parse_args(argv)
+    return prepare(args) if args.command == "prepare" else run_compare(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
