@@ -2,8 +2,10 @@
 # The simulator check on one H200: replay the committed trace slices on a vLLM 0.26.0 engine (Llama-3.1-8B
 # architecture, dummy weights, TP 1, the default scenario's engine settings) and write what each request took.
 #
-#   OUT=/path bash benchmarks/gpu/run_fidelity_h200.sh [SLICES=benchmarks/gpu/fidelity/slices.csv] [DEADLINE_S=520]
+#   OUT=/path [MODEL=llama-3.1-8b] [TP=1] bash benchmarks/gpu/run_fidelity_h200.sh \
+#       [SLICES=benchmarks/gpu/fidelity/slices.csv] [DEADLINE_S=520]
 #
+# The engine runs on GPUs 0..TP-1 (a model preset of nitsum_opt.models.spec).
 # Needs vLLM importable (benchmarks/gpu/install_vllm.sh into /tmp/site). Writes OUT/measured.csv, OUT/meta.json
 # and OUT/run_fidelity_h200.log; compare on any machine with
 #   python benchmarks/sim/fidelity.py compare --measured OUT
@@ -28,9 +30,11 @@ export PYTHONPATH="$PP${PYTHONPATH:+:$PYTHONPATH}"
 [ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 cd "$PP" || exit 2
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT/run_fidelity_h200.log"
-CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} timeout -k 15 $((deadline + 60)) setsid python3 -m nitsum_runtime.bench_fidelity \
-  --slices "$slices" --out "$OUT" --deadline-s "$deadline" \
-  --command "bash benchmarks/gpu/run_fidelity_h200.sh ${1:-} ${2:-}" 2>&1 | tee -a "$OUT/run_fidelity_h200.log"
+model=${MODEL:-llama-3.1-8b}
+tp=${TP:-1}
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((tp - 1)))} timeout -k 15 $((deadline + 60)) setsid python3 -m nitsum_runtime.bench_fidelity \
+  --slices "$slices" --out "$OUT" --deadline-s "$deadline" --model "$model" --tp "$tp" \
+  --command "MODEL=$model TP=$tp bash benchmarks/gpu/run_fidelity_h200.sh ${1:-} ${2:-}" 2>&1 | tee -a "$OUT/run_fidelity_h200.log"
 rc=${PIPESTATUS[0]}
 rm -rf "$PP"
 echo "exit $rc" | tee -a "$OUT/run_fidelity_h200.log"

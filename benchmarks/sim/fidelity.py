@@ -7,9 +7,13 @@ Usage:
   starting at minute 20 of the trace, inside the background burst, so all three tiers are in it) compressed to each
   rate. The file is committed: the GPU run and the comparison read the same requests.
 * on an H200: ``OUT=... bash benchmarks/gpu/run_fidelity_h200.sh`` (writes ``measured.csv`` and ``meta.json``);
-* ``python benchmarks/sim/fidelity.py compare --measured DIR [--out-csv benchmarks/sim/fidelity.csv]
-  [--plot benchmarks/sim/fidelity.png]`` — simulate each measured slice on one TP1 engine (the default scenario's
-  fitted H200 model, engine settings and tiers; drain as in the GPU run) and print the table real vs simulated.
+* ``python benchmarks/sim/fidelity.py compare --measured DIR [--scenario FILE] [--out-csv
+  benchmarks/sim/fidelity.csv] [--plot benchmarks/sim/fidelity.png]`` — simulate each measured slice on one engine
+  of the measured TP (the scenario's fitted H200 model, engine settings and tiers; drain as in the GPU run) and
+  print the table real vs simulated.
+
+Other models and TP degrees: ``prepare --scenario FILE --out OTHER.csv``, then ``MODEL=... TP=... OUT=... bash
+benchmarks/gpu/run_fidelity_h200.sh OTHER.csv`` and ``compare --scenario FILE --slices OTHER.csv``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,12 @@ from nitsum_opt.sim.slices import TraceSlice, make_slices, read_slices, write_sl
 DEFAULT_SLICES = Path("benchmarks/gpu/fidelity/slices.csv")
 
 
+def _scenario(path: Path | None) -> Scenario:
+    return Scenario() if path is None else Scenario.load(path)
+
+
 def prepare(args: argparse.Namespace) -> int:
-    scenario = Scenario()
+    scenario = _scenario(args.scenario)
     rates = [float(x) for x in args.rates.split(",")]
     slices = make_slices(scenario.trace(1.0), rates, args.window_s, start_s=args.start_s)
     write_slices(args.out, slices)
@@ -49,7 +57,7 @@ def _fmt(x: object) -> str:
     return str(x)
 
 
-def _plot(path: Path, pieces: list[TraceSlice], real: dict, sim: dict, scenario: Scenario) -> None:
+def _plot(path: Path, pieces: list[TraceSlice], real: dict, sim: dict, scenario: Scenario, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,24 +80,31 @@ def _plot(path: Path, pieces: list[TraceSlice], real: dict, sim: dict, scenario:
                 met_s = slo_met(piece, sim[piece.name], scenario.tiers).mean()
                 ax.set_title(f"{piece.offered_rps:.1f} req/s: attainment {met_r:.0%} real, {met_s:.0%} sim")
             ax.legend(fontsize=8)
-    fig.suptitle("Llama-3.1-8B, 1×H200 TP1, default workload slices: measured vs simulated (CDF)")
+    fig.suptitle(f"{title}: measured vs simulated (CDF)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def run_compare(args: argparse.Namespace) -> int:
     warnings.simplefilter("ignore")
-    scenario = Scenario()
+    scenario = _scenario(args.scenario)
     measured_dir = Path(args.measured)
     meta = json.loads((measured_dir / "meta.json").read_text(encoding="utf-8"))
+    if meta.get("model") != scenario.model_spec.name:
+        raise SystemExit(
+            f"{measured_dir}/meta.json measured {meta.get('model')!r} but the scenario serves "
+            f"{scenario.model_spec.name!r}; pass --scenario with that model"
+        )
+    tp = int(meta["engine_settings"]["tp"])
     pieces = read_slices(args.slices)
     real = read_measured(measured_dir / "measured.csv", pieces)
     done = [p for p in pieces if p.name in real]
     drain_s = float(meta.get("drain_s", 60.0))
-    sim = {p.name: simulate_slice(scenario, p, drain_s=drain_s) for p in tqdm(done, desc="simulating")}
+    sim = {p.name: simulate_slice(scenario, p, tp=tp, drain_s=drain_s) for p in tqdm(done, desc="simulating")}
     rows = [row for p in done for row in compare(p, real[p.name], sim[p.name], scenario.tiers)]
     model, _ = scenario.iteration_model()
-    print(f"KV cache tokens: vLLM {meta.get('kv_cache_tokens')}, simulator {model.kv_cache_tokens(1)}")
+    print(f"{meta['model']} TP{tp} on {meta.get('gpu')}")
+    print(f"KV cache tokens: vLLM {meta.get('kv_cache_tokens')}, simulator {model.kv_cache_tokens(tp)}")
     cols = ("slice", "tier", "requests", "attainment", "goodput_rps", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms")
     print(" | ".join(cols[:3] + tuple(f"{c} real/sim" for c in cols[3:])))
     for row in rows:
@@ -103,7 +118,8 @@ def run_compare(args: argparse.Namespace) -> int:
             writer.writerows({k: _fmt(v) for k, v in row.items()} for row in rows)
         print(f"wrote {args.out_csv}")
     if args.plot:
-        _plot(Path(args.plot), done, real, sim, scenario)
+        title = f"{meta['model']}, TP{tp} on {meta.get('gpu')}, {scenario.name} workload slices"
+        _plot(Path(args.plot), done, real, sim, scenario, title)
         print(f"wrote {args.plot}")
     return 0
 
@@ -116,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-s", type=float, default=60.0, help="seconds of arrivals per slice")
     p.add_argument("--start-s", type=float, default=1200.0, help="window start on the uncompressed trace clock")
     p.add_argument("--out", type=Path, default=DEFAULT_SLICES)
+    p.add_argument("--scenario", type=Path, default=None, help="scenario YAML whose workload to cut (default: bundled)")
     c = sub.add_parser("compare", help="simulate the measured slices and compare")
     c.add_argument("--measured", required=True, help="folder with measured.csv and meta.json from the GPU run")
     c.add_argument("--slices", type=Path, default=DEFAULT_SLICES)
+    c.add_argument("--scenario", type=Path, default=None, help="scenario YAML (model, tiers, engine; default: bundled)")
     c.add_argument("--out-csv", default="", help="write the comparison rows here")
     c.add_argument("--plot", default="", help="write the CDF plot here (PNG)")
     args = parser.parse_args(argv)
