@@ -7,6 +7,8 @@ kernels, the scenario's engine settings: 8,192-token steps, 1,024 sequences) rep
 finished slice:
 
 * ``OUT/measured.csv`` — ``slice,index,ttft_s,tpot_s,finish_s,late_add_s`` (empty cells: did not happen);
+* ``OUT/steps-<slice>.csv.gz`` (``--log-steps``) — every step's wall time and batch composition
+  (:class:`~nitsum_runtime.replay.StepRecord`), to check the latency model on exactly the steps the engine ran;
 * ``OUT/meta.json`` — GPU, versions, engine settings, KV-cache tokens, engine start, per slice the steps, time
   inside ``step()``, wall time, aborted requests and how late arrivals were added.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import math
 import os
@@ -30,7 +33,10 @@ from typing import Any
 
 from nitsum_opt.models.spec import model_preset
 from nitsum_opt.sim.slices import TraceSlice, read_slices
-from nitsum_runtime.replay import ReplayRequest, ReplayResult, replay
+from nitsum_runtime.replay import ReplayRequest, ReplayResult, StepRecord, replay
+
+STEP_HEADER = tuple(StepRecord.__dataclass_fields__)
+"""Columns of ``steps-<slice>.csv.gz``."""
 
 WARMUP_REQUESTS = ((2048, 16), (512, 64), (4096, 8), (128, 128), (1024, 32), (256, 256))
 """(prompt, output) tokens of the warm-up requests, all sent at once before the first slice."""
@@ -61,6 +67,15 @@ def write_rows(path: Path, name: str, result: ReplayResult) -> None:
             writer.writerow(("slice", "index", "ttft_s", "tpot_s", "finish_s", "late_add_s"))
         for i, (t, late) in enumerate(zip(result.timings, result.late_adds, strict=False)):
             writer.writerow((name, i, _cell(t.ttft_s), _cell(t.tpot_s), _cell(t.finish_s), f"{late:.6f}"))
+
+
+def write_steps(path: Path, records: list[StepRecord]) -> None:
+    """One slice's step log as gzip CSV (:data:`STEP_HEADER`)."""
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(STEP_HEADER)
+        for r in records:
+            writer.writerow((f"{r.step_time_s:.7f}", *(getattr(r, k) for k in STEP_HEADER[1:])))
 
 
 def slice_summary(piece: TraceSlice, result: ReplayResult) -> dict[str, Any]:
@@ -133,8 +148,11 @@ def run(args: argparse.Namespace) -> int:
             drain_s=args.drain_s,
             seed=args.seed,
             progress=lambda m, name=piece.name: _log(f"{name}: {m}"),
+            log_steps=args.log_steps,
         )
         write_rows(measured, piece.name, result)
+        if args.log_steps:
+            write_steps(out / f"steps-{piece.name}.csv.gz", result.step_log)
         meta["slices"][piece.name] = slice_summary(piece, result)
         (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         _log(f"{piece.name}: done, {meta['slices'][piece.name]}")
@@ -154,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline-s", type=float, default=540.0, help="skip slices that could end after this")
     p.add_argument("--only", default="", help="comma-separated slice names (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--log-steps", action="store_true", help="also write every step's time and composition")
     p.add_argument("--command", default=" ".join(sys.argv), help="command line recorded in meta.json")
     return p.parse_args(argv)
 

@@ -71,6 +71,23 @@ class ReplayResult:
     """How late each request was added after its arrival (a step was running)."""
     aborted: int = 0
     """Requests aborted at the drain limit."""
+    step_log: list[StepRecord] = field(default_factory=list)
+    """Every step's time and composition (only with ``log_steps=True``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One engine step: its wall time and batch composition in the latency model's terms
+    (:meth:`~nitsum_opt.sim.timing.IterationTimeModel.predict_ms`). A request computing more than one token,
+    or any token of its prompt, counts as prefill (a recompute after preemption too); one token past its prompt
+    is a decode attending its whole context, the new token included."""
+
+    step_time_s: float
+    num_prefill_seqs: int
+    prefill_tokens: int
+    prefill_attention_pairs: int
+    num_decode_seqs: int
+    decode_context_tokens: int
 
 
 def _validate(requests: Sequence[ReplayRequest], vocab_size: int, max_model_len: int) -> None:
@@ -97,6 +114,18 @@ class _Tracker:
     requests: Sequence[ReplayRequest]
     timings: list[RequestTiming]
     index_of: dict[str, int] = field(default_factory=dict)
+
+    def composition(self, step_time_s: float, scheduled: Sequence[object]) -> StepRecord:
+        n_pre = tokens = pairs = n_dec = ctx = 0
+        for s in scheduled:
+            new, done = s.num_new_tokens, s.num_computed_tokens  # type: ignore[attr-defined]
+            i = self.index_of.get(s.request_id)  # type: ignore[attr-defined]
+            prompt = self.requests[i].input_tokens if i is not None else 0
+            if new > 1 or done < prompt:
+                n_pre, tokens, pairs = n_pre + 1, tokens + new, pairs + new * done + new * (new + 1) // 2
+            else:
+                n_dec, ctx = n_dec + 1, ctx + done + 1
+        return StepRecord(step_time_s, n_pre, tokens, pairs, n_dec, ctx)
 
     def on_step(self, scheduled: Sequence[object], finished: frozenset[str], now_s: float) -> None:
         for s in scheduled:
@@ -130,8 +159,10 @@ def replay(
     clock: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
     progress: Callable[[str], None] | None = None,
+    log_steps: bool = False,
 ) -> ReplayResult:
-    """Replay ``requests`` (sorted by arrival) open-loop on ``engine``; see the module docstring."""
+    """Replay ``requests`` (sorted by arrival) open-loop on ``engine``; see the module docstring. ``log_steps``
+    keeps every step's time and composition (:class:`StepRecord`) in :attr:`ReplayResult.step_log`."""
     _validate(requests, vocab_size, max_model_len)
     rng = random.Random(seed)
     prompts = [[rng.randrange(vocab_size) for _ in range(r.input_tokens)] for r in requests]  # made before the clock
@@ -157,6 +188,8 @@ def replay(
             step = engine.step()
             result.steps += 1
             result.busy_s += step.step_time_s
+            if log_steps:
+                result.step_log.append(tracker.composition(step.step_time_s, step.scheduled))
             tracker.on_step(step.scheduled, step.finished, clock() - t0)
         elif next_i < len(requests):
             sleep(max(0.0, requests[next_i].arrival_s - now))
@@ -169,4 +202,4 @@ def replay(
     return result
 
 
-__all__ = ["ReplayRequest", "ReplayResult", "RequestTiming", "replay"]
+__all__ = ["ReplayRequest", "ReplayResult", "RequestTiming", "StepRecord", "replay"]

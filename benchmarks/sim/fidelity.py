@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nitsum_opt.sim.fidelity import compare, read_measured, simulate_slice, slo_met
+from nitsum_opt.sim.fidelity import compare, read_measured, read_steps, simulate_slice, slo_met, step_errors
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, make_slices, read_slices, write_slices
 
@@ -111,6 +111,15 @@ def run_compare(args: argparse.Namespace) -> int:
         cells = [_fmt(row[c]) for c in cols[:3]]
         cells += [f"{_fmt(row[f'real_{c}'])} / {_fmt(row[f'sim_{c}'])}" for c in cols[3:]]
         print(" | ".join(cells))
+    for p in done:
+        step_file = measured_dir / f"steps-{p.name}.csv.gz"
+        if step_file.exists():
+            e = step_errors(model, tp, *read_steps(step_file))
+            print(
+                f"{p.name} steps: {e['all_steps']} (predicted/measured time {e['all_ratio']:.3f}, median step "
+                f"{e['all_median_ratio']:.3f}, MAPE {e['all_mape_pct']:.1f} %); decode-only {e['decode_steps']} "
+                f"({e['decode_ratio']:.3f}, median {e['decode_median_ratio']:.3f}, MAPE {e['decode_mape_pct']:.1f} %)"
+            )
     if args.out_csv:
         with open(args.out_csv, "w", encoding="utf-8", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -17,6 +17,7 @@ turns the comparison into a CSV, a table and a plot.
 from __future__ import annotations
 
 import csv
+import gzip
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +29,18 @@ from nitsum_opt.sim.controllers.search import StaticEvaluator
 from nitsum_opt.sim.core import Simulator
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice
+from nitsum_opt.sim.timing import IterationTimeModel
 from nitsum_opt.spec import ClusterSpec, Tier
 
 PERCENTILES = (50, 90, 99)
 MEASURED_HEADER = ("slice", "index", "ttft_s", "tpot_s", "finish_s", "late_add_s")
+STEP_COLUMNS = (
+    "num_prefill_seqs",
+    "prefill_tokens",
+    "prefill_attention_pairs",
+    "num_decode_seqs",
+    "decode_context_tokens",
+)
 
 
 @dataclass(frozen=True)
@@ -145,4 +154,56 @@ def compare(
     return rows
 
 
-__all__ = ["MEASURED_HEADER", "Timings", "compare", "read_measured", "simulate_slice", "slo_met", "summarize"]
+def read_steps(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A step log ``steps-<slice>.csv.gz``: measured step times (s) and compositions (rows of
+    :data:`STEP_COLUMNS`); a malformed row raises naming the file and line."""
+    path = Path(path)
+    times, comps = [], []
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or tuple(header) != ("step_time_s", *STEP_COLUMNS):
+            raise ValueError(f"{path}:1: expected the header step_time_s,{','.join(STEP_COLUMNS)}, got {header}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                t, values = float(row[0]), [int(x) for x in row[1:]]
+            except (ValueError, IndexError):
+                raise ValueError(f"{path}:{line}: expected a time and {len(STEP_COLUMNS)} counts, got {row}") from None
+            if len(values) != len(STEP_COLUMNS) or t <= 0 or min(values) < 0:
+                raise ValueError(f"{path}:{line}: need a time > 0 and {len(STEP_COLUMNS)} counts ≥ 0, got {row}")
+            times.append(t)
+            comps.append(values)
+    return np.array(times), np.array(comps, dtype=float).reshape(-1, len(STEP_COLUMNS))
+
+
+def step_errors(model: IterationTimeModel, tp: int, times_s: np.ndarray, comps: np.ndarray) -> dict[str, float]:
+    """The latency model on the steps the engine ran: steps, measured and predicted total seconds, their ratio
+    (predicted / measured), the median per-step ratio and the mean absolute percentage error; also the same for
+    decode-only steps (where TPOT comes from)."""
+    predicted = np.array([model.predict_ms(tp, *(int(x) for x in row)) for row in comps]) / 1000.0
+    out: dict[str, float] = {}
+    decode_only = comps[:, 0] == 0
+    for label, mask in (("all", np.ones(len(times_s), bool)), ("decode", decode_only)):
+        t, p = times_s[mask], predicted[mask]
+        n = int(mask.sum())
+        out[f"{label}_steps"] = n
+        out[f"{label}_measured_s"] = float(t.sum())
+        out[f"{label}_predicted_s"] = float(p.sum())
+        out[f"{label}_ratio"] = float(p.sum() / t.sum()) if n else math.nan
+        out[f"{label}_median_ratio"] = float(np.median(p / t)) if n else math.nan
+        out[f"{label}_mape_pct"] = float(100.0 * np.mean(np.abs(p - t) / t)) if n else math.nan
+    return out
+
+
+__all__ = [
+    "MEASURED_HEADER",
+    "STEP_COLUMNS",
+    "Timings",
+    "compare",
+    "read_measured",
+    "read_steps",
+    "simulate_slice",
+    "slo_met",
+    "step_errors",
+    "summarize",
+]

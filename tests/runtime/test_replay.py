@@ -116,3 +116,45 @@ def test_measured_file_round_trip(tmp_path) -> None:
     assert timings.completed.all()
     summary = slice_summary(piece, result)
     assert summary["requests"] == n and summary["aborted"] == 0 and summary["steps"] == result.steps
+
+
+def test_step_log_composition_and_model_check(tmp_path) -> None:
+    from nitsum_opt.sim.fidelity import read_steps, step_errors
+    from nitsum_runtime.bench_fidelity import write_steps
+
+    clock = VirtualClock()
+    reqs = [ReplayRequest(0.0, 1000, 3), ReplayRequest(0.0, 300, 2)]
+    result = replay(
+        ToyEngine(clock=clock, budget=1200),
+        reqs,
+        vocab_size=1000,
+        max_model_len=8192,
+        clock=clock,
+        sleep=clock.sleep,
+        log_steps=True,
+    )
+    first, second, third = (
+        (r.num_prefill_seqs, r.prefill_tokens, r.prefill_attention_pairs, r.num_decode_seqs, r.decode_context_tokens)
+        for r in result.step_log[:3]
+    )
+    # step 1: request 0's prompt whole, request 1's first 200 tokens; step 2: request 1's last 100 after 200
+    # cached while request 0 decodes its 2nd token (1000 cached + the new one = 1001 keys); step 3: both decode
+    assert first == (2, 1200, 1000 * 1001 // 2 + 200 * 201 // 2, 0, 0)
+    assert second == (1, 100, 100 * 200 + 100 * 101 // 2, 1, 1001)
+    assert third == (0, 0, 0, 2, 1002 + 301)
+    path = tmp_path / "steps.csv.gz"
+    write_steps(path, result.step_log)
+    times, comps = read_steps(path)
+    assert len(times) == result.steps and comps.shape == (result.steps, 5)
+
+    class Exact:  # the toy engine's own step-time law, as a latency model
+        def predict_ms(self, tp, n_pre, tokens, pairs, n_dec, ctx):
+            return 1.0 + (tokens + n_dec) * 1e-4
+
+        def kv_cache_tokens(self, tp):
+            return 10**6
+
+    errors = step_errors(Exact(), 1, times, comps)
+    assert errors["all_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert errors["all_mape_pct"] < 1e-3
+    assert errors["decode_steps"] == 1 and result.steps == 3
