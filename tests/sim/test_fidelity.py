@@ -1,0 +1,156 @@
+"""Trace slices (:mod:`nitsum_opt.sim.slices`) and the simulator check against vLLM (:mod:`nitsum_opt.sim.fidelity`):
+cutting, file round trips and their errors, the comparison's arithmetic, and the committed H200 measurements,
+which the simulator must keep matching."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nitsum_opt.sim.fidelity import Timings, compare, read_measured, simulate_slice, slo_met
+from nitsum_opt.sim.scenario import Scenario
+from nitsum_opt.sim.slices import TraceSlice, make_slices, read_slices, write_slices
+from nitsum_opt.spec import Tier
+from nitsum_opt.workloads.trace import RequestTrace
+
+ROOT = Path(__file__).resolve().parents[2]
+TIERS = (
+    Tier(name="fast", ttft_slo_ms=100, tpot_slo_ms=10),
+    Tier(name="slow", ttft_slo_ms=1000, tpot_slo_ms=100),
+)
+
+
+def _trace() -> RequestTrace:
+    arrivals = np.arange(0.0, 100.0, 0.5)  # 2 req/s over [0, 100)
+    n = arrivals.size
+    return RequestTrace.from_arrays(
+        arrivals,
+        np.full(n, 100),
+        np.full(n, 10),
+        tier=np.arange(n) % 2,
+        tier_names=("fast", "slow"),
+        start_s=0.0,
+        end_s=100.0,
+    )
+
+
+def test_make_slices_compresses_to_the_rate_and_rebases() -> None:
+    (s4,) = make_slices(_trace(), [4.0], window_s=10.0, start_s=20.0)
+    assert s4.name == "mean-4rps"
+    assert len(s4) == 40 and s4.offered_rps == pytest.approx(4.0)
+    assert s4.arrival_s[0] == pytest.approx(0.0) and s4.arrival_s[-1] < 10.0
+    assert set(s4.tier) == {"fast", "slow"}
+
+
+@pytest.mark.parametrize(
+    ("rates", "window", "start", "match"),
+    [
+        ([0.0], 10.0, 0.0, "rate 0"),
+        ([4.0], -1.0, 0.0, "window_s"),
+        ([4.0], 10.0, 100.0, "start_s"),
+        ([4.0], 60.0, 80.0, "runs past"),
+    ],
+)
+def test_make_slices_refuses_bad_arguments(rates, window, start, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_slices(_trace(), rates, window_s=window, start_s=start)
+
+
+def test_slice_file_round_trip(tmp_path: Path) -> None:
+    slices = make_slices(_trace(), [2.0, 3.0], window_s=20.0)
+    path = tmp_path / "slices.csv"
+    write_slices(path, slices)
+    back = read_slices(path)
+    assert [s.name for s in back] == [s.name for s in slices]
+    for a, b in zip(slices, back, strict=True):
+        np.testing.assert_allclose(a.arrival_s, b.arrival_s, atol=1e-6)
+        assert (a.input_tokens == b.input_tokens).all() and a.tier == b.tier and a.duration_s == b.duration_s
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (
+            "# duration a 10\nslice,arrival_s,input_tokens,output_tokens,tier\na,0.5,10,x,fast\n",
+            r"slices.csv:3: .*numbers",
+        ),
+        (
+            "# duration a 10\nslice,arrival_s,input_tokens,output_tokens,tier\na,0.5,10,2,fast\na,0.1,10,2,fast\n",
+            r"slices.csv:4: .*before the previous",
+        ),
+        ("# duration a 10\nslice,arrival_s,input_tokens,output_tokens,tier\na,0.5,0,2,fast\n", r"slices.csv:3: .*≥ 1"),
+        ("slice,arrival_s,input_tokens,output_tokens,tier\na,0.5,10,2,fast\n", "no '# duration' line"),
+        ("# duration a 10\nslice,arrival,input,output,tier\n", r"slices.csv:2: expected the header"),
+        ("# oops\n", r"slices.csv:1: expected '# duration"),
+    ],
+)
+def test_bad_slice_files_name_file_and_line(tmp_path: Path, body: str, match: str) -> None:
+    path = tmp_path / "slices.csv"
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        read_slices(path)
+
+
+def _piece() -> TraceSlice:
+    return TraceSlice(
+        "s",
+        np.array([0.0, 1.0, 2.0, 3.0]),
+        np.array([10, 10, 10, 10]),
+        np.array([5, 5, 1, 5]),
+        ("fast", "fast", "slow", "slow"),
+        duration_s=4.0,
+    )
+
+
+def test_slo_met_and_compare_known_answer() -> None:
+    piece = _piece()
+    real = Timings(
+        ttft_s=np.array([0.05, 0.2, 0.5, 0.5]),  # request 1 misses TTFT
+        tpot_s=np.array([0.005, 0.005, math.nan, 0.2]),  # request 3 misses TPOT; request 2 has one token
+        completed=np.array([True, True, True, True]),
+    )
+    sim = Timings(real.ttft_s * 2.5, real.tpot_s, np.array([True, True, True, False]))  # every TTFT now late
+    np.testing.assert_array_equal(slo_met(piece, real, TIERS), [True, False, True, False])
+    rows = {r["tier"]: r for r in compare(piece, real, sim, TIERS)}
+    assert rows["all"]["real_attainment"] == 0.5 and rows["all"]["sim_attainment"] == 0.0
+    assert rows["all"]["real_goodput_rps"] == 0.5
+    assert rows["fast"]["ratio_ttft_p50_ms"] == pytest.approx(2.5)
+    assert rows["slow"]["real_completed"] == 2 and rows["slow"]["sim_completed"] == 1
+
+
+def test_read_measured_checks_rows(tmp_path: Path) -> None:
+    path = tmp_path / "measured.csv"
+    path.write_text("slice,index,ttft_s,tpot_s,finish_s,late_add_s\ns,7,0.1,,1.0,0\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"measured.csv:2: index 7 outside slice 's' of 4"):
+        read_measured(path, [_piece()])
+    path.write_text("slice,index,ttft_s,tpot_s,finish_s,late_add_s\ns,1,0.1,,,0\n", encoding="utf-8")
+    timings = read_measured(path, [_piece()])["s"]
+    assert not timings.completed[1] and timings.ttft_s[1] == pytest.approx(0.1) and math.isnan(timings.ttft_s[0])
+
+
+def test_to_trace_refuses_unknown_tiers() -> None:
+    with pytest.raises(ValueError, match=r"tiers \['slow'\] are not among \['fast'\]"):
+        _piece().to_trace(["fast"])
+
+
+def test_simulator_matches_the_committed_h200_measurement() -> None:
+    """The default scenario's simulator on the committed slices against vLLM 0.26 on one H200 (Llama-3.1-8B TP1,
+    ``benchmarks/gpu/results/fidelity-h200-2026-11-23``): SLO attainment within 3 points on every slice and tier,
+    median TTFT and TPOT within 20 %. A change to the simulator or the latency model that breaks this no longer
+    describes the engine it claims to."""
+    warnings.simplefilter("ignore")
+    scenario = Scenario()
+    slices = read_slices(ROOT / "benchmarks/gpu/fidelity/slices.csv")
+    measured = read_measured(ROOT / "benchmarks/gpu/results/fidelity-h200-2026-11-23/measured.csv", slices)
+    assert set(measured) == {s.name for s in slices}
+    for piece in slices:
+        sim = simulate_slice(scenario, piece, tp=1, drain_s=60.0)
+        for row in compare(piece, measured[piece.name], sim, scenario.tiers):
+            where = f"{piece.name}/{row['tier']}"
+            assert abs(row["sim_attainment"] - row["real_attainment"]) <= 0.03, where
+            assert 0.8 <= row["ratio_ttft_p50_ms"] <= 1.2, where
+            assert 0.8 <= row["ratio_tpot_p50_ms"] <= 1.2, where
