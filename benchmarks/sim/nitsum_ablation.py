@@ -33,7 +33,8 @@ from tqdm import tqdm
 from nitsum_opt.planners import MilpPlanner, StabilizerSettings
 from nitsum_opt.sim.controllers.base import Controller
 from nitsum_opt.sim.controllers.nitsum import NitsumController
-from nitsum_opt.sim.controllers.search import StaticEvaluator, oracle_candidates
+from nitsum_opt.sim.controllers.refine import refine
+from nitsum_opt.sim.controllers.search import StaticEvaluator, TieredOrigin, oracle_candidates
 from nitsum_opt.sim.core import Simulator
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.workloads.forecast import LastWindowForecaster
@@ -76,10 +77,11 @@ def run(scenario: Scenario, loads: tuple[float, ...]) -> list[dict[str, object]]
         trace = scenario.trace(load)
         ev = StaticEvaluator(trace, scenario.tiers, model, scenario.model_spec, scenario.cluster, scenario.settings)
         span = trace.duration_s
-        candidates = oracle_candidates(ev)
+        origins: dict[str, TieredOrigin] = {}
+        candidates = oracle_candidates(ev, origins)
         plain = [d for d in candidates if "[Nitsum planning inputs]" not in d.label]
         oracle_plain, _ = ev.best(plain)
-        oracle, _ = ev.best(candidates)
+        oracle = refine(ev, ev.best(candidates)[0], origins)  # as the registry's oracle-static
         best = ev.memo[ev.key(oracle)]
         for name, dep in (("oracle-static (plain tiered family only)", oracle_plain), ("oracle-static", oracle)):
             res = ev.results[ev.key(dep)]

@@ -199,3 +199,28 @@ def test_a_candidate_pruned_by_an_earlier_search_can_still_win_a_later_one() -> 
     subset = [candidates[k] for k in pruned]
     winner, _ = ev.best(subset)
     assert ev.memo[ev.key(winner)] == pytest.approx(max(full[k] for k in pruned))
+
+
+def test_overload_admission_scales_only_tiers_short_of_capacity() -> None:
+    from nitsum_opt.planners import MilpPlanner
+    from nitsum_opt.sim.controllers.nitsum import NitsumController
+
+    class Recording(NitsumController):
+        def _overload_admission(self, deployment, plan):
+            out = super()._overload_admission(deployment, plan)
+            calls.append((deployment, plan, out))
+            return out
+
+    calls: list = []
+    ev = _evaluator(poisson_trace(150.0, 20.0, seed=3), 2)
+    controller = Recording("nitsum", MilpPlanner(), overload_admission=0.5)
+    Simulator(ev.trace, TIERS, ROOFLINE, LLAMA, ev.cluster, controller, ev.settings).run()
+    scaled = 0
+    for deployment, plan, out in calls:
+        short = {a.tier for a in plan.tiers if a.admitted_rps < 0.999 * a.demand_rps}
+        for tier, rate in deployment.admitted_rps.items():
+            assert out.admitted_rps[tier] == pytest.approx(rate * 0.5 if tier in short else rate)
+            scaled += tier in short
+    assert calls and scaled > 0, "the trace must overload a tier"
+    with pytest.raises(ValueError, match="overload_admission=0"):
+        NitsumController("nitsum", MilpPlanner(), overload_admission=0.0)

@@ -137,6 +137,7 @@ class NitsumController(Controller):
         shared_seats: SharedSeats = "host",
         shared_table: bool = True,
         shared_tpot_slack: float = SHARED_TPOT_SLACK,
+        overload_admission: float = 1.0,
     ) -> None:
         """See the module docstring; ``role_preference=1`` and ``weighted_seats=False`` give the controller as it
         was before those two rules (one seat per request, the plain capacity table). Shared instances (when the
@@ -145,7 +146,11 @@ class NitsumController(Controller):
         :func:`~nitsum_opt.sim.controllers.planning.shared_capacity_table`; ``False``: ``R^s = R``);
         ``shared_gpu_cost`` is the objective's ``ε_s`` (default :data:`POOL_ON_TIES`; ``None``: ``ε``, ties go to
         dedicated instances); ``fill_idle_shared`` fills idle GPUs with shared instances; ``shared_seats`` sizes
-        them (see :func:`~nitsum_opt.sim.deployment.deployment_from_plan`)."""
+        them (see :func:`~nitsum_opt.sim.deployment.deployment_from_plan`). ``overload_admission`` scales the
+        admitted rate of every tier whose forecast exceeds its planned capacity (1: admit exactly the capacity;
+        measured in ``benchmarks/RESULTS.md``, "The oracle's local search, and where Nitsum loses in overload")."""
+        if not 0 < overload_admission <= 1:
+            raise ValueError(f"overload_admission={overload_admission} must be in (0, 1]")
         self.name = name
         self.planner = planner
         self.forecaster = forecaster or EwmaForecaster(alpha=0.5, headroom=0.1)
@@ -163,6 +168,7 @@ class NitsumController(Controller):
         self.shared_seats: SharedSeats = shared_seats
         self.shared_table = shared_table
         self.shared_tpot_slack = shared_tpot_slack
+        self.overload_admission = overload_admission
         self._tuned: tuple[object, InstanceTuning, InstanceSeats | None] | None = None
         self._burst = np.ones(0)
         self._ttft_s: list[float] = []
@@ -274,7 +280,7 @@ class NitsumController(Controller):
         self.plan_time_ms += candidate.solve_time_ms
         label = f"{self.name} ({decision.plan.status.value})"
         tuning, seats = self._tuning(ctx)
-        return deployment_from_plan(
+        deployment = deployment_from_plan(
             decision.plan,
             tuning,
             label=label,
@@ -282,6 +288,15 @@ class NitsumController(Controller):
             tiers=ctx.tiers,
             shared_seats=self.shared_seats,
         )
+        return self._overload_admission(deployment, decision.plan)
+
+    def _overload_admission(self, deployment: Deployment, plan: Plan) -> Deployment:
+        """Admit ``overload_admission`` × the planned capacity of each tier whose demand exceeds it."""
+        if self.overload_admission == 1.0 or deployment.admitted_rps is None:
+            return deployment
+        short = {a.tier for a in plan.tiers if a.admitted_rps < 0.999 * a.demand_rps}
+        admitted = {t: r * self.overload_admission if t in short else r for t, r in deployment.admitted_rps.items()}
+        return deployment.model_copy(update={"admitted_rps": admitted})
 
     def _tuning(self, ctx: ControlContext) -> tuple[InstanceTuning, InstanceSeats | None]:
         """Per-instance tuning and seats for the planned mixes (recomputed only when those change)."""

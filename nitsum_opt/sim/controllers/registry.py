@@ -11,7 +11,8 @@ name                   what it is
 ``distserve``          the best static prefill/decode placement (searched over the whole trace), FCFS, no tiers
 ``split``              one static FCFS cluster per tier, sized to the tier's mean demand
 ``oracle-static``      the best static configuration in hindsight (searched over every static family, see
-                       :mod:`nitsum_opt.sim.controllers.search`)
+                       :mod:`nitsum_opt.sim.controllers.search`, then refined by local search with the
+                       simulator, :mod:`nitsum_opt.sim.controllers.refine`)
 =====================  ============================================================================================
 """
 
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 from nitsum_opt.planners import GreedyPlanner, MilpPlanner, StabilizerSettings
 from nitsum_opt.sim.controllers.base import Controller, StaticController
 from nitsum_opt.sim.controllers.nitsum import NitsumController
+from nitsum_opt.sim.controllers.refine import refine
 from nitsum_opt.sim.controllers.search import (
     StaticEvaluator,
+    TieredOrigin,
     distserve_deployments,
     oracle_candidates,
     split_deployment,
@@ -99,8 +102,9 @@ def _split(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
 
 
 def _oracle(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
-    best, _ = ev.best(oracle_candidates(ev))
-    return StaticController("oracle-static", best)
+    origins: dict[str, TieredOrigin] = {}
+    best, _ = ev.best(oracle_candidates(ev, origins))
+    return StaticController("oracle-static", refine(ev, best, origins))
 
 
 SYSTEMS: dict[str, SystemInfo] = {

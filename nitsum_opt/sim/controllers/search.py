@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
+from nitsum_opt.evaluate import Counts
 from nitsum_opt.models.spec import LengthMix, ModelSpec
+from nitsum_opt.plan import Plan
 from nitsum_opt.planners import MilpPlanner
 from nitsum_opt.sim.capacity import slo_token_budget
 from nitsum_opt.sim.controllers.base import ControlContext, StaticController
@@ -43,7 +46,7 @@ from nitsum_opt.sim.controllers.planning import (
     tuning_table,
 )
 from nitsum_opt.sim.controllers.static import distserve, distserve_candidates, split, vllm_static
-from nitsum_opt.sim.deployment import Deployment, deployment_from_plan
+from nitsum_opt.sim.deployment import Deployment, InstanceSeats, InstanceTuning, deployment_from_plan
 from nitsum_opt.sim.results import SimResult
 from nitsum_opt.sim.settings import SimSettings
 from nitsum_opt.sim.timing import IterationTimeModel
@@ -197,9 +200,36 @@ def split_deployment(ev: StaticEvaluator, tuned: bool = False) -> Deployment:
     return split(ev.cluster, mean, capacity_table(ev.ctx, mixes), tuning, ev.ctx.tps, label=label)
 
 
-def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
+@dataclass(frozen=True)
+class TieredOrigin:
+    """How a tier-aware candidate was built, so that a neighbouring plan can be built the same way."""
+
+    inp: PlanningInput
+    """The planning input (hindsight demand, capacity tables)."""
+    counts: Counts
+    """``n[t,c]`` and shared ``s[c]`` of its plan."""
+    admit: bool
+    """Admission control at the plan's capacity."""
+    tuning: InstanceTuning
+    """Per-instance SLO-safe capacity and step budget."""
+    seats: InstanceSeats | None
+    """Seats per tier mix (Nitsum's family) or one seat per request."""
+    label: str
+    """What it was planned for, e.g. ``for 90.0 demand (admission) [Nitsum planning inputs]``."""
+
+
+def tiered_deployment(ev: StaticEvaluator, plan: Plan, origin: TieredOrigin) -> Deployment:
+    """The deployment of a tier-aware plan: multi-tier scheduler, admission (when ``origin.admit``) at each tier's
+    planned capacity ``min(prefill, decode)``."""
+    dep = deployment_from_plan(plan, origin.tuning, admit=origin.admit, seats=origin.seats, tiers=ev.tiers)
+    caps = {a.tier: min(a.prefill_capacity_rps, a.decode_capacity_rps) for a in plan.tiers}
+    label = f"tiered plan {origin.label}: {dep.describe()}"
+    return dep.model_copy(update={"label": label, "admitted_rps": caps if origin.admit else None})
+
+
+def tiered_candidates(ev: StaticEvaluator, origins: dict[str, TieredOrigin] | None = None) -> list[Deployment]:
     """Tier-aware static plans for hindsight demand statistics, in both families (see the module docstring),
-    deduplicated."""
+    deduplicated; ``origins`` (when given) receives how each was built, by deployment key."""
     ctx = ev.ctx
     mixes = hindsight_mixes(ev.trace)
     plain = capacity_table(ctx, mixes)
@@ -239,23 +269,24 @@ def tiered_candidates(ev: StaticEvaluator) -> list[Deployment]:
                 shared_capacity=shared_capacity,
             )
             plan = fill_idle_gpus(inp, planner.plan(inp))
-            plan_caps = {a.tier: min(a.prefill_capacity_rps, a.decode_capacity_rps) for a in plan.tiers}
             for admit in (True, False):
-                dep = deployment_from_plan(plan, tuning, admit=admit, seats=seats, tiers=ev.tiers)
                 how = "admission" if admit else "no admission"
-                label = f"tiered plan for {q} demand ({how}){family}: {dep.describe()}"
-                dep = dep.model_copy(update={"label": label, "admitted_rps": plan_caps if admit else None})
-                out.setdefault(StaticEvaluator.key(dep), dep)
+                origin = TieredOrigin(inp, plan.counts(), admit, tuning, seats, f"for {q} demand ({how}){family}")
+                dep = tiered_deployment(ev, plan, origin)
+                key = StaticEvaluator.key(dep)
+                out.setdefault(key, dep)
+                if origins is not None:
+                    origins.setdefault(key, origin)
     return list(out.values())
 
 
-def oracle_candidates(ev: StaticEvaluator) -> list[Deployment]:
-    """Every static deployment the oracle considers."""
+def oracle_candidates(ev: StaticEvaluator, origins: dict[str, TieredOrigin] | None = None) -> list[Deployment]:
+    """Every static deployment the oracle considers first (``origins``: see :func:`tiered_candidates`)."""
     return [
         *vllm_candidates(ev, priority=False, tuned=True),
         *vllm_candidates(ev, priority=True, tuned=True),
         *distserve_deployments(ev),
         split_deployment(ev),
         split_deployment(ev, tuned=True),
-        *tiered_candidates(ev),
+        *tiered_candidates(ev, origins),
     ]
