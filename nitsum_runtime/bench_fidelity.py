@@ -109,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
     wanted = [s for s in slices if not args.only or s.name in args.only.split(",")]
     spec = model_preset(args.model)
     settings = EngineSettings(
-        tp=args.tp, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        tp=args.tp,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
     import torch
 
@@ -168,6 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (= visible GPUs)")
     p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9, help="vLLM's memory share (less: a smaller KV cache)"
+    )
     p.add_argument("--drain-s", type=float, default=60.0, help="seconds after the last arrival before aborting")
     p.add_argument("--deadline-s", type=float, default=540.0, help="skip slices that could end after this")
     p.add_argument("--only", default="", help="comma-separated slice names (default: all)")

@@ -96,15 +96,21 @@ def run_compare(args: argparse.Namespace) -> int:
             f"{scenario.model_spec.name!r}; pass --scenario with that model"
         )
     tp = int(meta["engine_settings"]["tp"])
+    # an engine measured with less memory than the profiles' 0.9 has a smaller KV cache: simulate that one
+    kv = meta["kv_cache_tokens"] if meta["engine_settings"].get("gpu_memory_utilization", 0.9) != 0.9 else None
     pieces = read_slices(args.slices)
     real = read_measured(measured_dir / "measured.csv", pieces)
     done = [p for p in pieces if p.name in real]
     drain_s = float(meta.get("drain_s", 60.0))
-    sim = {p.name: simulate_slice(scenario, p, tp=tp, drain_s=drain_s) for p in tqdm(done, desc="simulating")}
+    sim = {
+        p.name: simulate_slice(scenario, p, tp=tp, drain_s=drain_s, kv_cache_tokens=kv)
+        for p in tqdm(done, desc="simulating")
+    }
     rows = [row for p in done for row in compare(p, real[p.name], sim[p.name], scenario.tiers)]
     model, _ = scenario.iteration_model()
     print(f"{meta['model']} TP{tp} on {meta.get('gpu')}")
-    print(f"KV cache tokens: vLLM {meta.get('kv_cache_tokens')}, simulator {model.kv_cache_tokens(tp)}")
+    sim_kv = kv if kv is not None else model.kv_cache_tokens(tp)
+    print(f"KV cache tokens: vLLM {meta.get('kv_cache_tokens')}, simulator {sim_kv}")
     cols = ("slice", "tier", "requests", "attainment", "goodput_rps", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms")
     print(" | ".join(cols[:3] + tuple(f"{c} real/sim" for c in cols[3:])))
     for row in rows:

@@ -52,10 +52,36 @@ class Timings:
     completed: np.ndarray
 
 
-def simulate_slice(scenario: Scenario, piece: TraceSlice, tp: int = 1, drain_s: float = 60.0) -> Timings:
-    """The slice on one simulated colocated TP-``tp`` engine (FCFS, the scenario's engine settings)."""
+class FixedKvModel:
+    """An iteration model with another KV-cache capacity: step times from ``model``, ``kv_tokens`` at every TP
+    (an engine measured with a smaller ``gpu_memory_utilization``)."""
+
+    def __init__(self, model: IterationTimeModel, kv_tokens: int) -> None:
+        if kv_tokens < 1:
+            raise ValueError(f"kv_tokens={kv_tokens} must be ≥ 1")
+        self.model = model
+        self.kv_tokens = int(kv_tokens)
+        if hasattr(model, "tps"):
+            self.tps = model.tps
+
+    def predict_ms(self, tp: int, *composition: int) -> float:
+        """The wrapped model's step time."""
+        return self.model.predict_ms(tp, *composition)
+
+    def kv_cache_tokens(self, tp: int) -> int:
+        """``kv_tokens``."""
+        return self.kv_tokens
+
+
+def simulate_slice(
+    scenario: Scenario, piece: TraceSlice, tp: int = 1, drain_s: float = 60.0, kv_cache_tokens: int | None = None
+) -> Timings:
+    """The slice on one simulated colocated TP-``tp`` engine (FCFS, the scenario's engine settings; KV capacity
+    from the latency model, or ``kv_cache_tokens``)."""
     trace = piece.to_trace([t.name for t in scenario.tiers])
     model, _ = scenario.iteration_model()
+    if kv_cache_tokens is not None:
+        model = FixedKvModel(model, kv_cache_tokens)
     cluster = ClusterSpec(num_nodes=1, gpus_per_node=tp, gpu_type=scenario.cluster.gpu_type)
     settings = scenario.settings.model_copy(update={"drain_s": drain_s})
     ev = StaticEvaluator(trace, scenario.tiers, model, scenario.model_spec, cluster, settings)
@@ -198,6 +224,7 @@ def step_errors(model: IterationTimeModel, tp: int, times_s: np.ndarray, comps: 
 __all__ = [
     "MEASURED_HEADER",
     "STEP_COLUMNS",
+    "FixedKvModel",
     "Timings",
     "compare",
     "read_measured",
