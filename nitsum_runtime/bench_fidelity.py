@@ -22,12 +22,10 @@ import csv
 import gzip
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -185,14 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Run, then leave at once (no vLLM teardown), also after an error."""
-    try:
-        code = run(parse_args(argv))
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from nitsum_runtime.vllm_engine import run_then_exit
+
+    run_then_exit(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

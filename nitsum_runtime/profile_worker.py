@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -188,15 +187,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Run one worker and leave at once (no vLLM teardown), also after an error."""
+    from nitsum_runtime.vllm_engine import run_then_exit
+
     args = parse_args(argv)
-    try:
-        code = run_worker(args)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run_then_exit(lambda: run_worker(args))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from nitsum_runtime.composition import ScheduledRequest
 from nitsum_runtime.profiler import EngineLike
 
 
@@ -115,11 +116,11 @@ class _Tracker:
     timings: list[RequestTiming]
     index_of: dict[str, int] = field(default_factory=dict)
 
-    def composition(self, step_time_s: float, scheduled: Sequence[object]) -> StepRecord:
+    def composition(self, step_time_s: float, scheduled: Sequence[ScheduledRequest]) -> StepRecord:
         n_pre = tokens = pairs = n_dec = ctx = 0
         for s in scheduled:
-            new, done = s.num_new_tokens, s.num_computed_tokens  # type: ignore[attr-defined]
-            i = self.index_of.get(s.request_id)  # type: ignore[attr-defined]
+            new, done = s.num_new_tokens, s.num_computed_tokens
+            i = self.index_of.get(s.request_id)
             prompt = self.requests[i].input_tokens if i is not None else 0
             if new > 1 or done < prompt:
                 n_pre, tokens, pairs = n_pre + 1, tokens + new, pairs + new * done + new * (new + 1) // 2
@@ -127,13 +128,13 @@ class _Tracker:
                 n_dec, ctx = n_dec + 1, ctx + done + 1
         return StepRecord(step_time_s, n_pre, tokens, pairs, n_dec, ctx)
 
-    def on_step(self, scheduled: Sequence[object], finished: frozenset[str], now_s: float) -> None:
+    def on_step(self, scheduled: Sequence[ScheduledRequest], finished: frozenset[str], now_s: float) -> None:
         for s in scheduled:
-            i = self.index_of.get(s.request_id)  # type: ignore[attr-defined]
+            i = self.index_of.get(s.request_id)
             if i is None:
                 continue
             t = self.timings[i]
-            done = s.num_computed_tokens + s.num_new_tokens  # type: ignore[attr-defined]
+            done = s.num_computed_tokens + s.num_new_tokens
             if math.isnan(t.first_token_at_s) and done >= self.requests[i].input_tokens:
                 t.first_token_at_s = now_s
                 t.ttft_s = now_s - self.requests[i].arrival_s

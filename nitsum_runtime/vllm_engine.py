@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -156,6 +159,19 @@ def vllm_version() -> str:
 def configure_environment() -> None:
     """Set :data:`VLLM_ENVIRONMENT` in this process (call before the first vLLM import)."""
     os.environ.update(VLLM_ENVIRONMENT)
+
+
+def run_then_exit(run: Callable[[], int]) -> NoReturn:
+    """Call ``run`` and leave the process at once with its exit code (1 after printing an exception), skipping
+    interpreter teardown: vLLM's can hang for minutes, and the launcher or the caller has what it needs by then."""
+    try:
+        code = run()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def vllm_missing_reason() -> str | None:

@@ -19,15 +19,8 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 unset PYTORCH_CUDA_ALLOC_CONF VLLM_BATCH_INVARIANT
-# Import this tree without installing it: models/ and solvers/ map into nitsum_opt (see pyproject).
-PP=$(mktemp -d /tmp/nitsum_pp.XXXXXX)
-mkdir -p "$PP/nitsum_opt"
-for f in "$ROOT"/nitsum_opt/*; do ln -s "$f" "$PP/nitsum_opt/"; done
-ln -s "$ROOT/models" "$PP/nitsum_opt/models"
-ln -s "$ROOT/solvers" "$PP/nitsum_opt/solvers"
-ln -s "$ROOT/nitsum_runtime" "$PP/nitsum_runtime"
-export PYTHONPATH="$PP${PYTHONPATH:+:$PYTHONPATH}"
-[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+# Import this tree without installing it (sets PP, removed at exit).
+. "$ROOT/benchmarks/gpu/tree_pythonpath.sh"
 cd "$PP" || exit 2
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT/run_fidelity_h200.log"
 model=${MODEL:-llama-3.1-8b}
@@ -37,6 +30,5 @@ CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((tp - 1)))} timeout -
   ${GPU_MEM:+--gpu-memory-utilization "$GPU_MEM"} ${ONLY:+--only "$ONLY"} \
   --command "MODEL=$model TP=$tp${LOG_STEPS:+ LOG_STEPS=1}${GPU_MEM:+ GPU_MEM=$GPU_MEM}${ONLY:+ ONLY=$ONLY} bash benchmarks/gpu/run_fidelity_h200.sh ${1:-} ${2:-}" 2>&1 | tee -a "$OUT/run_fidelity_h200.log"
 rc=${PIPESTATUS[0]}
-rm -rf "$PP"
 echo "exit $rc" | tee -a "$OUT/run_fidelity_h200.log"
 exit "$rc"

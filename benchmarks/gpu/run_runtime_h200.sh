@@ -32,16 +32,8 @@ export VLLM_BATCH_INVARIANT=${VLLM_BATCH_INVARIANT:-1}
 export CUBLAS_WORKSPACE_CONFIG=:4096:8 PYTHONUNBUFFERED=1
 unset PYTORCH_CUDA_ALLOC_CONF  # expandable segments break vLLM sleep mode
 
-# Import this tree without installing it: models/ and solvers/ map into nitsum_opt (see pyproject).
-PP=$(mktemp -d /tmp/nitsum_pp.XXXXXX)
-trap 'rm -rf "$PP"' EXIT
-mkdir -p "$PP/nitsum_opt"
-for f in "$ROOT"/nitsum_opt/*; do ln -s "$f" "$PP/nitsum_opt/"; done
-ln -s "$ROOT/models" "$PP/nitsum_opt/models"
-ln -s "$ROOT/solvers" "$PP/nitsum_opt/solvers"
-ln -s "$ROOT/nitsum_runtime" "$PP/nitsum_runtime"
-export PYTHONPATH="$PP${PYTHONPATH:+:$PYTHONPATH}"
-[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+# Import this tree without installing it (sets PP, removed at exit).
+. "$ROOT/benchmarks/gpu/tree_pythonpath.sh"
 cd "$PP" || exit 2   # never run from $ROOT: ./nitsum_opt there lacks the models mapping
 
 log="$OUT/run_runtime_h200.log"
