@@ -99,13 +99,19 @@ def run(args: argparse.Namespace) -> int:
 
     t_start = time.monotonic()
     configure_environment()
+    slices = read_slices(args.slices)
+    only = [name for name in args.only.split(",") if name]
+    unknown = sorted(set(only) - {s.name for s in slices})
+    if unknown:
+        raise SystemExit(
+            f"--only {','.join(unknown)}: no such slice in {args.slices}; it has {[s.name for s in slices]}"
+        )
+    wanted = [s for s in slices if not only or s.name in only]
+    spec = model_preset(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     measured = out / "measured.csv"
-    measured.unlink(missing_ok=True)
-    slices = read_slices(args.slices)
-    wanted = [s for s in slices if not args.only or s.name in args.only.split(",")]
-    spec = model_preset(args.model)
+    measured.unlink(missing_ok=True)  # a new run: rows are appended slice by slice
     settings = EngineSettings(
         tp=args.tp,
         max_num_seqs=args.max_num_seqs,

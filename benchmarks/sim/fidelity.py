@@ -89,6 +89,12 @@ def run_compare(args: argparse.Namespace) -> int:
     warnings.simplefilter("ignore")
     scenario = _scenario(args.scenario)
     measured_dir = Path(args.measured)
+    missing = [name for name in ("meta.json", "measured.csv") if not (measured_dir / name).is_file()]
+    if missing:
+        raise SystemExit(
+            f"--measured {measured_dir}: no {' or '.join(missing)} there; pass the OUT folder of "
+            "benchmarks/gpu/run_fidelity_h200.sh (e.g. benchmarks/gpu/results/fidelity-h200-2026-11-23)"
+        )
     meta = json.loads((measured_dir / "meta.json").read_text(encoding="utf-8"))
     if meta.get("model") != scenario.model_spec.name:
         raise SystemExit(

@@ -4,6 +4,7 @@ known answers for TTFT / TPOT, queueing, chunked prompts, the drain limit, and t
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,15 @@ def test_step_log_composition_and_model_check(tmp_path) -> None:
     assert errors["all_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert errors["all_mape_pct"] < 1e-3
     assert errors["decode_steps"] == 1 and result.steps == 3
+
+
+def test_bench_fidelity_refuses_unknown_slices_before_touching_the_output(tmp_path) -> None:
+    from nitsum_runtime.bench_fidelity import parse_args, run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "measured.csv").write_text("kept\n", encoding="utf-8")
+    slices = str(Path(__file__).resolve().parents[2] / "benchmarks/gpu/fidelity/slices.csv")
+    with pytest.raises(SystemExit, match=r"--only nope: no such slice .* it has \['mean-4rps'"):
+        run(parse_args(["--slices", slices, "--out", str(out), "--only", "nope,mean-4rps"]))
+    assert (out / "measured.csv").read_text(encoding="utf-8") == "kept\n"
