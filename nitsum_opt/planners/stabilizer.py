@@ -7,7 +7,10 @@
 3. **hysteresis**: no change while every tier's demand stays within ``±demand_band`` of the demand the running
    plan was made for;
 4. **minimum gain**: the candidate must beat the running plan's objective (same input, so the candidate already
-   pays its churn) by ``min_relative_gain`` of it plus ``min_absolute_gain``.
+   pays its churn) by ``min_relative_gain`` of it plus ``min_absolute_gain`` — or by
+   ``role_only_min_relative_gain`` when it only changes roles: the same number of instances of each TP degree
+   per tier (shared instances counted as one more tier), prefill, decode and colocated reassigned among them.
+   Such plans differ by less than the capacity table resolves (measured in ``benchmarks/RESULTS.md``).
 
 :class:`StabilizedPlanner` wraps any planner and carries the state between epochs.
 """
@@ -37,6 +40,11 @@ class StabilizerSettings(Frozen):
     """Required improvement of the objective, as a fraction of the running plan's objective."""
     min_absolute_gain: float = Field(default=0.0, ge=0)
     """Required improvement of the objective, in weighted req/s."""
+    role_only_min_relative_gain: float | None = Field(default=0.1, ge=0)
+    """Required relative improvement for a candidate that only changes roles (see the module docstring);
+    ``None``: ``min_relative_gain``. Default 0.1: measured on the simulator (``benchmarks/RESULTS.md``, "Role-only
+    re-plans"), it keeps Nitsum at load ×24 from trading between prefill/decode splits the table rates within 2 %
+    (105.4 → 116.2 req/s) and changes nothing where plans differ in TP or GPUs per tier."""
 
 
 class StabilizerState(Frozen):
@@ -75,6 +83,14 @@ def _within_band(inp: PlanningInput, state: StabilizerState, band: float) -> boo
     return True
 
 
+def _shape(plan: Plan) -> dict[tuple[str, int], int]:
+    """Instances per (tier, TP), roles left out (shared instances under tier ``"*"``)."""
+    out: dict[tuple[str, int], int] = {}
+    for inst in plan.instances:
+        out[(inst.tier, inst.tp)] = out.get((inst.tier, inst.tp), 0) + 1
+    return out
+
+
 def stabilize(
     inp: PlanningInput, candidate: Plan, now_s: float, state: StabilizerState, settings: StabilizerSettings
 ) -> StabilizerDecision:
@@ -101,7 +117,10 @@ def stabilize(
         return keep(f"dwell: {now_s - state.last_change_s:.1f} s since the last change < {settings.min_dwell_s} s")
     if _within_band(inp, state, settings.demand_band):
         return keep(f"hysteresis: every tier's demand within ±{settings.demand_band:.0%} of the planned demand")
-    needed = kept.objective + settings.min_relative_gain * abs(kept.objective) + settings.min_absolute_gain
+    gain = settings.min_relative_gain
+    if settings.role_only_min_relative_gain is not None and _shape(kept) == _shape(candidate):
+        gain = settings.role_only_min_relative_gain
+    needed = kept.objective + gain * abs(kept.objective) + settings.min_absolute_gain
     if candidate.objective < needed:
         return keep(f"gain: candidate objective {candidate.objective:.4g} < required {needed:.4g}")
     return _accept(inp, candidate, now_s, f"gain: {candidate.objective:.4g} >= {needed:.4g}")

@@ -57,3 +57,27 @@ def test_stabilized_planner_carries_state() -> None:
     assert plan1.status is PlanStatus.KEPT and plan1.counts() == plan0.counts()
     plan2 = planner.plan(inp_for(10, current), now_s=20.0)
     assert plan2.status is PlanStatus.OPTIMAL and planner.last_decision.switched
+
+
+PD_RATES = {"chat": {"tp1-prefill": 10, "tp1-decode": 24, "tp2-decode": 40}}
+
+
+def _role_only(settings: StabilizerSettings, current: dict) -> object:
+    """Running plan ``current`` at 100 req/s of demand; the MILP's candidate is 5 prefill + 3 decode (50 req/s)."""
+    inp = make_input(PD_RATES, {"chat": 100.0}, switch_cost_s=0.0, current=current)
+    state = StabilizerState(last_change_s=0.0, planned_demand_rps={"chat": 50.0})
+    return stabilize(inp, MilpPlanner().plan(inp), 100.0, state, settings)
+
+
+def test_role_only_changes_need_the_larger_gain() -> None:
+    base = StabilizerSettings(min_dwell_s=0, demand_band=0.0)
+    # 6 prefill + 2 decode serve 48 req/s; 5 + 3 serve 50 (+4 %): same instances, only roles change
+    role_only = {("chat", "tp1-prefill"): 6, ("chat", "tp1-decode"): 2}
+    kept = _role_only(base, role_only)
+    assert not kept.switched and "gain" in kept.reason
+    switched = _role_only(base.model_copy(update={"role_only_min_relative_gain": None}), role_only)
+    assert switched.switched
+    # the same +4 % from a plan of another shape (5 prefill + 2 decode, one GPU idle): the ordinary 2 % applies
+    other_shape = {("chat", "tp1-prefill"): 5, ("chat", "tp1-decode"): 2}
+    decision = _role_only(base, other_shape)
+    assert decision.switched and decision.plan.counts() == switched.plan.counts()
