@@ -10,7 +10,9 @@ Usage:
 * ``python benchmarks/sim/fidelity.py compare --measured DIR [--scenario FILE] [--out-csv
   benchmarks/sim/fidelity.csv] [--plot benchmarks/sim/fidelity.png]`` — simulate each measured slice on one engine
   of the measured TP (the scenario's fitted H200 model, engine settings and tiers; drain as in the GPU run) and
-  print the table real vs simulated.
+  print the table real vs simulated. ``--calibrate-on SLICE[,SLICE]`` first fits a per-host calibration of the
+  latency model on those slices' step logs (:mod:`nitsum_opt.sim.calibration`) and simulates every slice with it
+  (the other slices are held out; ``--calibration-dir`` takes the step logs from another run's folder).
 
 Other models and TP degrees: ``prepare --scenario FILE --out OTHER.csv``, then ``MODEL=... TP=... OUT=... bash
 benchmarks/gpu/run_fidelity_h200.sh OTHER.csv`` and ``compare --scenario FILE --slices OTHER.csv``.
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from nitsum_opt.sim.calibration import fit_step_calibration
 from nitsum_opt.sim.fidelity import compare, read_measured, read_steps, simulate_slice, slo_met, step_errors
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, make_slices, read_slices, write_slices
@@ -85,6 +88,36 @@ def _plot(path: Path, pieces: list[TraceSlice], real: dict, sim: dict, scenario:
     fig.savefig(path, dpi=110)
 
 
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _calibrated(scenario: Scenario, measured_dir: Path, tp: int, names: list[str]) -> Scenario:
+    """The scenario with its model calibrated at ``tp`` on the step logs of slices ``names``."""
+    missing = [n for n in names if not (measured_dir / f"steps-{n}.csv.gz").is_file()]
+    if missing:
+        raise SystemExit(
+            f"--calibrate-on {','.join(names)}: no step log steps-<slice>.csv.gz in {measured_dir} for {missing}; "
+            "re-run the GPU replay with LOG_STEPS=1"
+        )
+    logs = [read_steps(measured_dir / f"steps-{n}.csv.gz") for n in names]
+    base = scenario.model_copy(update={"latency_calibration": {}})
+    model, _ = base.iteration_model()
+    cal = fit_step_calibration(
+        model,
+        tp,
+        np.concatenate([t for t, _ in logs]),
+        np.concatenate([c for _, c in logs]),
+        source=f"{measured_dir.name}: {','.join(names)}",
+    )
+    print(
+        f"calibration fitted on {cal.steps} steps of {','.join(names)}: t = {cal.offset_ms:+.3f} ms + "
+        f"{cal.scale:.4f} × model; in a scenario: latency_calibration: "
+        f"{{{tp}: {{offset_ms: {cal.offset_ms:.3f}, scale: {cal.scale:.4f}}}}}"
+    )
+    return scenario.model_copy(update={"latency_calibration": {**scenario.latency_calibration, tp: cal}})
+
+
 def run_compare(args: argparse.Namespace) -> int:
     warnings.simplefilter("ignore")
     scenario = _scenario(args.scenario)
@@ -107,12 +140,18 @@ def run_compare(args: argparse.Namespace) -> int:
     pieces = read_slices(args.slices)
     real = read_measured(measured_dir / "measured.csv", pieces)
     done = [p for p in pieces if p.name in real]
+    fitted_on = _names(args.calibrate_on)
+    if fitted_on:
+        scenario = _calibrated(scenario, Path(args.calibration_dir or measured_dir), tp, fitted_on)
     drain_s = float(meta.get("drain_s", 60.0))
     sim = {
         p.name: simulate_slice(scenario, p, tp=tp, drain_s=drain_s, kv_cache_tokens=kv)
         for p in tqdm(done, desc="simulating")
     }
     rows = [row for p in done for row in compare(p, real[p.name], sim[p.name], scenario.tiers)]
+    if fitted_on:
+        for row in rows:
+            row["calibration"] = "fitted on" if row["slice"] in fitted_on else "held out"
     model, _ = scenario.iteration_model()
     print(f"{meta['model']} TP{tp} on {meta.get('gpu')}")
     sim_kv = kv if kv is not None else model.kv_cache_tokens(tp)
@@ -160,6 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--scenario", type=Path, default=None, help="scenario YAML (model, tiers, engine; default: bundled)")
     c.add_argument("--out-csv", default="", help="write the comparison rows here")
     c.add_argument("--plot", default="", help="write the CDF plot here (PNG)")
+    c.add_argument(
+        "--calibrate-on",
+        default="",
+        help="comma-separated slices whose step logs calibrate the latency model (nitsum_opt.sim.calibration); "
+        "the other slices are held out",
+    )
+    c.add_argument(
+        "--calibration-dir",
+        default="",
+        help="folder with the step logs of the --calibrate-on slices (default: --measured), e.g. another run",
+    )
     args = parser.parse_args(argv)
     return prepare(args) if args.command == "prepare" else run_compare(args)
 

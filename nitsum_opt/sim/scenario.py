@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from nitsum_opt.io import load as load_document
 from nitsum_opt.models.spec import Frozen, ModelSpec, model_preset
 from nitsum_opt.planners import StabilizerSettings
+from nitsum_opt.sim.calibration import CalibratedModel, StepCalibration
 from nitsum_opt.sim.controllers.registry import DEFAULT_SYSTEMS, SYSTEMS, ControllerOptions
 from nitsum_opt.sim.settings import SimSettings
 from nitsum_opt.sim.timing import H200, GpuSpec, IterationTimeModel, RooflineIterationModel
@@ -42,6 +43,9 @@ class Scenario(Frozen):
     latency_model: str = "auto"
     """``auto`` (the bundled fitted latency model of the model × GPU when one exists, else the roofline),
     ``roofline`` (:class:`RooflineIterationModel` on ``gpu``), or the path of a fitted performance-model JSON."""
+    latency_calibration: dict[int, StepCalibration] = Field(default_factory=dict)
+    """Per TP degree, ``offset_ms`` and ``scale`` applied to every step time of ``latency_model`` (fitted on the
+    steps a real engine ran on this host: :mod:`nitsum_opt.sim.calibration`); empty: the model as it is."""
     gpu: GpuSpec = H200
     """Datasheet numbers for the roofline fallback."""
     tiers: tuple[Tier, ...] = Field(default_factory=default_tiers, min_length=1)
@@ -128,7 +132,20 @@ class Scenario(Frozen):
         return trace
 
     def iteration_model(self) -> tuple[IterationTimeModel, str]:
-        """The iteration-time model and a one-line description of where it comes from."""
+        """The iteration-time model and a one-line description of where it comes from (with
+        ``latency_calibration`` applied)."""
+        model, source = self._base_iteration_model()
+        if not self.latency_calibration:
+            return model, source
+        cal = ", ".join(
+            f"TP{tp}: {c.offset_ms:+.2f} ms + {c.scale:.3f}×" for tp, c in sorted(self.latency_calibration.items())
+        )
+        try:
+            return CalibratedModel(model, self.latency_calibration), f"{source}, calibrated ({cal})"
+        except ValueError as exc:
+            raise ValueError(f"scenario {self.name!r}: {exc}") from None
+
+    def _base_iteration_model(self) -> tuple[IterationTimeModel, str]:
         spec = self.model_spec
         if self.latency_model == "roofline":
             return RooflineIterationModel(spec, self.gpu), f"roofline ({self.gpu.name} datasheet)"
