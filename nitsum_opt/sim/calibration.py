@@ -42,9 +42,15 @@ class StepCalibration(Frozen):
     source: str = ""
     """Where the steps came from (e.g. the replay's results folder)."""
 
-    def apply_ms(self, model_ms: float) -> float:
-        """The calibrated step time (never below 1 % of the model's)."""
-        return max(0.01 * model_ms, self.offset_ms + self.scale * model_ms)
+    def apply_ms(self, model_ms: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """The calibrated step time(s) (never below 1 % of the model's)."""
+        base = np.asarray(model_ms, dtype=float)
+        return np.maximum(0.01 * base, self.offset_ms + self.scale * base)
+
+
+def predicted_steps_ms(model: IterationTimeModel, tp: int, compositions: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """The model's time of each logged step (rows as :func:`~nitsum_opt.sim.fidelity.read_steps` returns them)."""
+    return np.array([model.predict_ms(tp, *(int(x) for x in row)) for row in np.asarray(compositions)], dtype=float)
 
 
 def fit_step_calibration(
@@ -64,7 +70,7 @@ def fit_step_calibration(
         raise ValueError(f"{times_ms.size} logged steps; a calibration needs at least {MIN_STEPS}")
     if tp not in model_tps(model):
         raise ValueError(f"tp={tp}: the latency model covers TP {list(model_tps(model))}")
-    predicted_ms = np.array([model.predict_ms(tp, *(int(x) for x in row)) for row in comps])
+    predicted_ms = predicted_steps_ms(model, tp, comps)
     design = np.column_stack([np.ones_like(predicted_ms), predicted_ms])
     (offset_ms, scale), *_ = np.linalg.lstsq(design, times_ms, rcond=None)
     if not scale > 0:
@@ -94,7 +100,7 @@ class CalibratedModel:
         """The wrapped model's step time, calibrated at ``tp``."""
         base = self.model.predict_ms(tp, *composition)
         cal = self.calibration.get(tp)
-        return base if cal is None else cal.apply_ms(base)
+        return base if cal is None else float(cal.apply_ms(base))
 
     def predict_batch_ms(self, composition: npt.ArrayLike, validate: bool = True) -> npt.NDArray[np.float64]:
         """:meth:`predict_ms` of every row of a composition matrix (columns ``tp, num_prefill_seqs,
@@ -104,7 +110,7 @@ class CalibratedModel:
         out = base.copy()
         for tp, cal in self.calibration.items():
             rows = comp[:, 0] == tp
-            out[rows] = np.maximum(0.01 * base[rows], cal.offset_ms + cal.scale * base[rows])
+            out[rows] = cal.apply_ms(base[rows])
         return out
 
     def kv_cache_tokens(self, tp: int) -> int:
@@ -112,4 +118,4 @@ class CalibratedModel:
         return self.model.kv_cache_tokens(tp)
 
 
-__all__ = ["MIN_STEPS", "CalibratedModel", "StepCalibration", "fit_step_calibration"]
+__all__ = ["MIN_STEPS", "CalibratedModel", "StepCalibration", "fit_step_calibration", "predicted_steps_ms"]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nitsum_opt.sim.calibration import predicted_steps_ms
 from nitsum_opt.sim.controllers.registry import make_controller
 from nitsum_opt.sim.controllers.search import StaticEvaluator
 from nitsum_opt.sim.core import Simulator
@@ -206,7 +207,7 @@ def step_errors(model: IterationTimeModel, tp: int, times_s: np.ndarray, comps: 
     """The latency model on the steps the engine ran: steps, measured and predicted total seconds, their ratio
     (predicted / measured), the median per-step ratio and the mean absolute percentage error; also the same for
     decode-only steps (where TPOT comes from)."""
-    predicted = np.array([model.predict_ms(tp, *(int(x) for x in row)) for row in comps]) / 1000.0
+    predicted = predicted_steps_ms(model, tp, comps) / 1000.0
     out: dict[str, float] = {}
     decode_only = comps[:, 0] == 0
     for label, mask in (("all", np.ones(len(times_s), bool)), ("decode", decode_only)):
