@@ -100,12 +100,22 @@ class EnginePool:
         if not live:
             raise KeyError(f"no live instance serves tier {tier!r} (routes: {self.route_tiers})")
         inst = min(live, key=lambda i: (len(self.requests_of(i)), self.route_tiers[i] == SHARED_TIER, i))
-        self.routes[inst].add_request(request)
+        self.place(tier, request, inst)
+        return inst
+
+    def place(self, tier: str, request: GenerationRequest, instance_id: str) -> None:
+        """Give ``request`` (of ``tier``) to the routed instance ``instance_id`` (a scheduler's choice) and open
+        its ledger entry."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} was already submitted")
+        engine = self.routes.get(instance_id)
+        if engine is None:
+            raise KeyError(f"instance {instance_id!r} is not routed; routed: {sorted(self.routes)}")
+        engine.add_request(request)
         self.requests[request.request_id] = request
         self.tier_of[request.request_id] = tier
-        self.owner[request.request_id] = inst
+        self.owner[request.request_id] = instance_id
         self.outputs[request.request_id] = []
-        return inst
 
     def sleep_all(self) -> None:
         """Drop every request and put every engine to sleep (teardown); routes are cleared."""
@@ -125,10 +135,12 @@ class EnginePool:
             if engine.state is EngineState.AWAKE:
                 events += engine.step()
         for ev in events:
-            self._record(ev)
+            self.record(ev)
         return events
 
-    def _record(self, ev: TokenEvent) -> None:
+    def record(self, ev: TokenEvent) -> None:
+        """Check ``ev`` against the ledger and keep it (a serving loop that steps engines itself calls this for
+        every token; :class:`LedgerError` on a lost, duplicated or late token)."""
         out = self.outputs.get(ev.request_id)
         if out is None:
             raise LedgerError(f"token for unknown request {ev.request_id!r} from {ev.engine_id}")

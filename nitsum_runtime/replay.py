@@ -91,7 +91,7 @@ class StepRecord:
     decode_context_tokens: int
 
 
-def _validate(requests: Sequence[ReplayRequest], vocab_size: int, max_model_len: int) -> None:
+def validate_requests(requests: Sequence[ReplayRequest], vocab_size: int, max_model_len: int) -> None:
     if vocab_size < 2:
         raise ValueError(f"vocab_size={vocab_size} must be at least 2")
     previous = 0.0
@@ -164,7 +164,7 @@ def replay(
 ) -> ReplayResult:
     """Replay ``requests`` (sorted by arrival) open-loop on ``engine``; see the module docstring. ``log_steps``
     keeps every step's time and composition (:class:`StepRecord`) in :attr:`ReplayResult.step_log`."""
-    _validate(requests, vocab_size, max_model_len)
+    validate_requests(requests, vocab_size, max_model_len)
     rng = random.Random(seed)
     prompts = [[rng.randrange(vocab_size) for _ in range(r.input_tokens)] for r in requests]  # made before the clock
     timings = [RequestTiming() for _ in requests]
@@ -203,4 +203,4 @@ def replay(
     return result
 
 
-__all__ = ["ReplayRequest", "ReplayResult", "RequestTiming", "StepRecord", "replay"]
+__all__ = ["ReplayRequest", "ReplayResult", "RequestTiming", "StepRecord", "replay", "validate_requests"]

@@ -318,15 +318,39 @@ class VllmEngine(KvPort):
             self._held[req.request_id] = _Held(req, list(done))
 
     def step(self) -> list[TokenEvent]:
+        return self.end_step() if self.begin_step() else []
+
+    def begin_step(self) -> bool:
+        """Start one engine step and return at once (``False``: nothing to step); :meth:`end_step` collects its
+        tokens. While it runs, the engine takes no other command, so a serving loop can step several engines at
+        the same time (wait on :attr:`step_waitable`)."""
         if self._state is not EngineState.AWAKE or not self._held:
-            return []
+            return False
         if self.failure is not None:
             raise EngineError(
                 f"engine {self.engine_id} was lost ({self.failure.splitlines()[0]}); its requests "
                 f"{sorted(self._held)} wait: move them to another engine (they export from the tokens so far)"
             )
+        self.settle(raise_errors=True)
         d = self.deadlines
-        answer: StepAnswer = self._call("step_events", d.call_s, n=1, step_timeout_s=d.step_s)
+        self._guard(lambda: self.handle.send("step_events", d.call_s, n=1, step_timeout_s=d.step_s), "step_events")
+        return True
+
+    @property
+    def stepping(self) -> bool:
+        """A step started by :meth:`begin_step` was not collected yet."""
+        return self.handle.pending == "step_events"
+
+    @property
+    def step_waitable(self) -> Any:
+        """The pipe end that becomes readable when the running step ends (for ``multiprocessing.connection.wait``)."""
+        return self.handle.conn
+
+    def end_step(self) -> list[TokenEvent]:
+        """The tokens of the step started by :meth:`begin_step` (waits for it)."""
+        if not self.stepping:
+            raise EngineError(f"engine {self.engine_id}: end_step() without a running step (call begin_step first)")
+        answer: StepAnswer = self._guard(self.handle.wait, "step_events")
         if answer.steps == 0:
             raise EngineError(
                 f"engine {self.engine_id}: the engine process has nothing unfinished, but this side holds "

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from nitsum_opt.models.spec import Frozen, Role, ServingConfig
 from nitsum_opt.plan import Plan
+from nitsum_opt.scheduler import SchedulerConfig, SchedulerInstance, TierPolicy
 from nitsum_opt.spec import Tier
 
 
@@ -153,4 +154,46 @@ def deployment_from_plan(
         spill_over=True,
         central_queue=True,
         label=label,
+    )
+
+
+def tier_ranks(tiers: Sequence[Tier]) -> list[int]:
+    """Rank of each tier in tier-priority mode: higher weight first, then tighter TTFT, then tier order."""
+    order = sorted(range(len(tiers)), key=lambda k: (-tiers[k].weight, tiers[k].ttft_slo_ms, k))
+    ranks = [0] * len(order)
+    for rank, k in enumerate(order):
+        ranks[k] = rank
+    return ranks
+
+
+def scheduler_config(tiers: Sequence[Tier], dep: Deployment) -> SchedulerConfig:
+    """The multi-tier scheduler's configuration for ``dep`` serving ``tiers``: what the simulator and the runtime
+    (:mod:`nitsum_runtime.serving`) both hand :class:`~nitsum_opt.scheduler.MultiTierScheduler`; instance ids are
+    the instances' :attr:`DeployedInstance.key`."""
+    ranks = tier_ranks(tiers)
+    names = [t.name for t in tiers]
+    if dep.admitted_rps is not None:
+        missing = [n for n in names if n not in dep.admitted_rps]
+        if missing:
+            raise ValueError(f"deployment {dep.label!r} admits no rate for tiers {missing}; give every tier one")
+    return SchedulerConfig(
+        tiers=tuple(
+            TierPolicy(
+                name=t.name,
+                admitted_rps=None if dep.admitted_rps is None else dep.admitted_rps[t.name],
+                ttft_slo_ms=t.ttft_slo_ms,
+                tpot_slo_ms=t.tpot_slo_ms,
+                priority=ranks[k],
+            )
+            for k, t in enumerate(tiers)
+        ),
+        instances=tuple(
+            SchedulerInstance(
+                instance_id=i.key, tier=i.tier, role=i.role, slo_safe_seqs=i.slo_safe_seqs, tier_seqs=i.tier_seqs
+            )
+            for i in dep.instances
+        ),
+        tier_priority=dep.tier_priority,
+        spill_over=dep.spill_over,
+        central_queue=dep.central_queue,
     )

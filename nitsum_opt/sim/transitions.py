@@ -17,52 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from nitsum_opt.scheduler import MultiTierScheduler, SchedulerConfig, SchedulerInstance, TierPolicy
-from nitsum_opt.sim.deployment import Deployment
+from nitsum_opt.scheduler import MultiTierScheduler
+from nitsum_opt.sim.deployment import Deployment, scheduler_config
 from nitsum_opt.sim.engine import Engine
 
 if TYPE_CHECKING:
     from nitsum_opt.sim.core import Simulator
-
-
-def tier_ranks(sim: Simulator) -> list[int]:
-    """Rank of each tier in tier-priority mode: higher weight first, then tighter TTFT, then tier order."""
-    order = sorted(range(len(sim.tiers)), key=lambda k: (-sim.tiers[k].weight, sim.tiers[k].ttft_slo_ms, k))
-    ranks = [0] * len(order)
-    for rank, k in enumerate(order):
-        ranks[k] = rank
-    return ranks
-
-
-def scheduler_config(sim: Simulator, dep: Deployment) -> SchedulerConfig:
-    """The scheduler configuration for ``dep`` on the simulated tiers."""
-    ranks = tier_ranks(sim)
-    names = [t.name for t in sim.tiers]
-    if dep.admitted_rps is not None:
-        missing = [n for n in names if n not in dep.admitted_rps]
-        if missing:
-            raise ValueError(f"deployment {dep.label!r} admits no rate for tiers {missing}; give every tier one")
-    return SchedulerConfig(
-        tiers=tuple(
-            TierPolicy(
-                name=t.name,
-                admitted_rps=None if dep.admitted_rps is None else dep.admitted_rps[t.name],
-                ttft_slo_ms=t.ttft_slo_ms,
-                tpot_slo_ms=t.tpot_slo_ms,
-                priority=ranks[k],
-            )
-            for k, t in enumerate(sim.tiers)
-        ),
-        instances=tuple(
-            SchedulerInstance(
-                instance_id=i.key, tier=i.tier, role=i.role, slo_safe_seqs=i.slo_safe_seqs, tier_seqs=i.tier_seqs
-            )
-            for i in dep.instances
-        ),
-        tier_priority=dep.tier_priority,
-        spill_over=dep.spill_over,
-        central_queue=dep.central_queue,
-    )
 
 
 def _check_fits(sim: Simulator, dep: Deployment) -> None:
@@ -78,7 +38,7 @@ def _check_fits(sim: Simulator, dep: Deployment) -> None:
 def apply_deployment(sim: Simulator, dep: Deployment, now: float) -> None:
     """Switch the simulator to ``dep`` at ``now`` (see the module docstring)."""
     _check_fits(sim, dep)
-    config = scheduler_config(sim, dep)
+    config = scheduler_config(sim.tiers, dep)
     tier_index = {t.name: k for k, t in enumerate(sim.tiers)}
     old = {e.key: e for e in sim.engines if e.alive}
     kept: list[Engine] = []

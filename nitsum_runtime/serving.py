@@ -1,0 +1,335 @@
+"""Serve a deployment on real engines: arrivals → the multi-tier scheduler → engines, prefill → decode hand-offs.
+
+This is the runtime's request path (DESIGN §3, "requests routed by tier scheduler"). :class:`PlanServer` runs one
+:class:`~nitsum_opt.sim.deployment.Deployment` on the engines of an :class:`~nitsum_runtime.pool.EnginePool` with
+the scheduler the simulator uses, unchanged: :class:`~nitsum_opt.scheduler.MultiTierScheduler`, configured by
+:func:`~nitsum_opt.sim.deployment.scheduler_config` (admission by token bucket, feasible / best-effort /
+background queues, SLO-safe seats, spill-over, the central queue). So a request timeline measured here and one
+simulated for the same deployment and trace differ only where the simulator's engines differ from the real ones.
+
+The loop, open-loop in wall-clock time:
+
+* a request is submitted to the scheduler when the clock reaches its arrival; the instance it picks gets it
+  (or the scheduler holds it centrally until a seat frees: :meth:`MultiTierScheduler.release`);
+* engines step **concurrently**: an engine with ``begin_step`` / ``end_step`` (a vLLM engine process) is started
+  and collected when its pipe answers, so a fast decode engine is never held to a slow prefill engine's pace;
+  other engines (the reference engine) step in line. A command to a stepping engine waits until its step ends
+  (requests arriving meanwhile join after it, as in a server's input queue);
+* a request whose first token comes from a **prefill** instance is handed off: the scheduler picks the decode
+  instance (:meth:`MultiTierScheduler.handoff`), the prefill engine takes no further step until the request left
+  it, and it moves with its KV (:meth:`Engine.import_requests` with the prefill engine as ``kv_source``; vLLM
+  engines with the Nitsum KV connector copy the KV over NVLink) or, where no KV path exists, is re-prefilled on
+  the decode engine (CPU stand-ins);
+* every token passes the pool's ledger (:meth:`EnginePool.record`): none lost, duplicated or out of order.
+
+Per request it records what :mod:`nitsum_runtime.replay` records (TTFT to the end of the step that produced the
+first token, TPOT over the rest, the finish; the simulator's definitions) plus the class the scheduler gave it at
+arrival; requests still running ``drain_s`` after the last arrival are aborted, and held ones never dispatched
+count as unfinished.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_ready
+
+from nitsum_opt.models.spec import Role
+from nitsum_opt.scheduler import MultiTierScheduler
+from nitsum_opt.sim.deployment import Deployment, scheduler_config
+from nitsum_opt.spec import SHARED_TIER, Tier
+from nitsum_runtime.engine import Engine, EngineState, GenerationRequest, TokenEvent
+from nitsum_runtime.pool import EnginePool
+from nitsum_runtime.replay import ReplayRequest, RequestTiming, validate_requests
+
+
+@dataclass(frozen=True, slots=True)
+class TieredRequest(ReplayRequest):
+    """A request to serve: arrival, lengths and its tier."""
+
+    tier: str
+    """Tier name (one of the server's tiers)."""
+
+
+@dataclass
+class ServingResult:
+    """Per-request timings (indexed like the requests) and how the run went; ``timings`` / ``late_adds`` /
+    ``aborted`` mean what they mean in :class:`~nitsum_runtime.replay.ReplayResult`."""
+
+    timings: list[RequestTiming]
+    classes: list[int]
+    """Class the scheduler gave each request at arrival (:class:`~nitsum_opt.scheduler.RequestClass`)."""
+    late_adds: list[float] = field(default_factory=list)
+    """Per request: seconds from arrival until an engine got it (central queue + a step in progress); NaN if
+    never dispatched."""
+    steps: dict[str, int] = field(default_factory=dict)
+    """Engine steps per instance (its :attr:`DeployedInstance.key`)."""
+    handoffs: int = 0
+    """Requests handed from a prefill to a decode instance."""
+    migrated: int = 0
+    """Of those, moved with their KV (the rest re-prefilled on the decode engine)."""
+    handoff_s: list[float] = field(default_factory=list)
+    """Wall seconds of each batch of hand-offs to one decode engine (export, copy, import, drop)."""
+    aborted: int = 0
+    """Requests aborted at the drain limit (in an engine)."""
+    never_dispatched: int = 0
+    """Requests still held by the scheduler at the drain limit."""
+    max_held: int = 0
+    """Most requests held centrally at once."""
+    wall_s: float = 0.0
+    """Seconds from the start to the end of the run."""
+
+
+def check_servable(deployment: Deployment) -> None:
+    """Raise ``ValueError`` when ``deployment`` has prefill instances but nothing that can take their hand-offs."""
+    roles = {i.role for i in deployment.instances}
+    if Role.PREFILL in roles and Role.DECODE not in roles:
+        raise ValueError(
+            f"deployment {deployment.label or deployment.describe()!r} has prefill instances but no decode "
+            "instance to hand requests to; add a decode instance or make the prefill instances colocated"
+        )
+
+
+class PlanServer:
+    """Serve ``deployment`` on ``pool``'s engines for ``tiers`` (module docstring). Each instance runs on the pool's
+    engine for its GPUs; the pool's routing table is set to the deployment."""
+
+    def __init__(self, pool: EnginePool, deployment: Deployment, tiers: Sequence[Tier]) -> None:
+        check_servable(deployment)
+        self.pool = pool
+        self.deployment = deployment
+        self.tiers = tuple(tiers)
+        self.config = scheduler_config(self.tiers, deployment)
+        self.instances = deployment.instances
+        self.engines: list[Engine] = [pool.engine(i.gpu_ids) for i in self.instances]
+        for inst, engine in zip(self.instances, self.engines, strict=True):
+            pool.route(inst.key, engine, inst.tier or SHARED_TIER)
+
+    def wake(self) -> None:
+        """Wake every instance's engine that sleeps and fill its weights from the resident copy."""
+        for engine in self.engines:
+            if engine.state is EngineState.ASLEEP:
+                engine.wake()
+                engine.fill_weights()
+
+    def serve(
+        self,
+        requests: Sequence[TieredRequest],
+        *,
+        vocab_size: int,
+        max_model_len: int,
+        drain_s: float = 60.0,
+        seed: int = 0,
+        top_k: int = 1,
+        progress: Callable[[str], None] | None = None,
+        prefix: str = "",
+    ) -> ServingResult:
+        """Serve ``requests`` (sorted by arrival; prompts are seeded random tokens made before the clock starts)
+        and return every request's timing. Request ids are ``<prefix>r<index>`` (unique per pool ledger)."""
+        validate_requests(requests, vocab_size, max_model_len)
+        names = {t.name for t in self.tiers}
+        unknown = sorted({r.tier for r in requests} - names)
+        if unknown:
+            raise ValueError(f"requests of tiers {unknown}; the server's tiers are {sorted(names)}")
+        rng = random.Random(seed)
+        made = [
+            GenerationRequest(
+                request_id=f"{prefix}r{i}",
+                prompt_token_ids=tuple(rng.randrange(vocab_size) for _ in range(r.input_tokens)),
+                max_tokens=r.output_tokens,
+                top_k=top_k,
+            )
+            for i, r in enumerate(requests)
+        ]
+        run = _Run(self, requests, made)
+        return run.go(drain_s, progress)
+
+
+class _Run:
+    """One :meth:`PlanServer.serve` call: the loop's state and steps."""
+
+    def __init__(
+        self,
+        server: PlanServer,
+        requests: Sequence[TieredRequest],
+        made: list[GenerationRequest],
+    ) -> None:
+        self.server, self.requests, self.made = server, requests, made
+        self.pool = server.pool
+        self.engines = server.engines
+        self.keys = [i.key for i in server.instances]
+        self.roles = [i.role for i in server.instances]
+        tindex = {t.name: k for k, t in enumerate(server.tiers)}
+        self.host_tier = [None if i.tier is None else tindex[i.tier] for i in server.instances]
+        self.tier_of = [tindex[r.tier] for r in requests]
+        self.index_of = {g.request_id: k for k, g in enumerate(made)}
+        n, m = len(requests), len(self.engines)
+        self.result = ServingResult(
+            timings=[RequestTiming() for _ in range(n)], classes=[-1] * n, late_adds=[math.nan] * n
+        )
+        self.result.steps = dict.fromkeys(self.keys, 0)
+        self.klass = [-1] * n
+        self.to_add: list[list[int]] = [[] for _ in range(m)]
+        self.outgoing: list[list[int]] = [[] for _ in range(m)]  # hand-offs waiting to leave a prefill engine
+        self.moves: dict[int, list[tuple[int, int]]] = {}  # decode instance -> [(request, prefill instance)]
+        self.stepping: set[int] = set()
+        self.sched = MultiTierScheduler(server.config, now_s=0.0)
+        self.t0 = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    # ------------------------------------------------------------------ requests in
+    def admit_until(self, now: float, nxt: int) -> int:
+        """Submit every request arrived by ``now`` from index ``nxt``; returns the next index."""
+        while nxt < len(self.requests) and self.requests[nxt].arrival_s <= now:
+            target, klass = self.sched.submit(now, nxt, self.tier_of[nxt])
+            self.result.classes[nxt] = self.klass[nxt] = klass
+            if target >= 0:
+                self.to_add[target].append(nxt)
+            nxt += 1
+        self.result.max_held = max(self.result.max_held, self.sched.held)
+        return nxt
+
+    def dispatch(self, held: list[tuple[int, int, int, int]]) -> None:
+        """Requests the scheduler released from its central queue go to their instances."""
+        for r, _, instance, klass in held:
+            self.klass[r] = klass
+            self.to_add[instance].append(r)
+
+    def flush_adds(self, i: int) -> None:
+        """Hand instance ``i`` (idle) the requests dispatched to it."""
+        now = self.now()
+        for r in self.to_add[i]:
+            self.pool.place(self.requests[r].tier, self.made[r], self.keys[i])
+            self.result.late_adds[r] = now - self.requests[r].arrival_s
+        self.to_add[i].clear()
+
+    # ------------------------------------------------------------------ tokens out
+    def on_events(self, i: int, events: list[TokenEvent]) -> None:
+        """Tokens of instance ``i``'s step, collected now."""
+        now = self.now()
+        self.result.steps[self.keys[i]] += 1
+        for ev in events:
+            self.pool.record(ev)
+            r = self.index_of[ev.request_id]
+            t = self.result.timings[r]
+            if ev.index == 0:
+                t.first_token_at_s = now
+                t.ttft_s = now - self.requests[r].arrival_s
+            if ev.finished:
+                t.finish_s = now
+                n_out = self.requests[r].output_tokens
+                if n_out >= 2:
+                    t.tpot_s = (now - t.first_token_at_s) / (n_out - 1)
+                self.dispatch(self.sched.release(now, i, self.tier_of[r]))
+            elif ev.index == 0 and self.roles[i] is Role.PREFILL:
+                self.hand_off(r, i, now)
+
+    def hand_off(self, r: int, i: int, now: float) -> None:
+        """Request ``r`` has its first token on prefill instance ``i``: book a decode instance for it."""
+        tier = self.tier_of[r]
+        self.dispatch(self.sched.release(now, i, tier))
+        target = self.sched.handoff(now, tier, self.host_tier[i], self.klass[r])
+        if target < 0:
+            raise RuntimeError(
+                f"no decode instance of deployment {self.server.deployment.describe()!r} takes tier "
+                f"{self.server.tiers[tier].name!r} hand-offs from {self.keys[i]}; give that tier a decode instance"
+            )
+        self.outgoing[i].append(r)
+        self.moves.setdefault(target, []).append((r, i))
+
+    def run_moves(self) -> None:
+        """Carry out booked hand-offs whose decode engine is not stepping (their prefill engines never are)."""
+        for d in [d for d in self.moves if d not in self.stepping]:
+            t0 = time.perf_counter()
+            by_src: dict[int, list[int]] = {}
+            for r, p in self.moves.pop(d):
+                by_src.setdefault(p, []).append(r)
+            dst = self.engines[d]
+            for p, rs in by_src.items():
+                src = self.engines[p]
+                ids = [self.made[r].request_id for r in rs]
+                snaps = src.export_requests(ids)
+                done = dst.import_requests(snaps, src if dst.can_migrate_from(src) else None)
+                src.drop_requests(ids)
+                for rid in ids:
+                    self.pool.owner[rid] = self.keys[d]
+                self.result.handoffs += len(ids)
+                self.result.migrated += done.migrated
+                self.outgoing[p] = [r for r in self.outgoing[p] if r not in set(rs)]
+            self.result.handoff_s.append(time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ engines
+    def start_steps(self) -> None:
+        """Start a step on every idle instance with work (in-line engines run theirs to the end here)."""
+        for i, engine in enumerate(self.engines):
+            if i in self.stepping or self.outgoing[i]:
+                continue
+            if self.to_add[i]:
+                self.flush_adds(i)
+            if not engine.request_ids():
+                continue
+            begin = getattr(engine, "begin_step", None)
+            if begin is None:
+                self.on_events(i, engine.step())
+            elif begin():
+                self.stepping.add(i)
+
+    def collect(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for stepping engines and take the tokens of those that finished."""
+        by_pipe = {self.engines[i].step_waitable: i for i in self.stepping}  # type: ignore[attr-defined]
+        for pipe in wait_ready(list(by_pipe), timeout=max(0.0, timeout_s)):
+            i = by_pipe[pipe]  # type: ignore[index]
+            self.stepping.discard(i)
+            self.on_events(i, self.engines[i].end_step())  # type: ignore[attr-defined]
+
+    def busy(self) -> bool:
+        return bool(self.stepping or self.moves or any(self.to_add) or any(e.request_ids() for e in self.engines))
+
+    # ------------------------------------------------------------------ the loop
+    def go(self, drain_s: float, progress: Callable[[str], None] | None) -> ServingResult:
+        n = len(self.requests)
+        last = self.requests[-1].arrival_s if n else 0.0
+        nxt, next_report = 0, 10.0
+        self.t0 = time.perf_counter()
+        while True:
+            now = self.now()
+            nxt = self.admit_until(now, nxt)
+            if now > last + drain_s:
+                self.abort_rest()
+                break
+            self.run_moves()
+            self.start_steps()
+            until_next = self.requests[nxt].arrival_s - self.now() if nxt < n else 0.05
+            if self.stepping:
+                self.collect(min(until_next, 0.05))
+            elif not self.busy():
+                if nxt >= n:
+                    break
+                time.sleep(max(0.0, min(until_next, 0.05)))
+            if progress is not None and now >= next_report:
+                progress(f"t={now:.0f} s: {nxt}/{n} arrived, {self.sched.held} held, {len(self.pool.owner)} in engines")
+                next_report += 10.0
+        self.result.never_dispatched += self.sched.held
+        self.result.wall_s = self.now()
+        return self.result
+
+    def abort_rest(self) -> None:
+        """At the drain limit: finish running steps, then drop every request still in an engine."""
+        while self.stepping:
+            self.collect(60.0)
+        for i, engine in enumerate(self.engines):
+            ids = list(engine.request_ids())
+            if ids:
+                engine.drop_requests(ids)
+                self.result.aborted += len(ids)
+            self.result.never_dispatched += len(self.to_add[i])
+            self.to_add[i].clear()
+        self.moves.clear()
+
+
+__all__ = ["PlanServer", "ServingResult", "TieredRequest", "check_servable"]
