@@ -32,6 +32,7 @@ from typing import Any
 from nitsum_opt.models.spec import model_preset
 from nitsum_opt.sim.slices import TraceSlice, read_slices
 from nitsum_runtime.replay import ReplayRequest, ReplayResult, StepRecord, replay
+from nitsum_runtime.serving import ServingResult
 
 STEP_HEADER = tuple(StepRecord.__dataclass_fields__)
 """Columns of ``steps-<slice>.csv.gz``."""
@@ -56,15 +57,16 @@ def _cell(x: float) -> str:
     return "" if math.isnan(x) else f"{x:.6f}"
 
 
-def write_rows(path: Path, name: str, result: ReplayResult) -> None:
-    """Append one slice's per-request rows to ``measured.csv`` (header on first write)."""
+def write_rows(path: Path, name: str, result: ReplayResult | ServingResult) -> None:
+    """Append one slice's per-request rows to ``measured.csv`` (header on first write; an empty cell: did not
+    happen)."""
     new = not path.exists()
     with path.open("a", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         if new:
             writer.writerow(("slice", "index", "ttft_s", "tpot_s", "finish_s", "late_add_s"))
         for i, (t, late) in enumerate(zip(result.timings, result.late_adds, strict=False)):
-            writer.writerow((name, i, _cell(t.ttft_s), _cell(t.tpot_s), _cell(t.finish_s), f"{late:.6f}"))
+            writer.writerow((name, i, _cell(t.ttft_s), _cell(t.tpot_s), _cell(t.finish_s), _cell(late)))
 
 
 def write_steps(path: Path, records: list[StepRecord]) -> None:

@@ -47,7 +47,7 @@ def switch_path(world: int) -> tuple[tuple[int, ...], ...]:
     raise ValueError(f"the pool benchmark needs at least 2 GPUs, got --world {world}")
 
 
-def _resident_store(spec: ModelSpec, world: int, seed: int, folder: Path, engines: str) -> tuple[Path, Any]:
+def resident_store(spec: ModelSpec, world: int, seed: int, folder: Path, engines: str) -> tuple[Path, Any]:
     """Publish the resident weights (one copy per GPU; the stores must outlive the pool)."""
     if engines == "toy":
         from nitsum_runtime.toy_vllm import write_toy_store
@@ -155,7 +155,7 @@ def run_vllm_pool_bench(
     rows: list[dict[str, Any]] = summary["switch_rows"]
     with tempfile.TemporaryDirectory(prefix="nitsum-pool-") as tmp:
         t0 = time.perf_counter()
-        handles, stores = _resident_store(spec, world, seed, Path(tmp), engines)
+        handles, stores = resident_store(spec, world, seed, Path(tmp), engines)
         summary["store_build_s"] = time.perf_counter() - t0
         log(f"resident weights on {world} GPUs in {summary['store_build_s']:.1f} s; starting {len(groups)} engines")
         bulk = kv == "migrate" and bulk_switches > 0

@@ -25,13 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from nitsum_opt.sim.calibration import predicted_steps_ms
+from nitsum_opt.sim.controllers.base import Controller, StaticController
 from nitsum_opt.sim.controllers.registry import make_controller
 from nitsum_opt.sim.controllers.search import StaticEvaluator
 from nitsum_opt.sim.core import Simulator
+from nitsum_opt.sim.deployment import Deployment
 from nitsum_opt.sim.scenario import Scenario
+from nitsum_opt.sim.settings import SimSettings
 from nitsum_opt.sim.slices import TraceSlice
 from nitsum_opt.sim.timing import IterationTimeModel
 from nitsum_opt.spec import ClusterSpec, Tier
+from nitsum_opt.workloads.trace import RequestTrace
 
 PERCENTILES = (50, 90, 99)
 MEASURED_HEADER = ("slice", "index", "ttft_s", "tpot_s", "finish_s", "late_add_s")
@@ -80,13 +84,46 @@ def simulate_slice(
     """The slice on one simulated colocated TP-``tp`` engine (FCFS, the scenario's engine settings; KV capacity
     from the latency model, or ``kv_cache_tokens``)."""
     trace = piece.to_trace([t.name for t in scenario.tiers])
+    model, cluster, settings = _slice_setup(scenario, tp, drain_s, kv_cache_tokens)
+    ev = StaticEvaluator(trace, scenario.tiers, model, scenario.model_spec, cluster, settings)
+    return _timings(scenario, trace, model, cluster, settings, make_controller(f"vllm-static-tp{tp}", ev))
+
+
+def simulate_deployment(
+    scenario: Scenario,
+    piece: TraceSlice,
+    deployment: Deployment,
+    num_gpus: int,
+    drain_s: float = 60.0,
+    kv_cache_tokens: int | None = None,
+) -> Timings:
+    """The slice served by ``deployment`` (its instances, scheduler and admission, unchanged for the whole slice)
+    on ``num_gpus`` simulated GPUs of the scenario's type: the simulated twin of
+    :class:`nitsum_runtime.serving.PlanServer` serving it."""
+    trace = piece.to_trace([t.name for t in scenario.tiers])
+    model, cluster, settings = _slice_setup(scenario, num_gpus, drain_s, kv_cache_tokens)
+    controller = StaticController(deployment.label or "deployment", deployment)
+    return _timings(scenario, trace, model, cluster, settings, controller)
+
+
+def _slice_setup(
+    scenario: Scenario, num_gpus: int, drain_s: float, kv_cache_tokens: int | None
+) -> tuple[IterationTimeModel, ClusterSpec, SimSettings]:
     model, _ = scenario.iteration_model()
     if kv_cache_tokens is not None:
         model = FixedKvModel(model, kv_cache_tokens)
-    cluster = ClusterSpec(num_nodes=1, gpus_per_node=tp, gpu_type=scenario.cluster.gpu_type)
-    settings = scenario.settings.model_copy(update={"drain_s": drain_s})
-    ev = StaticEvaluator(trace, scenario.tiers, model, scenario.model_spec, cluster, settings)
-    controller = make_controller(f"vllm-static-tp{tp}", ev)
+    cluster = ClusterSpec(num_nodes=1, gpus_per_node=num_gpus, gpu_type=scenario.cluster.gpu_type)
+    return model, cluster, scenario.settings.model_copy(update={"drain_s": drain_s})
+
+
+def _timings(
+    scenario: Scenario,
+    trace: RequestTrace,
+    model: IterationTimeModel,
+    cluster: ClusterSpec,
+    settings: SimSettings,
+    controller: Controller,
+) -> Timings:
     result = Simulator(trace, scenario.tiers, model, scenario.model_spec, cluster, controller, settings).run()
     completed = ~np.isnan(result.finish_s) & ~np.isnan(result.ttft_s)
     return Timings(np.asarray(result.ttft_s, float), np.asarray(result.tpot_s, float), completed)
@@ -230,6 +267,7 @@ __all__ = [
     "compare",
     "read_measured",
     "read_steps",
+    "simulate_deployment",
     "simulate_slice",
     "slo_met",
     "step_errors",
