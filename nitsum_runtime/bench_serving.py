@@ -86,10 +86,19 @@ def tiered_requests(piece: TraceSlice, limit: int | None = None) -> list[TieredR
     return out[:limit] if limit else out
 
 
+def _times_ms(name: str, seconds: list[float]) -> dict[str, Any]:
+    ordered = sorted(seconds) or [0.0]
+    return {
+        f"{name}_batches": len(seconds),
+        f"{name}_p50_ms": round(1000 * statistics.median(ordered), 3),
+        f"{name}_max_ms": round(1000 * ordered[-1], 3),
+        f"{name}_total_s": round(sum(seconds), 3),
+    }
+
+
 def run_summary(piece: TraceSlice, res: ServingResult) -> dict[str, Any]:
     """What meta.json keeps per run."""
     late = sorted(x for x in res.late_adds if x == x) or [0.0]
-    hand = sorted(res.handoff_s) or [0.0]
     return {
         "requests": len(res.timings),
         "offered_rps": round(piece.offered_rps, 3),
@@ -98,10 +107,9 @@ def run_summary(piece: TraceSlice, res: ServingResult) -> dict[str, Any]:
         "steps": res.steps,
         "handoffs": res.handoffs,
         "migrated": res.migrated,
-        "handoff_batches": len(res.handoff_s),
-        "handoff_p50_ms": round(1000 * statistics.median(hand), 3),
-        "handoff_max_ms": round(1000 * hand[-1], 3),
-        "handoff_total_s": round(sum(res.handoff_s), 3),
+        **_times_ms("leave", res.leave_s),
+        **_times_ms("arrive", res.arrive_s),
+        "busy_s": {k: round(v, 3) for k, v in res.busy_s.items()},
         "max_held": res.max_held,
         "classes": dict(Counter(str(c) for c in res.classes)),
         "aborted": res.aborted,

@@ -57,8 +57,9 @@ class GenerationRequest(Frozen):
     """Prompt tokens."""
     max_tokens: int = Field(ge=1)
     """Tokens to generate."""
-    top_k: int = Field(default=5, ge=1)
-    """Log-probabilities returned per generated token."""
+    top_k: int = Field(default=5, ge=0)
+    """Log-probabilities returned per generated token; 0: none (serving: the engine skips computing them, and
+    every :class:`TokenEvent` of the request has an empty ``top``)."""
     prompt_logprobs: bool = False
     """Also return the top-k of every prompt position (teacher-forced scoring)."""
 

@@ -211,7 +211,7 @@ class ReferenceEngine:
             picked.append(req)
         if not picked:
             raise EngineCapacityError(f"engine {self._engine_id}: no request fits in the free KV blocks")
-        top_k = max(r.request.top_k for r in picked)
+        top_k = max([1, *(r.request.top_k for r in picked)])
         batch = BatchInput(token_ids=tuple(ids), positions=tuple(positions), seqs=tuple(seqs), top_k=top_k)
         rows = self.cluster.call(self._gpu_ids, "forward", engine_id=self._engine_id, batch=batch)[0]
         return self._advance(picked, seqs, rows)
@@ -225,14 +225,14 @@ class ReferenceEngine:
             top = TopK(token_ids=mine[-1].token_ids[:k], logprobs=mine[-1].logprobs[:k])
             prompt_top = tuple(TopK(token_ids=r.token_ids[:k], logprobs=r.logprobs[:k]) for r in mine[:-1])
             req.num_computed = len(req.tokens)
-            req.output.append(top.token_ids[0])
+            req.output.append(mine[-1].token_ids[0])  # the greedy token, also with top_k=0
             req.wants_prompt_top = False
             done = len(req.output) >= req.request.max_tokens
             events.append(
                 TokenEvent(
                     request_id=req.request.request_id,
                     index=len(req.output) - 1,
-                    token_id=top.token_ids[0],
+                    token_id=req.output[-1],
                     top=top,
                     finished=done,
                     engine_id=self._engine_id,

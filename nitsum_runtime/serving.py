@@ -42,8 +42,10 @@ from nitsum_opt.scheduler import MultiTierScheduler
 from nitsum_opt.sim.deployment import Deployment, scheduler_config
 from nitsum_opt.spec import SHARED_TIER, Tier
 from nitsum_runtime.engine import Engine, EngineState, GenerationRequest, TokenEvent
+from nitsum_runtime.handoff import Move, arrive, leave
 from nitsum_runtime.pool import EnginePool
 from nitsum_runtime.replay import ReplayRequest, RequestTiming, validate_requests
+from nitsum_runtime.vllm_pool_kv import ExportedKv
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +73,14 @@ class ServingResult:
     """Requests handed from a prefill to a decode instance."""
     migrated: int = 0
     """Of those, moved with their KV (the rest re-prefilled on the decode engine)."""
-    handoff_s: list[float] = field(default_factory=list)
-    """Wall seconds of each batch of hand-offs to one decode engine (export, copy, import, drop)."""
+    leave_s: list[float] = field(default_factory=list)
+    """Wall seconds of each batch of hand-offs leaving a prefill engine (vLLM: KV gathered into its buffers,
+    requests dropped; the prefill engine waits for this)."""
+    arrive_s: list[float] = field(default_factory=list)
+    """Wall seconds of each batch of hand-offs arriving at a decode engine (vLLM: buffers staged, KV copied,
+    requests added; the decode engine waits for this)."""
+    busy_s: dict[str, float] = field(default_factory=dict)
+    """Per instance: seconds its engine was stepping (from the step command to its answer)."""
     aborted: int = 0
     """Requests aborted at the drain limit (in an engine)."""
     never_dispatched: int = 0
@@ -123,12 +131,13 @@ class PlanServer:
         max_model_len: int,
         drain_s: float = 60.0,
         seed: int = 0,
-        top_k: int = 1,
+        top_k: int = 0,
         progress: Callable[[str], None] | None = None,
         prefix: str = "",
     ) -> ServingResult:
         """Serve ``requests`` (sorted by arrival; prompts are seeded random tokens made before the clock starts)
-        and return every request's timing. Request ids are ``<prefix>r<index>`` (unique per pool ledger)."""
+        and return every request's timing. Request ids are ``<prefix>r<index>`` (unique per pool ledger);
+        ``top_k`` log-probabilities per token (0: none, as a server returns by default)."""
         validate_requests(requests, vocab_size, max_model_len)
         names = {t.name for t in self.tiers}
         unknown = sorted({r.tier for r in requests} - names)
@@ -173,9 +182,13 @@ class _Run:
         self.result.steps = dict.fromkeys(self.keys, 0)
         self.klass = [-1] * n
         self.to_add: list[list[int]] = [[] for _ in range(m)]
-        self.outgoing: list[list[int]] = [[] for _ in range(m)]  # hand-offs waiting to leave a prefill engine
-        self.moves: dict[int, list[tuple[int, int]]] = {}  # decode instance -> [(request, prefill instance)]
+        self.outgoing: list[list[str]] = [[] for _ in range(m)]  # requests that must leave a prefill engine first
+        self.moves: dict[int, list[Move]] = {}  # decode instance -> requests on their way to it
+        self.releases: list[list[ExportedKv]] = [[] for _ in range(m)]  # KV buffers to free on an engine
         self.stepping: set[int] = set()
+        self.began = [0.0] * m
+        self.stopping = False
+        self.result.busy_s = dict.fromkeys(self.keys, 0.0)
         self.sched = MultiTierScheduler(server.config, now_s=0.0)
         self.t0 = 0.0
 
@@ -213,6 +226,7 @@ class _Run:
         """Tokens of instance ``i``'s step, collected now."""
         now = self.now()
         self.result.steps[self.keys[i]] += 1
+        handed: list[int] = []
         for ev in events:
             self.pool.record(ev)
             r = self.index_of[ev.request_id]
@@ -227,41 +241,48 @@ class _Run:
                     t.tpot_s = (now - t.first_token_at_s) / (n_out - 1)
                 self.dispatch(self.sched.release(now, i, self.tier_of[r]))
             elif ev.index == 0 and self.roles[i] is Role.PREFILL:
-                self.hand_off(r, i, now)
+                handed.append(r)
+        if handed:
+            self.hand_off(i, handed, now)
 
-    def hand_off(self, r: int, i: int, now: float) -> None:
-        """Request ``r`` has its first token on prefill instance ``i``: book a decode instance for it."""
-        tier = self.tier_of[r]
-        self.dispatch(self.sched.release(now, i, tier))
-        target = self.sched.handoff(now, tier, self.host_tier[i], self.klass[r])
-        if target < 0:
-            raise RuntimeError(
-                f"no decode instance of deployment {self.server.deployment.describe()!r} takes tier "
-                f"{self.server.tiers[tier].name!r} hand-offs from {self.keys[i]}; give that tier a decode instance"
-            )
-        self.outgoing[i].append(r)
-        self.moves.setdefault(target, []).append((r, i))
+    def hand_off(self, i: int, handed: list[int], now: float) -> None:
+        """Requests ``handed`` have their first token on prefill instance ``i`` (between steps): book a decode
+        instance for each and take them off ``i`` (:func:`~nitsum_runtime.handoff.leave`)."""
+        by_target: dict[int, list[str]] = {}
+        for r in handed:
+            tier = self.tier_of[r]
+            self.dispatch(self.sched.release(now, i, tier))
+            target = self.sched.handoff(now, tier, self.host_tier[i], self.klass[r])
+            if target < 0:
+                raise RuntimeError(
+                    f"no decode instance of deployment {self.server.deployment.describe()!r} takes tier "
+                    f"{self.server.tiers[tier].name!r} hand-offs from {self.keys[i]}; give that tier a decode instance"
+                )
+            by_target.setdefault(target, []).append(self.made[r].request_id)
+        for d, ids in by_target.items():
+            t0 = time.perf_counter()
+            exported = leave(self.engines[i], self.engines[d], ids)
+            if exported is None:
+                self.outgoing[i] += ids
+            self.moves.setdefault(d, []).append(Move(ids, i, exported))
+            self.result.leave_s.append(time.perf_counter() - t0)
 
     def run_moves(self) -> None:
-        """Carry out booked hand-offs whose decode engine is not stepping (their prefill engines never are)."""
+        """Carry out booked hand-offs whose decode engine is not stepping (prefill engines holding requests that
+        must leave never are)."""
         for d in [d for d in self.moves if d not in self.stepping]:
             t0 = time.perf_counter()
-            by_src: dict[int, list[int]] = {}
-            for r, p in self.moves.pop(d):
-                by_src.setdefault(p, []).append(r)
-            dst = self.engines[d]
-            for p, rs in by_src.items():
-                src = self.engines[p]
-                ids = [self.made[r].request_id for r in rs]
-                snaps = src.export_requests(ids)
-                done = dst.import_requests(snaps, src if dst.can_migrate_from(src) else None)
-                src.drop_requests(ids)
-                for rid in ids:
+            for move in self.moves.pop(d):
+                done = arrive(self.engines[move.src], self.engines[d], move)
+                for rid in move.request_ids:
                     self.pool.owner[rid] = self.keys[d]
-                self.result.handoffs += len(ids)
+                self.result.handoffs += len(move.request_ids)
                 self.result.migrated += done.migrated
-                self.outgoing[p] = [r for r in self.outgoing[p] if r not in set(rs)]
-            self.result.handoff_s.append(time.perf_counter() - t0)
+                if move.exported is None:
+                    self.outgoing[move.src] = [x for x in self.outgoing[move.src] if x not in move.request_ids]
+                elif move.exported.source is not None:
+                    self.releases[move.src].append(move.exported)
+            self.result.arrive_s.append(time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ engines
     def start_steps(self) -> None:
@@ -269,23 +290,48 @@ class _Run:
         for i, engine in enumerate(self.engines):
             if i in self.stepping or self.outgoing[i]:
                 continue
+            self.free_buffers(i)
             if self.to_add[i]:
                 self.flush_adds(i)
             if not engine.request_ids():
                 continue
-            begin = getattr(engine, "begin_step", None)
-            if begin is None:
-                self.on_events(i, engine.step())
-            elif begin():
-                self.stepping.add(i)
+            if getattr(engine, "begin_step", None) is None:
+                t0 = time.perf_counter()
+                events = engine.step()
+                self.result.busy_s[self.keys[i]] += time.perf_counter() - t0
+                self.on_events(i, events)
+            else:
+                self.begin(i)
+
+    def begin(self, i: int) -> None:
+        if self.engines[i].begin_step():  # type: ignore[attr-defined]
+            self.stepping.add(i)
+            self.began[i] = time.perf_counter()
+
+    def free_buffers(self, i: int) -> None:
+        """Free the KV buffers of requests that left instance ``i`` (between steps) and arrived elsewhere."""
+        for exported in self.releases[i]:
+            self.engines[i].release_exported(exported)  # type: ignore[attr-defined]
+        self.releases[i].clear()
+
+    def may_pipeline(self, i: int) -> bool:
+        """Whether instance ``i`` may start its next step before its last step's tokens are processed: nothing
+        waits to be added to it, moved into it or freed on it, and it hands nothing off (not a prefill instance)."""
+        busy = self.to_add[i] or i in self.moves or self.releases[i]
+        return not (self.stopping or self.roles[i] is Role.PREFILL or busy)
 
     def collect(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for stepping engines and take the tokens of those that finished."""
+        """Wait up to ``timeout_s`` for stepping engines and take the tokens of those that finished (an engine
+        with nothing else to do starts its next step first, so the tokens are processed while it runs)."""
         by_pipe = {self.engines[i].step_waitable: i for i in self.stepping}  # type: ignore[attr-defined]
         for pipe in wait_ready(list(by_pipe), timeout=max(0.0, timeout_s)):
             i = by_pipe[pipe]  # type: ignore[index]
             self.stepping.discard(i)
-            self.on_events(i, self.engines[i].end_step())  # type: ignore[attr-defined]
+            events = self.engines[i].end_step()  # type: ignore[attr-defined]
+            self.result.busy_s[self.keys[i]] += time.perf_counter() - self.began[i]
+            if self.may_pipeline(i):
+                self.begin(i)
+            self.on_events(i, events)
 
     def busy(self) -> bool:
         return bool(self.stepping or self.moves or any(self.to_add) or any(e.request_ids() for e in self.engines))
@@ -320,6 +366,7 @@ class _Run:
 
     def abort_rest(self) -> None:
         """At the drain limit: finish running steps, then drop every request still in an engine."""
+        self.stopping = True
         while self.stepping:
             self.collect(60.0)
         for i, engine in enumerate(self.engines):
@@ -329,6 +376,12 @@ class _Run:
                 self.result.aborted += len(ids)
             self.result.never_dispatched += len(self.to_add[i])
             self.to_add[i].clear()
+            self.free_buffers(i)
+        for moves in self.moves.values():  # exported and not arrived: their KV buffers go too
+            for move in moves:
+                self.result.aborted += len(move.request_ids) if move.exported is not None else 0
+                if move.exported is not None and move.exported.source is not None:
+                    self.engines[move.src].release_exported(move.exported)  # type: ignore[attr-defined]
         self.moves.clear()
 
 

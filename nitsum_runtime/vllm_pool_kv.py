@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from nitsum_runtime.engine import EngineError, ImportResult, KvDescriptor, RequestSnapshot
@@ -24,6 +25,21 @@ if TYPE_CHECKING:
 def tickets_key(params: dict[str, Any]) -> str:
     """The staged-KV key of an import ticket (:func:`~nitsum_runtime.kv_import.ticket_params`)."""
     return str(params[IMPORT_PARAMS_KEY]["key"])
+
+
+@dataclass(frozen=True)
+class ExportedKv:
+    """Requests exported from an engine, with their KV gathered into buffers of its workers
+    (:meth:`KvPort.export_kv`); ``source=None``: no KV (they re-prefill wherever they are imported)."""
+
+    source: KvPort | None
+    """Engine whose workers hold the buffers."""
+    snapshots: tuple[RequestSnapshot, ...]
+    """The requests (tokens so far and where their KV was)."""
+    keys: dict[str, str] = field(default_factory=dict)
+    """Request id -> key of its gathered KV (requests with no KV are left out)."""
+    answer: list[Any] = field(default_factory=list)
+    """The workers' export answers (buffer handles per rank)."""
 
 
 class KvPort:
@@ -134,6 +150,38 @@ class KvPort:
                 "(VllmPoolSettings.kv_connector=True) and this process must see their GPUs; import with "
                 "kv_source=None to re-prefill"
             )
+        if not isinstance(kv_source, KvPort):
+            return self.import_exported(ExportedKv(None, tuple(snapshots)))
+        try:
+            exported = kv_source.export_kv(snapshots)
+        except EngineError as exc:  # the export failed: these requests re-prefill
+            self.kv_errors.append(str(exc))
+            return self.import_exported(ExportedKv(None, tuple(snapshots)))
+        try:
+            return self.import_exported(exported)
+        finally:
+            kv_source.release_exported(exported)
+
+    def export_kv(self, snapshots: Sequence[RequestSnapshot]) -> ExportedKv:
+        """Gather the KV of ``snapshots`` (from :meth:`export_requests` of this engine) into buffers of this
+        engine's workers; the requests may then be dropped here (the buffers keep the KV) and imported elsewhere
+        with :meth:`import_exported`, later. Free the buffers with :meth:`release_exported` afterwards."""
+        with_kv = [s for s in snapshots if s.kv is not None and s.kv.num_tokens > 0]
+        stamp = time.monotonic_ns()
+        keys = {s.request.request_id: f"{s.request.request_id}@{self.engine_id}#{stamp}" for s in with_kv}
+        out = [[keys[s.request.request_id], list(s.kv.block_ids), s.kv.num_tokens] for s in with_kv if s.kv]
+        answer = self.rpc("nitsum_kv_export", out) if out else []
+        return ExportedKv(self, tuple(snapshots), keys, answer)
+
+    def release_exported(self, exported: ExportedKv) -> None:
+        """Free the buffers :meth:`export_kv` filled (once every import of them is done)."""
+        if exported.keys and self.failure is None:
+            self.rpc("nitsum_kv_release", list(exported.keys.values()))
+
+    def import_exported(self, exported: ExportedKv) -> ImportResult:
+        """Add the exported requests here, each with its KV copied from the source's buffers (re-prefilled if it
+        has none there or the copy fails); the source's buffers are not released."""
+        snapshots = exported.snapshots
         self._need_awake("import requests into")
         t0 = time.perf_counter()
         self._check_new([s.request.request_id for s in snapshots])
@@ -141,12 +189,9 @@ class KvPort:
             self._check_fits(s.request)
         tickets: dict[str, dict[str, Any]] = {}
         moved = 0
-        with_kv = [s for s in snapshots if s.kv is not None and s.kv.num_tokens > 0]
-        if isinstance(kv_source, KvPort) and with_kv:
-            stamp = time.monotonic_ns()
-            keys = {s.request.request_id: f"{s.request.request_id}@{kv_source.engine_id}#{stamp}" for s in with_kv}
+        if exported.source is not None and exported.keys:
             try:
-                stats = self._pull_kv(kv_source, with_kv, keys)
+                stats = self._copy_exported(exported)
             except EngineError as exc:  # the copy failed: these requests re-prefill
                 self.kv_errors.append(str(exc))
             else:
@@ -154,9 +199,10 @@ class KvPort:
                 moved = stats.bytes_remote + stats.bytes_local
                 from nitsum_runtime.kv_ticket import ticket_params
 
-                for s in with_kv:
-                    assert s.kv is not None
-                    tickets[s.request.request_id] = ticket_params(keys[s.request.request_id], s.kv.num_tokens)
+                for s in snapshots:
+                    key = exported.keys.get(s.request.request_id)
+                    if key is not None and s.kv is not None:
+                        tickets[s.request.request_id] = ticket_params(key, s.kv.num_tokens)
         try:
             self._add([(s.request, s.output_token_ids) for s in snapshots], tickets)
         except BaseException:
@@ -171,22 +217,26 @@ class KvPort:
             seconds=time.perf_counter() - t0,
         )
 
-    def _pull_kv(self, source: KvPort, snaps: Sequence[RequestSnapshot], keys: dict[str, str]) -> MoveStats:
-        """Export the requests' KV on ``source``, stage buffers here, copy (module docstring)."""
+    def _copy_exported(self, exported: ExportedKv) -> MoveStats:
+        """Stage buffers here for the exported requests and copy their KV in (module docstring)."""
         from nitsum_runtime.kv_mover import move_staged
 
-        order = [keys[s.request.request_id] for s in snaps]
-        out = [[keys[s.request.request_id], list(s.kv.block_ids), s.kv.num_tokens] for s in snaps if s.kv]
-        exported = source.rpc("nitsum_kv_export", out)
+        source = exported.source
+        assert source is not None
+        order = [
+            exported.keys[s.request.request_id] for s in exported.snapshots if s.request.request_id in exported.keys
+        ]
+        sizes = [
+            [exported.keys[s.request.request_id], s.kv.num_tokens]
+            for s in exported.snapshots
+            if s.kv and s.request.request_id in exported.keys
+        ]
+        staged = self.rpc("nitsum_kv_stage", sizes)
         try:
-            staged = self.rpc("nitsum_kv_stage", [[k, n] for k, _, n in out])
-            try:
-                stats = move_staged(self.spec.num_kv_heads, order, exported, staged, source.gpu_ids, self.gpu_ids)
-            except Exception as exc:
-                self._release_staged(order)
-                raise EngineError(f"KV copy {source.engine_id} -> {self.engine_id} failed: {exc}") from exc
-        finally:
-            source.rpc("nitsum_kv_release", order)
+            stats = move_staged(self.spec.num_kv_heads, order, exported.answer, staged, source.gpu_ids, self.gpu_ids)
+        except Exception as exc:
+            self._release_staged(order)
+            raise EngineError(f"KV copy {source.engine_id} -> {self.engine_id} failed: {exc}") from exc
         self.timings["kv_copy_s"], self.timings["kv_open_s"] = stats.copy_s, stats.open_s
         return stats
 

@@ -141,8 +141,8 @@ class _Engine:
                 params = self.sp(
                     temperature=0.0,
                     max_tokens=r.max_tokens,
-                    logprobs=r.top_k,
-                    prompt_logprobs=r.top_k if r.prompt_logprobs else None,
+                    logprobs=r.top_k or None,
+                    prompt_logprobs=r.top_k if r.prompt_logprobs and r.top_k else None,
                     detokenize=False,
                     ignore_eos=True,
                     **({"extra_args": {"kv_transfer_params": r.kv_transfer_params}} if r.kv_transfer_params else {}),

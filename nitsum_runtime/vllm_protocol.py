@@ -52,8 +52,8 @@ class AddSpec(Frozen):
     """Prompt (for a re-prefill: the original prompt followed by the tokens generated so far)."""
     max_tokens: int = Field(ge=1)
     """Tokens still to generate."""
-    top_k: int = Field(ge=1)
-    """Log-probabilities returned per generated token."""
+    top_k: int = Field(ge=0)
+    """Log-probabilities returned per generated token (0: none; vLLM then computes none)."""
     prompt_logprobs: bool = False
     """Also return the top-k of every prompt position (with the first new token)."""
     kv_transfer_params: dict[str, Any] | None = None
@@ -196,6 +196,10 @@ def command_table(engine: EngineCommands) -> dict[str, Callable[..., Any]]:
     }
 
 
+NO_TOP = TopK(token_ids=(), logprobs=())
+"""The ``top`` of a token of a request added with ``top_k=0``."""
+
+
 def top_of(logprobs: Mapping[int, Any] | None, k: int) -> TopK:
     """The k most likely entries of one vLLM log-probability dict (token id -> object with ``.logprob``);
     vLLM adds the sampled token when it is not among them, hence the sort and cut."""
@@ -216,14 +220,17 @@ def new_tokens(
 ) -> NewTokens:
     """The tokens of a cumulative output after the first ``reported`` ones. ``prompt_logprobs`` (vLLM's: one
     entry per prompt token, the first None) becomes ``prompt_top`` on the first answer only."""
+    if reported > len(token_ids):
+        raise ValueError(f"request {request_id!r}: {reported} tokens reported, the engine has {len(token_ids)}")
+    if k == 0:  # added without log-probabilities
+        new = tuple(int(t) for t in token_ids[reported:])
+        return NewTokens(request_id=request_id, token_ids=new, top=(NO_TOP,) * len(new), finished=finished)
     if logprobs is None or len(logprobs) != len(token_ids):
         got = "none" if logprobs is None else len(logprobs)
         raise ValueError(
             f"request {request_id!r}: {len(token_ids)} tokens but {got} log-probability rows; the request "
             "must be added with logprobs=k"
         )
-    if reported > len(token_ids):
-        raise ValueError(f"request {request_id!r}: {reported} tokens reported, the engine has {len(token_ids)}")
     prompt_top: tuple[TopK, ...] = ()
     if reported == 0 and prompt_logprobs:
         prompt_top = tuple(top_of(lp, k) for lp in prompt_logprobs[1:])

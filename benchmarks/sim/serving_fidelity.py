@@ -145,6 +145,17 @@ def _plot(path: Path, keys: list[str], pieces: dict, real: dict, sim: dict, scen
     fig.savefig(path, dpi=110)
 
 
+def _handoff_text(info: dict) -> str:
+    """Hand-off figures of one run's meta (runs measured before the split hand-off have one batch time)."""
+    text = f"hand-offs {info['handoffs']} ({info['migrated']} with KV"
+    if "leave_p50_ms" in info:
+        return text + (
+            f"; leaving the prefill engine p50 {info['leave_p50_ms']} ms, arriving at the decode engine p50 "
+            f"{info['arrive_p50_ms']} ms, max {info['arrive_max_ms']} ms)"
+        )
+    return text + f"; batch p50 {info['handoff_p50_ms']} ms, max {info['handoff_max_ms']} ms)"
+
+
 def _read_runs(measured: Path, plans: ServingPlans, meta: dict, slices: dict) -> dict[str, tuple[str, Timings]]:
     """Measured timings per run key ``<deployment>/<slice>`` (runs the GPU finished)."""
     out: dict[str, tuple[str, Timings]] = {}
@@ -182,10 +193,7 @@ def run_compare(args: argparse.Namespace) -> int:
         for row in compare(slices[s], timings, sim[key], scenario.tiers):
             rows.append({"deployment": key.split("/")[0], **row})
         info = meta["runs"][key]
-        print(
-            f"{key}: {dep.describe()}; hand-offs {info['handoffs']} ({info['migrated']} with KV, batch p50 "
-            f"{info['handoff_p50_ms']} ms, max {info['handoff_max_ms']} ms); held centrally at most {info['max_held']}"
-        )
+        print(f"{key}: {dep.describe()}; {_handoff_text(info)}; held centrally at most {info['max_held']}")
     print(f"{plans.model} on {meta.get('gpu')} x{gpus}; KV cache tokens per engine {meta['kv_cache_tokens']}")
     cols = ("attainment", "goodput_rps", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms")
     print(" | ".join(("deployment", "slice", "tier", "requests", *(f"{c} real/sim" for c in cols))))

@@ -30,16 +30,16 @@ def test_ledger_rejects_duplicates_gaps_and_late_tokens() -> None:
     pool = EnginePool([])
     pool.requests["a"] = GenerationRequest(request_id="a", prompt_token_ids=(1,), max_tokens=2)
     pool.outputs["a"], pool.tier_of["a"] = [], "chat"
-    pool._record(_event("a", 0))
+    pool.record(_event("a", 0))
     with pytest.raises(LedgerError, match=r"token index 0 .* expected 1"):
-        pool._record(_event("a", 0))
+        pool.record(_event("a", 0))
     with pytest.raises(LedgerError, match=r"token index 2 .* expected 1"):
-        pool._record(_event("a", 2))
-    pool._record(_event("a", 1, finished=True))
+        pool.record(_event("a", 2))
+    pool.record(_event("a", 1, finished=True))
     with pytest.raises(LedgerError, match="after it finished"):
-        pool._record(_event("a", 2))
+        pool.record(_event("a", 2))
     with pytest.raises(LedgerError, match="unknown request"):
-        pool._record(_event("b", 0))
+        pool.record(_event("b", 0))
     assert pool.records()[0].tokens == (1, 1) and pool.records()[0].finished
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nitsum_runtime.vllm_protocol import new_tokens, top_of
+from nitsum_runtime.vllm_protocol import NO_TOP, new_tokens, top_of
 
 
 def lp(**by_token: float) -> dict[int, SimpleNamespace]:
@@ -37,3 +37,10 @@ def test_new_tokens_refuses_inconsistent_outputs() -> None:
         new_tokens("r", [5], None, None, reported=0, k=2, finished=False)
     with pytest.raises(ValueError, match="3 tokens reported, the engine has 1"):
         new_tokens("r", [5], [lp(t5=-0.1)], None, reported=3, k=2, finished=False)
+
+
+def test_requests_without_log_probabilities_get_empty_tops() -> None:
+    ev = new_tokens("r", [5, 8, 1], None, None, reported=1, k=0, finished=True)
+    assert ev.token_ids == (8, 1) and ev.top == (NO_TOP, NO_TOP) and ev.finished
+    with pytest.raises(ValueError, match="3 tokens reported"):
+        new_tokens("r", [5], None, None, reported=3, k=0, finished=False)
