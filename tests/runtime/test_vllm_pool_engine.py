@@ -211,7 +211,9 @@ def test_requests_of_a_lost_engine_move_to_another(pool: EnginePool, tiny_llama:
         t0 = time.perf_counter()
         with pytest.raises(EngineError, match=r"(?s)watchdog: 'step 1 of 1' still running.*is lost"):
             pool.step()
-        assert time.perf_counter() - t0 < 5 and lost.failure is not None and lost.handle.proc is None
+        # the watchdog's answer (matched above) within its 1 s deadline plus process teardown; the bound is loose
+        # because the CI machine's two cores may be busy (5 s failed once under load)
+        assert time.perf_counter() - t0 < 20 and lost.failure is not None and lost.handle.proc is None
         report = ex.execute(pinned_plan([(1,)]), pinned_plan([(2, 3)]))  # tokens so far come from this side
         assert report.ok and report.reprefilled == 2
         while pool.unfinished():
