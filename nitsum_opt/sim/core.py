@@ -129,6 +129,8 @@ class Simulator:
         self.controller = controller
         self.settings = settings or SimSettings()
         self.max_jump = self.settings.max_jump_steps
+        self.leave_s = self.settings.switch.handoff_leave_ms * 1e-3
+        self.arrive_s = self.settings.switch.handoff_arrive_ms * 1e-3
         self.kv_bytes_per_token = float(model_spec.kv_bytes_per_token)
         self.req = RequestState(trace)
         self.engines: list[Engine] = []

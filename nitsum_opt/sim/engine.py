@@ -70,12 +70,14 @@ class Engine:
     __slots__ = (
         "alive",
         "alpha",
+        "arrive_paid",
         "beta",
         "budget",
         "chunks",
         "ctx_sum",
         "fin",
         "gpu_ids",
+        "handed",
         "idx",
         "joins",
         "jump_k",
@@ -134,6 +136,8 @@ class Engine:
         self.chunks: list[tuple[list[int], int]] = []
         self.paused_until = 0.0
         self.resume_pending = False
+        self.handed = False  # the step in progress hands requests off (a prefill engine)
+        self.arrive_paid = False  # the pause for admitting arrived KV was taken
         self.alive = True
         self.link_free_s = 0.0
         self.sidx = -1  # index in the current scheduler's instance list
@@ -188,6 +192,13 @@ class Engine:
         running = self.running
         prefilling = self.prefilling
         joins = self.joins
+        if joins and sim.arrive_s > 0 and not self.arrive_paid:  # arrived KV is taken in between steps
+            self.arrive_paid = True
+            self.paused_until = now + sim.arrive_s
+            self.mode = IDLE
+            sim.kick(self, now)
+            return
+        self.arrive_paid = False
         while joins and len(running) + len(prefilling) < self.max_seqs:
             r = joins[0]
             ctx = req.inp[r] + req.gen[r]
@@ -300,6 +311,9 @@ class Engine:
             self.chunks = []
         self.mode = IDLE
         self.jump_k = 0
+        if self.handed:  # the hand-offs leave this engine before its next step
+            self.handed = False
+            self.paused_until = max(self.paused_until, now + sim.leave_s)
         if self.alive:
             sim.kick(self, now)
 
@@ -313,6 +327,7 @@ class Engine:
             self.kv_used -= held
             sim.complete(r, now, self)
         elif self.prefill_only:
+            self.handed = True
             sim.hand_off(r, now, self, held)
         else:
             self.kv_used -= held

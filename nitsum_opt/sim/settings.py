@@ -53,6 +53,15 @@ class SwitchCosts(Frozen):
     tokens, 67–134 MB) took 1.0–2.2 ms; with 300 GB/s for the bytes, 1.0 ms fixed gives 1.45 ms for 1k tokens
     TP1→TP1 (measured 1.03 ms) and 15.3 ms for 32k tokens (measured 14.2 ms)."""
 
+    handoff_leave_ms: float = Field(default=3.5, ge=0, allow_inf_nan=False)
+    """Pause of a prefill engine after a step that hands requests off (the runtime gathers their KV and drops
+    them before the engine's next step), ms per such step. Default: the runtime's measured p50, 3.3 and 3.8 ms at
+    8.98 and 13.75 req/s on 2×H200 (``benchmarks/RESULTS.md``, "The runtime serving deployments on 2×H200");
+    0: not simulated."""
+    handoff_arrive_ms: float = Field(default=3.5, ge=0, allow_inf_nan=False)
+    """Pause of an engine before a step that admits requests whose KV arrived (staged, copied and added between
+    its steps), ms per such step. Default: the measured p50, 3.2 and 3.8 ms (same run); 0: not simulated."""
+
     @property
     def switch_s(self) -> float:
         """Pause of an instance that a plan change creates or re-shapes."""

@@ -94,6 +94,34 @@ def test_prefill_decode_handoff_pays_the_kv_transfer() -> None:
     assert extra == pytest.approx(kv_gb * (1 - 1 / SimSettings().switch.kv_migration_gb_s), rel=0.01)
 
 
+def test_hand_off_pauses_delay_the_next_prefill_and_the_decode_start() -> None:
+    """Known answers for the measured hand-off pauses: the prefill engine pauses ``leave`` after the step that hands
+    a request off (a second prompt waiting behind it gets its first token that much later), the decode engine pauses
+    ``arrive`` before admitting arrived KV (the first request finishes that much later); first tokens handed off in
+    the same step are not delayed."""
+    trace = RequestTrace.from_arrays(
+        [0.0, 0.0], [6000, 6000], [3, 3], tier_names=("chat", "batch"), start_s=0.0, end_s=1.0
+    )  # 8,192-token steps: the first prompt ends in step 1, the second in step 2
+    dep = Deployment(
+        instances=(
+            DeployedInstance(tier=None, tp=1, role=Role.PREFILL, gpu_ids=(0,)),
+            DeployedInstance(tier=None, tp=1, role=Role.DECODE, gpu_ids=(1,)),
+        )
+    )
+
+    def with_pauses(leave_ms: float, arrive_ms: float) -> SimSettings:
+        costs = {"handoff_leave_ms": leave_ms, "handoff_arrive_ms": arrive_ms}
+        return SimSettings(switch=SimSettings().switch.model_copy(update=costs))
+
+    base = run(trace, dep, gpus=2, settings=with_pauses(0, 0))
+    leave = run(trace, dep, gpus=2, settings=with_pauses(50, 0))
+    arrive = run(trace, dep, gpus=2, settings=with_pauses(0, 30))
+    assert leave.ttft_s[0] == pytest.approx(base.ttft_s[0]) and arrive.ttft_s[0] == pytest.approx(base.ttft_s[0])
+    assert leave.ttft_s[1] - base.ttft_s[1] == pytest.approx(0.050)
+    assert arrive.finish_s[0] - base.finish_s[0] == pytest.approx(0.030)
+    assert arrive.ttft_s[1] == pytest.approx(base.ttft_s[1])  # the prefill engine does not wait for the decode one
+
+
 def test_over_long_requests_are_rejected_with_a_reason() -> None:
     trace = RequestTrace.from_arrays([0.0, 0.1], [8000, 100], [500, 10], tier_names=("chat", "batch"), end_s=1.0)
     res = run(trace, Deployment(instances=colocated(1)), gpus=1)

@@ -198,9 +198,9 @@ def test_simulator_matches_the_committed_serving_runs() -> None:
     """The runtime serving deployments on 2×H200 (``benchmarks/gpu/results/serving-h200x2-2026-11-23-run2``:
     colocated FCFS, Nitsum's plan with its scheduler, and 1 prefill + 1 decode engine with KV hand-offs) against
     the same deployments simulated: attainment within 1 point overall for the colocated and Nitsum deployments and
-    within 4 points for prefill/decode, where the simulator is known to be optimistic (decode TPOT 0.6-0.75× the
-    measured: the hand-offs' pauses and the decode engine's re-run of each arriving request's last token are not
-    simulated), and the deployments ranked alike at 13.75 req/s."""
+    within 3 points for prefill/decode, where the simulator is known to be optimistic (decode TPOT 0.63-0.75× the
+    measured: the runtime's per-step cost and the decode engine's re-run of each arriving request's last token are
+    not simulated; the hand-off pauses are), and the deployments ranked alike at 13.75 req/s."""
     warnings.simplefilter("ignore")
     scenario = Scenario()
     run = ROOT / "benchmarks/gpu/results/serving-h200x2-2026-11-23-run2"
@@ -214,7 +214,7 @@ def test_simulator_matches_the_committed_serving_runs() -> None:
         sim = simulate_deployment(scenario, piece, plans.deployments[dep_name], 2, drain_s=30.0, kv_cache_tokens=kv)
         row = compare(piece, real, sim, scenario.tiers)[0]
         attainment[(dep_name.split("-")[0], slice_name)] = (row["real_attainment"], row["sim_attainment"])
-        bound = 0.04 if dep_name == "pd" else 0.01
+        bound = 0.03 if dep_name == "pd" else 0.01
         assert abs(row["sim_attainment"] - row["real_attainment"]) <= bound, (dep_name, slice_name, row)
     for side in (0, 1):
         order = sorted(("colocated", "nitsum", "pd"), key=lambda d: -attainment[(d, "mean-13rps")][side])
