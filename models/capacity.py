@@ -26,6 +26,11 @@ the latency model, ``p`` the tier's percentile, ``d_b = output_b − 1`` the dec
   gamma law. ``B`` follows the window law (prompts leave prefill in groups: index of dispersion from the
   chain) in a fixed point. Need ``TTFT_att·(1 − P(wait for a seat))·TPOT_att >= p`` (independence).
 
+Hand-off pauses (options ``handoff_leave_ms`` ``l``, ``handoff_arrive_ms`` ``a``; 0 by default): a prefill
+instance pauses ``l`` after each of its steps (its super-steps last ``steps·(τ + l)``); a decode instance pauses
+``a`` before a step in which requests arrive, which with Poisson arrivals makes its mean step
+``τ(B) + a·(1 − e^{−λ·τ(B)})``.
+
 Engine knobs: ``max_num_batched_tokens`` and ``max_num_seqs`` come from the options, else from the profile's
 engine args, else vLLM-like defaults (8192, 256). Not modelled: the P→D KV transfer (TTFT), preemption (KV is
 reserved up front), iteration-time jitter (the mean model times every step). Validation: for every cell of
@@ -93,9 +98,10 @@ def _capacity_cell(
     options: CapacityOptions | None,
     engine_args: dict[str, object] | None,
 ) -> CellResult:
-    budget, max_seqs = (options or CapacityOptions()).resolved(_engine_args(source, engine_args))
-    tol = (options or CapacityOptions()).rate_rel_tol
-    cell = Cell(source, config.tp, tier, budget, max_seqs)
+    opts = options or CapacityOptions()
+    budget, max_seqs = opts.resolved(_engine_args(source, engine_args))
+    tol = opts.rate_rel_tol
+    cell = Cell(source, config.tp, tier, budget, max_seqs, opts.handoff_leave_ms, opts.handoff_arrive_ms)
     role = config.role
 
     def check(lam_ms: float) -> tuple[str | None, float]:

@@ -48,8 +48,18 @@ class Mix:
 class Cell:
     """Everything one (tier, tp, role) cell needs, with the λ-independent step times precomputed."""
 
-    def __init__(self, source: StepTimeSource, tp: int, tier: TierWorkload, budget: int, max_seqs: int) -> None:
+    def __init__(
+        self,
+        source: StepTimeSource,
+        tp: int,
+        tier: TierWorkload,
+        budget: int,
+        max_seqs: int,
+        leave_ms: float = 0.0,
+        arrive_ms: float = 0.0,
+    ) -> None:
         self.source, self.tp, self.slo = source, tp, tier.slo
+        self.leave_ms, self.arrive_ms = leave_ms, arrive_ms  # hand-off pauses (prefill after, decode before a step)
         self.mix = Mix.of(tier.length_mix)
         self.budget, self.max_seqs = budget, max_seqs
         self.kv_tokens = source.kv_cache_tokens(tp)
@@ -140,19 +150,25 @@ class Cell:
     # -- roles ----------------------------------------------------------------------------------------------
     def check_prefill(self, lam_ms: float) -> tuple[str | None, float]:
         if self._prefill_ttft is None:
-            self._prefill_ttft = TtftModel(lambda n, t, p: self.superstep(n, t, p, 0.0), self.mix.prompts, None)
+            self._prefill_ttft = TtftModel(self._handing_off_superstep, self.mix.prompts, None)
         att = self._prefill_ttft.attainment(lam_ms, self.slo.ttft_slo_ms)
         return (None if att >= self.target else "ttft"), 0.0
+
+    def _handing_off_superstep(self, n: FloatArray, tok: FloatArray, pairs: FloatArray) -> FloatArray:
+        """A prefill instance's super-step: its chunked steps, each followed by the hand-off pause."""
+        return self.superstep(n, tok, pairs, 0.0) + self._steps(tok, 0.0) * self.leave_ms
 
     def check_decode(self, lam_ms: float) -> tuple[str | None, float]:
         if self.seats < 1:
             return "kv", 0.0
         d = np.maximum(self.mix.dec, 1.0)
+        # the pause before a step in which at least one request arrives (Poisson arrivals over the step)
+        step = self.tau_dec + self.arrive_ms * -np.expm1(-lam_ms * self.tau_dec)
 
         def fast_var(batch: float) -> FloatArray:  # the uniform wait for the running step before joining
-            return (float(np.interp(batch, self.grid, self.tau_dec)) ** 2 / 12.0) / d**2
+            return (float(np.interp(batch, self.grid, step)) ** 2 / 12.0) / d**2
 
-        att, pop = self._judge(lam_ms, self.tau_dec, fast_var, seat_wait=True)
+        att, pop = self._judge(lam_ms, step, fast_var, seat_wait=True)
         if pop is None:
             return self._seat_label(), float(self.seats)
         if att >= self.target:

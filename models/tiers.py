@@ -54,6 +54,11 @@ class CapacityOptions(BaseModel):
     """Most sequences one engine runs at once (vLLM ``max_num_seqs``)."""
     rate_rel_tol: float = Field(default=0.01, gt=0, lt=0.5)
     """Relative tolerance of the bisection on the rate."""
+    handoff_leave_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    """Pause of a prefill instance after each step, while the requests it prefilled leave for a decode instance
+    (the runtime's hand-off; 0: free)."""
+    handoff_arrive_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    """Pause of a decode instance before a step in which handed-off requests arrive (0: free)."""
 
     def resolved(self, engine_args: dict[str, object] | None = None) -> tuple[int, int]:
         """(max_num_batched_tokens, max_num_seqs) after falling back to engine args and defaults."""

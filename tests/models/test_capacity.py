@@ -81,6 +81,33 @@ def test_decode_known_bound_when_kv_memory_binds() -> None:
     assert capacity_cell(clock, ServingConfig.parse("tp1-decode"), tight).rate_rps < cell.rate_rps
 
 
+def test_hand_off_pauses_known_answers() -> None:
+    """A prefill instance that pauses 2 ms after each 10 ms step is a constant-step instance of 12 ms (the same
+    closed form); a KV-bound decode instance that pauses 5 ms before each step in which a request arrives serves
+    at most seats / (steps · (10 + 5·(1 − e^{−λ·10 ms}))), a fixed point in λ."""
+    clock = ConstantStep(10.0)
+    tier = PREFILL_TIER.model_copy(update={"slo": SloTarget(ttft_slo_ms=14.0, tpot_slo_ms=100.0)})
+    paused = CapacityOptions(handoff_leave_ms=2.0)
+    cell = capacity_cell(clock, ServingConfig.parse("tp1-prefill"), tier, paused)
+    expected = brentq(lambda lam: prefill_attainment_constant_step(lam, 12.0, 14.0) - 0.9, 1e-3, 1e3)
+    assert cell.rate_rps == pytest.approx(expected, rel=0.015) and cell.binding == "ttft"
+    free = capacity_cell(clock, ServingConfig.parse("tp1-prefill"), tier)
+    assert free.rate_rps > 1.1 * cell.rate_rps
+
+    kv_clock = ConstantStep(10.0, kv_tokens=5050)  # 25 seats of 201 tokens, 100 decode steps per request
+    dec = TierWorkload(
+        name="t", slo=SloTarget(ttft_slo_ms=1e4, tpot_slo_ms=100.0), length_mix=LengthMix.single(100, 101)
+    )
+    bound_ms = brentq(lambda lam: lam - 25 / (100 * (10 + 5 * -math.expm1(-lam * 10))), 1e-6, 1.0)
+    cell = capacity_cell(kv_clock, ServingConfig.parse("tp1-decode"), dec, CapacityOptions(handoff_arrive_ms=5.0))
+    assert 0.94 * bound_ms * 1000 <= cell.rate_rps <= bound_ms * 1000 and cell.binding == "kv"
+    assert capacity_cell(kv_clock, ServingConfig.parse("tp1-decode"), dec).rate_rps > 23.5  # 25 req/s bound, free
+    colo = ServingConfig.parse("tp1-colocated")  # colocated instances hand nothing off
+    assert capacity_cell(kv_clock, colo, dec, CapacityOptions(handoff_arrive_ms=5.0)) == capacity_cell(
+        kv_clock, colo, dec
+    )
+
+
 def test_unreachable_slo_gives_zero() -> None:
     tier = PREFILL_TIER.model_copy(update={"slo": SloTarget(ttft_slo_ms=5.0, tpot_slo_ms=100.0)})
     cell = capacity_cell(ConstantStep(10.0), ServingConfig.parse("tp1-prefill"), tier)

@@ -60,6 +60,8 @@ def capacity_table(
                     [c.key for c in configs],
                     ctx.settings.engine.model_dump(mode="json"),
                     ctx.settings.capacity_percentile,
+                    ctx.settings.switch.handoff_leave_ms,
+                    ctx.settings.switch.handoff_arrive_ms,
                 ],
                 sort_keys=True,
             ).encode()
@@ -115,7 +117,12 @@ def _build_table(
         ctx.model,  # type: ignore[arg-type]
         [TierWorkload(name=tier.name, slo=planning_slo(ctx, tier), length_mix=mixes[tier.name])],
         configs=configs,
-        options=CapacityOptions(max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs),
+        options=CapacityOptions(
+            max_num_batched_tokens=engine.max_num_batched_tokens,
+            max_num_seqs=engine.max_num_seqs,
+            handoff_leave_ms=ctx.settings.switch.handoff_leave_ms,
+            handoff_arrive_ms=ctx.settings.switch.handoff_arrive_ms,
+        ),
     )
 
 
