@@ -21,9 +21,7 @@ benchmarks/gpu/run_fidelity_h200.sh OTHER.csv`` and ``compare --scenario FILE --
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -31,7 +29,16 @@ import numpy as np
 from tqdm import tqdm
 
 from nitsum_opt.sim.calibration import fit_step_calibration
-from nitsum_opt.sim.fidelity import compare, read_measured, read_steps, simulate_slice, slo_met, step_errors
+from nitsum_opt.sim.fidelity import (
+    compare,
+    format_cell,
+    read_measured,
+    read_steps,
+    simulate_slice,
+    slo_met,
+    step_errors,
+    write_comparison_csv,
+)
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, make_slices, read_slices, write_slices
 
@@ -52,12 +59,6 @@ def prepare(args: argparse.Namespace) -> int:
         print(f"{s.name}: {len(s)} requests, {s.offered_rps:.2f} req/s, {counts}")
     print(f"wrote {args.out}")
     return 0
-
-
-def _fmt(x: object) -> str:
-    if isinstance(x, float):
-        return "" if math.isnan(x) else f"{x:.4g}"
-    return str(x)
 
 
 def _plot(path: Path, pieces: list[TraceSlice], real: dict, sim: dict, scenario: Scenario, title: str) -> None:
@@ -159,8 +160,8 @@ def run_compare(args: argparse.Namespace) -> int:
     cols = ("slice", "tier", "requests", "attainment", "goodput_rps", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms")
     print(" | ".join(cols[:3] + tuple(f"{c} real/sim" for c in cols[3:])))
     for row in rows:
-        cells = [_fmt(row[c]) for c in cols[:3]]
-        cells += [f"{_fmt(row[f'real_{c}'])} / {_fmt(row[f'sim_{c}'])}" for c in cols[3:]]
+        cells = [format_cell(row[c]) for c in cols[:3]]
+        cells += [f"{format_cell(row[f'real_{c}'])} / {format_cell(row[f'sim_{c}'])}" for c in cols[3:]]
         print(" | ".join(cells))
     for p in done:
         step_file = measured_dir / f"steps-{p.name}.csv.gz"
@@ -172,10 +173,7 @@ def run_compare(args: argparse.Namespace) -> int:
                 f"({e['decode_ratio']:.3f}, median {e['decode_median_ratio']:.3f}, MAPE {e['decode_mape_pct']:.1f} %)"
             )
     if args.out_csv:
-        with open(args.out_csv, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows({k: _fmt(v) for k, v in row.items()} for row in rows)
+        write_comparison_csv(args.out_csv, rows)
         print(f"wrote {args.out_csv}")
     if args.plot:
         title = f"{meta['model']}, TP{tp} on {meta.get('gpu')}, {scenario.name} workload slices"

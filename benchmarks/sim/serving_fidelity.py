@@ -20,9 +20,7 @@ engines stepped concurrently, prefill → decode hand-offs with KV migration) an
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -34,7 +32,15 @@ from nitsum_opt.sim.controllers.registry import make_controller
 from nitsum_opt.sim.controllers.search import StaticEvaluator
 from nitsum_opt.sim.controllers.static import vllm_static
 from nitsum_opt.sim.deployment import DeployedInstance, Deployment
-from nitsum_opt.sim.fidelity import Timings, compare, read_measured, simulate_deployment, slo_met
+from nitsum_opt.sim.fidelity import (
+    Timings,
+    compare,
+    format_cell,
+    read_measured,
+    simulate_deployment,
+    slo_met,
+    write_comparison_csv,
+)
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, read_slices
 from nitsum_opt.spec import ClusterSpec
@@ -109,12 +115,6 @@ def make_plans(args: argparse.Namespace) -> int:
         print(f"{name}: {dep.describe()} (admission {'on' if dep.admitted_rps else 'off'})")
     print(f"wrote {args.out} ({len(runs)} runs)")
     return 0
-
-
-def _fmt(x: object) -> str:
-    if isinstance(x, float):
-        return "" if math.isnan(x) else f"{x:.4g}"
-    return str(x)
 
 
 def _plot(path: Path, keys: list[str], pieces: dict, real: dict, sim: dict, scenario: Scenario, title: str) -> None:
@@ -198,14 +198,11 @@ def run_compare(args: argparse.Namespace) -> int:
     cols = ("attainment", "goodput_rps", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms")
     print(" | ".join(("deployment", "slice", "tier", "requests", *(f"{c} real/sim" for c in cols))))
     for row in rows:
-        cells = [_fmt(row[c]) for c in ("deployment", "slice", "tier", "requests")]
-        cells += [f"{_fmt(row[f'real_{c}'])} / {_fmt(row[f'sim_{c}'])}" for c in cols]
+        cells = [format_cell(row[c]) for c in ("deployment", "slice", "tier", "requests")]
+        cells += [f"{format_cell(row[f'real_{c}'])} / {format_cell(row[f'sim_{c}'])}" for c in cols]
         print(" | ".join(cells))
     if args.out_csv:
-        with open(args.out_csv, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows({k: _fmt(v) for k, v in row.items()} for row in rows)
+        write_comparison_csv(args.out_csv, rows)
         print(f"wrote {args.out_csv}")
     if args.plot:
         title = f"{plans.model} on {gpus}× {meta.get('gpu')}: the runtime serving deployments vs the simulator"

@@ -218,6 +218,21 @@ def compare(
     return rows
 
 
+def format_cell(x: object) -> str:
+    """A comparison value as text: floats to 4 significant digits, NaN empty."""
+    if isinstance(x, float):
+        return "" if math.isnan(x) else f"{x:.4g}"
+    return str(x)
+
+
+def write_comparison_csv(path: str | Path, rows: list[dict[str, object]]) -> None:
+    """Comparison rows (:func:`compare`, possibly with more columns) as CSV, cells by :func:`format_cell`."""
+    with Path(path).open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: format_cell(v) for k, v in row.items()} for row in rows)
+
+
 def read_steps(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """A step log ``steps-<slice>.csv.gz``: measured step times (s) and compositions (rows of
     :data:`STEP_COLUMNS`); a malformed row raises naming the file and line."""
@@ -265,6 +280,7 @@ __all__ = [
     "FixedKvModel",
     "Timings",
     "compare",
+    "format_cell",
     "read_measured",
     "read_steps",
     "simulate_deployment",
@@ -272,4 +288,5 @@ __all__ = [
     "slo_met",
     "step_errors",
     "summarize",
+    "write_comparison_csv",
 ]
