@@ -110,6 +110,7 @@ def run_summary(piece: TraceSlice, res: ServingResult) -> dict[str, Any]:
         **_times_ms("leave", res.leave_s),
         **_times_ms("arrive", res.arrive_s),
         "busy_s": {k: round(v, 3) for k, v in res.busy_s.items()},
+        "engine_s": {k: round(v, 3) for k, v in res.engine_s.items()},
         "max_held": res.max_held,
         "classes": dict(Counter(str(c) for c in res.classes)),
         "aborted": res.aborted,

@@ -81,6 +81,9 @@ class ServingResult:
     requests added; the decode engine waits for this)."""
     busy_s: dict[str, float] = field(default_factory=dict)
     """Per instance: seconds its engine was stepping (from the step command to its answer)."""
+    engine_s: dict[str, float] = field(default_factory=dict)
+    """Per instance: of ``busy_s``, seconds inside the engine's own step (vLLM engines report it; the rest is
+    output processing, the pipe and the controller)."""
     aborted: int = 0
     """Requests aborted at the drain limit (in an engine)."""
     never_dispatched: int = 0
@@ -189,6 +192,7 @@ class _Run:
         self.began = [0.0] * m
         self.stopping = False
         self.result.busy_s = dict.fromkeys(self.keys, 0.0)
+        self.result.engine_s = dict.fromkeys(self.keys, 0.0)
         self.sched = MultiTierScheduler(server.config, now_s=0.0)
         self.t0 = 0.0
 
@@ -329,6 +333,7 @@ class _Run:
             self.stepping.discard(i)
             events = self.engines[i].end_step()  # type: ignore[attr-defined]
             self.result.busy_s[self.keys[i]] += time.perf_counter() - self.began[i]
+            self.result.engine_s[self.keys[i]] += self.engines[i].last_engine_s  # type: ignore[attr-defined]
             if self.may_pipeline(i):
                 self.begin(i)
             self.on_events(i, events)

@@ -111,6 +111,8 @@ class VllmEngine(KvPort):
         self.siblings: list[VllmEngine] = []
         """Engines sharing a GPU with this one (their deferred sleeps finish before this one wakes)."""
         self.timings: dict[str, float] = {}
+        self.last_engine_s = 0.0
+        """Seconds the latest step spent inside vLLM's ``step()`` (from the engine process)."""
         """Seconds of the latest ``wake_weights``, ``wake_kv``, ``fill`` and ``sleep`` (a deferred sleep when
         it is collected)."""
 
@@ -351,6 +353,7 @@ class VllmEngine(KvPort):
         if not self.stepping:
             raise EngineError(f"engine {self.engine_id}: end_step() without a running step (call begin_step first)")
         answer: StepAnswer = self._guard(self.handle.wait, "step_events")
+        self.last_engine_s = answer.engine_s
         if answer.steps == 0:
             raise EngineError(
                 f"engine {self.engine_id}: the engine process has nothing unfinished, but this side holds "

@@ -68,6 +68,7 @@ class _Engine:
         self.reported: dict[str, int] = {}  # tokens step_events already handed out
         self.memory = "awake"  # what sleep/wake left resident: awake | asleep | weights (KV still asleep)
         self.steps_run = 0
+        self.last_run_s = 0.0  # seconds inside the engine's step() calls of the latest command
 
     def describe(self) -> dict[str, Any]:
         """State for watchdog reports: read from Python objects only (the engine may be stuck)."""
@@ -156,7 +157,9 @@ class _Engine:
 
     def _run(self, n: int, step_timeout_s: float) -> tuple[int, list[Any], bool]:
         le = self.llm.llm_engine
+        t0 = time.perf_counter()
         ran, outputs = run_steps(le.step, le.has_unfinished_requests, n, self.progress, step_timeout_s)
+        self.last_run_s = time.perf_counter() - t0
         self.steps_run += ran
         return ran, outputs, bool(le.has_unfinished_requests())
 
@@ -196,7 +199,7 @@ class _Engine:
                 events.append(ev)
             if out.finished:
                 self._forget(rid)
-        return StepAnswer(events=tuple(events), steps=ran, unfinished=unfinished)
+        return StepAnswer(events=tuple(events), steps=ran, unfinished=unfinished, engine_s=self.last_run_s)
 
     def _forget(self, rid: str) -> list[int]:
         self.external.pop(self.internal.pop(rid, ""), None)

@@ -85,6 +85,9 @@ class StepAnswer(Frozen):
     """Engine steps run (fewer than asked when nothing was unfinished)."""
     unfinished: bool
     """Whether requests remain."""
+    engine_s: float = Field(default=0.0, ge=0)
+    """Seconds spent inside the engine's ``step()`` calls (the rest of a step command's round trip is output
+    processing, the pipe and the controller)."""
 
 
 class KvBlocks(Frozen):

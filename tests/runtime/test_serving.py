@@ -81,6 +81,7 @@ def test_prefill_decode_hand_off_on_toy_vllm_engines(pool: EnginePool, tiny_llam
         assert rec.engines == (("tp1-g0", "tp1-g1") if k in multi else ("tp1-g0",)), rec
     assert res.steps["g0-tp1-prefill"] > 0 and res.steps["g1-tp1-decode"] > 0
     assert all(res.busy_s[k] > 0 for k in ("g0-tp1-prefill", "g1-tp1-decode"))
+    assert all(0 < res.engine_s[k] <= res.busy_s[k] for k in res.busy_s)  # engine time is part of the round trip
     # vLLM engines hand off in two parts: off the prefill engine at once, onto the decode engine between its steps
     assert 0 < len(res.leave_s) <= len(multi) and 0 < len(res.arrive_s) <= len(multi)
     assert all(r == int(RequestClass.FEASIBLE) for r in res.classes)  # no admission control
