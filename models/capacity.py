@@ -28,8 +28,9 @@ the latency model, ``p`` the tier's percentile, ``d_b = output_b − 1`` the dec
 
 Hand-off pauses (options ``handoff_leave_ms`` ``l``, ``handoff_arrive_ms`` ``a``; 0 by default): a prefill
 instance pauses ``l`` after each of its steps (its super-steps last ``steps·(τ + l)``); a decode instance pauses
-``a`` before a step in which requests arrive, which with Poisson arrivals makes its mean step
-``τ(B) + a·(1 − e^{−λ·τ(B)})``.
+``a`` before a step in which requests arrive: with Poisson arrivals over the step and its pause, a step pauses
+with probability ``q = 1 − e^{−λ·(τ(B) + a)}``, so its mean is ``τ(B) + a·q`` and the pauses add ``a²·q·(1 − q)/d``
+to the variance of a ``d``-step request's TPOT.
 
 Engine knobs: ``max_num_batched_tokens`` and ``max_num_seqs`` come from the options, else from the profile's
 engine args, else vLLM-like defaults (8192, 256). Not modelled: the P→D KV transfer (TTFT), preemption (KV is

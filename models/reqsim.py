@@ -18,7 +18,10 @@ fewer
 role
   receives requests whose first token exists already (arrival = first token) and generates ``output − 1``
   tokens;
-  TPOT = (last token − first token) / (output − 1).
+  TPOT = (last token − first token) / (output − 1);
+* hand-off pauses (0 by default): a ``prefill`` instance pauses ``handoff_leave_ms`` after a step that completes
+  prompts (they leave for a decode instance), a ``decode`` instance pauses ``handoff_arrive_ms`` before a step
+  that admits requests (their KV arrived).
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class _Engine:
         self.dec_gen: list[int] = []
         self.first_s: dict[int, float] = {}
         self.running = 0
+        self.joined = 0  # decode role: requests admitted since the last step
 
     def admit(self, inp: np.ndarray, out: np.ndarray, arrivals: FloatArray) -> int:
         """Admit waiting requests FCFS while sequences and KV allow (prefill role: no limits); returns the
@@ -114,6 +118,7 @@ class _Engine:
             self.kv_free -= need if self.role is not Role.PREFILL else 0
             self.running += 1
             if self.role is Role.DECODE:
+                self.joined += 1
                 self.first_s[r] = float(arrivals[r])
                 self.dec_id.append(r)
                 self.dec_gen.append(1)
@@ -133,9 +138,11 @@ def simulate_instance(
     max_num_batched_tokens: int = 8192,
     max_num_seqs: int = 256,
     warmup_fraction: float = 0.15,
+    handoff_leave_ms: float = 0.0,
+    handoff_arrive_ms: float = 0.0,
 ) -> SimResult:
     """Simulate one instance of ``(tp, role)`` fed ``n_requests`` Poisson arrivals at ``rate_rps`` until all
-    finish."""
+    finish (hand-off pauses: module docstring)."""
     if rate_rps <= 0 or n_requests < 1:
         raise ValueError(f"rate_rps={rate_rps} must be > 0 and n_requests={n_requests} >= 1")
     arrivals, inp, out = sample_requests(mix, rate_rps, n_requests, seed)
@@ -165,10 +172,16 @@ def simulate_instance(
             pre_tok += chunk
             pairs += chunk * done_tok + chunk * (chunk + 1) // 2
             left -= chunk
+        if eng.joined:  # decode role: the arrived KV is taken in before the step
+            now += handoff_arrive_ms / 1000.0
+            eng.joined = 0
         now += predict(tp, len(chunks), pre_tok, pairs, n_dec, dec_ctx) / 1000.0
         steps += 1
         done += _finish_decodes(eng, inp, out, now)
-        done += _finish_chunks(eng, chunks, inp, out, arrivals, now)
+        handed = _finish_chunks(eng, chunks, inp, out, arrivals, now)
+        done += handed
+        if handed and role is Role.PREFILL:  # the prefilled requests leave before the next step
+            now += handoff_leave_ms / 1000.0
     keep = slice(int(warmup_fraction * n_requests), n_requests)
     return SimResult(ttft_ms=eng.ttft[keep], tpot_ms=eng.tpot[keep], sim_time_s=now, steps=steps)
 

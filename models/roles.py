@@ -162,11 +162,14 @@ class Cell:
         if self.seats < 1:
             return "kv", 0.0
         d = np.maximum(self.mix.dec, 1.0)
-        # the pause before a step in which at least one request arrives (Poisson arrivals over the step)
-        step = self.tau_dec + self.arrive_ms * -np.expm1(-lam_ms * self.tau_dec)
+        # the pause before a step in which at least one request arrives: arrivals over the step and its own pause
+        paused = -np.expm1(-lam_ms * (self.tau_dec + self.arrive_ms))
+        step = self.tau_dec + self.arrive_ms * paused
+        pause_var = self.arrive_ms**2 * paused * (1.0 - paused)  # per step: a pause or not
 
-        def fast_var(batch: float) -> FloatArray:  # the uniform wait for the running step before joining
-            return (float(np.interp(batch, self.grid, step)) ** 2 / 12.0) / d**2
+        def fast_var(batch: float) -> FloatArray:  # the wait for the running step before joining, and the pauses
+            wait = float(np.interp(batch, self.grid, step)) ** 2 / 12.0
+            return wait / d**2 + float(np.interp(batch, self.grid, pause_var)) / d
 
         att, pop = self._judge(lam_ms, step, fast_var, seat_wait=True)
         if pop is None:

@@ -170,3 +170,38 @@ def test_slo_holds_at_r_and_breaks_at_1_2r(h, public_model, tier_name, tpot, key
     target = tier.slo.slo_percentile
     assert attainment(1.0) >= target - 1.0  # sampling tolerance of a finite simulation
     assert attainment(1.2) < target
+
+
+@pytest.mark.parametrize(
+    ("key", "tpot", "pause"),
+    [("tp4-decode", 5.0, {"handoff_arrive_ms": 2.0}), ("tp4-prefill", None, {"handoff_leave_ms": 20.0})],
+)
+def test_slo_holds_at_r_and_breaks_at_1_2r_with_hand_off_pauses(h, public_model, key, tpot, pause) -> None:
+    """The capacity model's hand-off pauses against the request simulator with the same pauses: the SLO holds at
+    ``R`` and breaks at ``1.2·R``; and the pauses cost capacity."""
+    tier = next(t for t in load_tiers_file(h.EXAMPLE_TIERS).tiers if t.name == "interactive")
+    if tpot is not None:
+        tier = tier.model_copy(update={"slo": tier.slo.model_copy(update={"tpot_slo_ms": tpot})})
+    config = ServingConfig.parse(key)
+    rate = capacity_cell(public_model, config, tier, CapacityOptions(**pause)).rate_rps
+    assert rate < 0.97 * capacity_cell(public_model, config, tier).rate_rps
+
+    def attainment(factor: float) -> float:
+        runs = [
+            simulate_instance(
+                public_model,
+                config.tp,
+                config.role,
+                tier.length_mix,
+                rate * factor,
+                n_requests=8_000,
+                seed=seed,
+                **pause,
+            )
+            for seed in (0, 1)
+        ]
+        return float(np.mean([r.attainment(tier.slo, config.role) for r in runs])) * 100
+
+    target = tier.slo.slo_percentile
+    assert attainment(1.0) >= target - 1.0
+    assert attainment(1.2) < target
