@@ -84,7 +84,7 @@ def test_decode_known_bound_when_kv_memory_binds() -> None:
 def test_hand_off_pauses_known_answers() -> None:
     """A prefill instance that pauses 2 ms after each 10 ms step is a constant-step instance of 12 ms (the same
     closed form); a KV-bound decode instance that pauses 5 ms before each step in which a request arrives serves
-    at most seats / (steps · (10 + 5·(1 − e^{−λ·10 ms}))), a fixed point in λ."""
+    at most seats / (steps · (10 + 5·(1 − e^{−λ·15 ms}))), a fixed point in λ (arrivals over the step and its pause)."""
     clock = ConstantStep(10.0)
     tier = PREFILL_TIER.model_copy(update={"slo": SloTarget(ttft_slo_ms=14.0, tpot_slo_ms=100.0)})
     paused = CapacityOptions(handoff_leave_ms=2.0)
@@ -98,7 +98,7 @@ def test_hand_off_pauses_known_answers() -> None:
     dec = TierWorkload(
         name="t", slo=SloTarget(ttft_slo_ms=1e4, tpot_slo_ms=100.0), length_mix=LengthMix.single(100, 101)
     )
-    bound_ms = brentq(lambda lam: lam - 25 / (100 * (10 + 5 * -math.expm1(-lam * 10))), 1e-6, 1.0)
+    bound_ms = brentq(lambda lam: lam - 25 / (100 * (10 + 5 * -math.expm1(-lam * 15))), 1e-6, 1.0)
     cell = capacity_cell(kv_clock, ServingConfig.parse("tp1-decode"), dec, CapacityOptions(handoff_arrive_ms=5.0))
     assert 0.94 * bound_ms * 1000 <= cell.rate_rps <= bound_ms * 1000 and cell.binding == "kv"
     assert capacity_cell(kv_clock, ServingConfig.parse("tp1-decode"), dec).rate_rps > 23.5  # 25 req/s bound, free
