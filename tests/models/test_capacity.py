@@ -84,7 +84,8 @@ def test_decode_known_bound_when_kv_memory_binds() -> None:
 def test_hand_off_pauses_known_answers() -> None:
     """A prefill instance that pauses 2 ms after each 10 ms step is a constant-step instance of 12 ms (the same
     closed form); a KV-bound decode instance that pauses 5 ms before each step in which a request arrives serves
-    at most seats / (steps · (10 + 5·(1 − e^{−λ·15 ms}))), a fixed point in λ (arrivals over the step and its pause)."""
+    at most seats / (steps · (10 + 5·(1 − e^{−λ·15 ms}))), a fixed point in λ (arrivals over the step and its
+    pause)."""
     clock = ConstantStep(10.0)
     tier = PREFILL_TIER.model_copy(update={"slo": SloTarget(ttft_slo_ms=14.0, tpot_slo_ms=100.0)})
     paused = CapacityOptions(handoff_leave_ms=2.0)
