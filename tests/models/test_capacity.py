@@ -145,32 +145,37 @@ CELLS = [  # (tier, tpot override, config, requests): one per role, each with a 
 ]
 
 
-@pytest.mark.parametrize(("tier_name", "tpot", "key", "requests"), CELLS)
-def test_slo_holds_at_r_and_breaks_at_1_2r(h, public_model, tier_name, tpot, key, requests) -> None:
-    tier = next(t for t in load_tiers_file(h.EXAMPLE_TIERS).tiers if t.name == tier_name)
-    if tpot is not None:
-        tier = tier.model_copy(update={"slo": tier.slo.model_copy(update={"tpot_slo_ms": tpot})})
-    config = ServingConfig.parse(key)
-    rate = capacity_cell(public_model, config, tier).rate_rps
+def _tier(h, name: str, tpot: float | None):
+    tier = next(t for t in load_tiers_file(h.EXAMPLE_TIERS).tiers if t.name == name)
+    if tpot is None:
+        return tier
+    return tier.model_copy(update={"slo": tier.slo.model_copy(update={"tpot_slo_ms": tpot})})
+
+
+def _assert_holds_at_r_breaks_at_1_2r(model, config, tier, rate: float, requests: int, **pause: float) -> None:
+    """The request simulator (two seeds) meets the tier's SLO percentile at ``rate`` (within a finite run's sampling
+    tolerance of 1 point) and misses it at ``1.2·rate``."""
 
     def attainment(factor: float) -> float:
         runs = [
             simulate_instance(
-                public_model,
-                config.tp,
-                config.role,
-                tier.length_mix,
-                rate * factor,
-                n_requests=requests,
-                seed=seed,
+                model, config.tp, config.role, tier.length_mix, rate * factor, n_requests=requests, seed=seed, **pause
             )
             for seed in (0, 1)
         ]
         return float(np.mean([r.attainment(tier.slo, config.role) for r in runs])) * 100
 
     target = tier.slo.slo_percentile
-    assert attainment(1.0) >= target - 1.0  # sampling tolerance of a finite simulation
+    assert attainment(1.0) >= target - 1.0
     assert attainment(1.2) < target
+
+
+@pytest.mark.parametrize(("tier_name", "tpot", "key", "requests"), CELLS)
+def test_slo_holds_at_r_and_breaks_at_1_2r(h, public_model, tier_name, tpot, key, requests) -> None:
+    tier = _tier(h, tier_name, tpot)
+    config = ServingConfig.parse(key)
+    rate = capacity_cell(public_model, config, tier).rate_rps
+    _assert_holds_at_r_breaks_at_1_2r(public_model, config, tier, rate, requests)
 
 
 @pytest.mark.parametrize(
@@ -180,29 +185,8 @@ def test_slo_holds_at_r_and_breaks_at_1_2r(h, public_model, tier_name, tpot, key
 def test_slo_holds_at_r_and_breaks_at_1_2r_with_hand_off_pauses(h, public_model, key, tpot, pause) -> None:
     """The capacity model's hand-off pauses against the request simulator with the same pauses: the SLO holds at
     ``R`` and breaks at ``1.2·R``; and the pauses cost capacity."""
-    tier = next(t for t in load_tiers_file(h.EXAMPLE_TIERS).tiers if t.name == "interactive")
-    if tpot is not None:
-        tier = tier.model_copy(update={"slo": tier.slo.model_copy(update={"tpot_slo_ms": tpot})})
+    tier = _tier(h, "interactive", tpot)
     config = ServingConfig.parse(key)
     rate = capacity_cell(public_model, config, tier, CapacityOptions(**pause)).rate_rps
     assert rate < 0.97 * capacity_cell(public_model, config, tier).rate_rps
-
-    def attainment(factor: float) -> float:
-        runs = [
-            simulate_instance(
-                public_model,
-                config.tp,
-                config.role,
-                tier.length_mix,
-                rate * factor,
-                n_requests=8_000,
-                seed=seed,
-                **pause,
-            )
-            for seed in (0, 1)
-        ]
-        return float(np.mean([r.attainment(tier.slo, config.role) for r in runs])) * 100
-
-    target = tier.slo.slo_percentile
-    assert attainment(1.0) >= target - 1.0
-    assert attainment(1.2) < target
+    _assert_holds_at_r_breaks_at_1_2r(public_model, config, tier, rate, 8_000, **pause)
