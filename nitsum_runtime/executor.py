@@ -20,7 +20,6 @@ from typing import Literal
 from pydantic import Field
 
 from nitsum_opt.models.spec import Frozen, ModelSpec
-from nitsum_opt.plan import Plan
 from nitsum_runtime.engine import Engine, EngineState, RequestSnapshot
 from nitsum_runtime.pool import EnginePool
 from nitsum_runtime.switch_cost import KvSwitchCost, PrefillTimeModel, RooflinePrefillModel, kv_switch_cost
@@ -28,6 +27,7 @@ from nitsum_runtime.transitions import (
     PREPARE_KINDS,
     Action,
     FillWeights,
+    Layout,
     MoveRequests,
     Pause,
     Resume,
@@ -35,6 +35,7 @@ from nitsum_runtime.transitions import (
     Sleep,
     Wake,
     diff_plans,
+    instances_of,
 )
 
 
@@ -115,8 +116,8 @@ class TransitionExecutor:
         self.pool, self.spec, self.link_gb_per_s, self.policy = pool, spec, link_gb_per_s, policy
         self.prefill_model = prefill_model or RooflinePrefillModel(spec=spec)
 
-    def execute(self, current: Plan | None, target: Plan) -> TransitionReport:
-        """Turn ``current`` (what the pool serves now; None at start) into ``target``."""
+    def execute(self, current: Layout | None, target: Layout) -> TransitionReport:
+        """Turn ``current`` (what the pool serves now, a plan or its instances; None at start) into ``target``."""
         actions = diff_plans(current, target)
         self._validate(actions, target)
         run = _Run(self)
@@ -143,9 +144,9 @@ class TransitionExecutor:
             weight_bytes_filled=run.weight_bytes,
         )
 
-    def _validate(self, actions: list[Action], target: Plan) -> None:
+    def _validate(self, actions: list[Action], target: Layout) -> None:
         """Refuse, before touching anything, a transition the pool cannot carry out."""
-        for inst in target.instances:
+        for inst in instances_of(target):
             self.pool.engine(inst.gpu_ids, inst.node)
         for a in actions:
             engine = self.pool.engine(a.gpu_ids, a.node)

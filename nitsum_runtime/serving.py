@@ -34,8 +34,8 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_ready
+from typing import Protocol
 
 from nitsum_opt.models.spec import Role
 from nitsum_opt.scheduler import MultiTierScheduler
@@ -44,64 +44,9 @@ from nitsum_opt.spec import SHARED_TIER, Tier
 from nitsum_runtime.engine import Engine, EngineState, GenerationRequest, TokenEvent
 from nitsum_runtime.handoff import Move, arrive, leave
 from nitsum_runtime.pool import EnginePool
-from nitsum_runtime.replay import ReplayRequest, RequestTiming, validate_requests
+from nitsum_runtime.replay import RequestTiming, validate_requests
+from nitsum_runtime.serving_types import ServingResult, TieredRequest, check_servable
 from nitsum_runtime.vllm_pool_kv import ExportedKv
-
-
-@dataclass(frozen=True, slots=True)
-class TieredRequest(ReplayRequest):
-    """A request to serve: arrival, lengths and its tier."""
-
-    tier: str
-    """Tier name (one of the server's tiers)."""
-
-
-@dataclass
-class ServingResult:
-    """Per-request timings (indexed like the requests) and how the run went; ``timings`` / ``late_adds`` /
-    ``aborted`` mean what they mean in :class:`~nitsum_runtime.replay.ReplayResult`."""
-
-    timings: list[RequestTiming]
-    classes: list[int]
-    """Class the scheduler gave each request at arrival (:class:`~nitsum_opt.scheduler.RequestClass`)."""
-    late_adds: list[float] = field(default_factory=list)
-    """Per request: seconds from arrival until an engine got it (central queue + a step in progress); NaN if
-    never dispatched."""
-    steps: dict[str, int] = field(default_factory=dict)
-    """Engine steps per instance (its :attr:`DeployedInstance.key`)."""
-    handoffs: int = 0
-    """Requests handed from a prefill to a decode instance."""
-    migrated: int = 0
-    """Of those, moved with their KV (the rest re-prefilled on the decode engine)."""
-    leave_s: list[float] = field(default_factory=list)
-    """Wall seconds of each batch of hand-offs leaving a prefill engine (vLLM: KV gathered into its buffers,
-    requests dropped; the prefill engine waits for this)."""
-    arrive_s: list[float] = field(default_factory=list)
-    """Wall seconds of each batch of hand-offs arriving at a decode engine (vLLM: buffers staged, KV copied,
-    requests added; the decode engine waits for this)."""
-    busy_s: dict[str, float] = field(default_factory=dict)
-    """Per instance: seconds its engine was stepping (from the step command to its answer)."""
-    engine_s: dict[str, float] = field(default_factory=dict)
-    """Per instance: of ``busy_s``, seconds inside the engine's own step (vLLM engines report it; the rest is
-    output processing, the pipe and the controller)."""
-    aborted: int = 0
-    """Requests aborted at the drain limit (in an engine)."""
-    never_dispatched: int = 0
-    """Requests still held by the scheduler at the drain limit."""
-    max_held: int = 0
-    """Most requests held centrally at once."""
-    wall_s: float = 0.0
-    """Seconds from the start to the end of the run."""
-
-
-def check_servable(deployment: Deployment) -> None:
-    """Raise ``ValueError`` when ``deployment`` has prefill instances but nothing that can take their hand-offs."""
-    roles = {i.role for i in deployment.instances}
-    if Role.PREFILL in roles and Role.DECODE not in roles:
-        raise ValueError(
-            f"deployment {deployment.label or deployment.describe()!r} has prefill instances but no decode "
-            "instance to hand requests to; add a decode instance or make the prefill instances colocated"
-        )
 
 
 class PlanServer:
@@ -137,10 +82,12 @@ class PlanServer:
         top_k: int = 0,
         progress: Callable[[str], None] | None = None,
         prefix: str = "",
+        control: LoopControl | None = None,
     ) -> ServingResult:
         """Serve ``requests`` (sorted by arrival; prompts are seeded random tokens made before the clock starts)
         and return every request's timing. Request ids are ``<prefix>r<index>`` (unique per pool ledger);
-        ``top_k`` log-probabilities per token (0: none, as a server returns by default)."""
+        ``top_k`` log-probabilities per token (0: none, as a server returns by default); ``control`` is called at
+        every turn of the loop (it may change the deployment)."""
         validate_requests(requests, vocab_size, max_model_len)
         names = {t.name for t in self.tiers}
         unknown = sorted({r.tier for r in requests} - names)
@@ -156,11 +103,19 @@ class PlanServer:
             )
             for i, r in enumerate(requests)
         ]
-        run = _Run(self, requests, made)
+        run = ServingRun(self, requests, made, control)
         return run.go(drain_s, progress)
 
 
-class _Run:
+class LoopControl(Protocol):
+    """Called by the serving loop at every turn (e.g. :class:`~nitsum_runtime.adaptive.EpochControl`, which
+    re-plans at epochs); it may :meth:`ServingRun.quiesce` the loop and :meth:`ServingRun.retarget` it."""
+
+    def tick(self, run: ServingRun, now: float) -> None:
+        """One turn of the loop at ``now`` (seconds since the start of the run)."""
+
+
+class ServingRun:
     """One :meth:`PlanServer.serve` call: the loop's state and steps."""
 
     def __init__(
@@ -168,33 +123,89 @@ class _Run:
         server: PlanServer,
         requests: Sequence[TieredRequest],
         made: list[GenerationRequest],
+        control: LoopControl | None = None,
     ) -> None:
-        self.server, self.requests, self.made = server, requests, made
+        self.requests, self.made, self.control = requests, made, control
         self.pool = server.pool
-        self.engines = server.engines
+        self.tiers = server.tiers
+        tindex = {t.name: k for k, t in enumerate(server.tiers)}
+        self.tier_of = [tindex[r.tier] for r in requests]
+        self.index_of = {g.request_id: k for k, g in enumerate(made)}
+        n = len(requests)
+        self.result = ServingResult(
+            timings=[RequestTiming() for _ in range(n)], classes=[-1] * n, late_adds=[math.nan] * n
+        )
+        self.klass = [-1] * n
+        self.moves: dict[int, list[Move]] = {}  # decode instance -> requests on their way to it
+        self.stepping: set[int] = set()
+        self.stopping = False
+        self.sched = MultiTierScheduler(server.config, now_s=0.0)
+        self.retarget(server)
+        self.t0 = 0.0
+
+    def retarget(self, server: PlanServer) -> None:
+        """Serve ``server``'s deployment from now on (at the start, or :meth:`quiesce`-d: nothing stepping, moving or
+        waiting to be added); the caller sets :attr:`sched` for it."""
+        if self.stepping or self.moves or any(getattr(self, "to_add", ())):
+            raise RuntimeError("retarget needs a quiesced loop: steps, hand-offs or adds are in flight")
+        self.server, self.engines = server, server.engines
         self.keys = [i.key for i in server.instances]
         self.roles = [i.role for i in server.instances]
         tindex = {t.name: k for k, t in enumerate(server.tiers)}
         self.host_tier = [None if i.tier is None else tindex[i.tier] for i in server.instances]
-        self.tier_of = [tindex[r.tier] for r in requests]
-        self.index_of = {g.request_id: k for k, g in enumerate(made)}
-        n, m = len(requests), len(self.engines)
-        self.result = ServingResult(
-            timings=[RequestTiming() for _ in range(n)], classes=[-1] * n, late_adds=[math.nan] * n
-        )
-        self.result.steps = dict.fromkeys(self.keys, 0)
-        self.klass = [-1] * n
+        m = len(self.engines)
         self.to_add: list[list[int]] = [[] for _ in range(m)]
         self.outgoing: list[list[str]] = [[] for _ in range(m)]  # requests that must leave a prefill engine first
-        self.moves: dict[int, list[Move]] = {}  # decode instance -> requests on their way to it
         self.releases: list[list[ExportedKv]] = [[] for _ in range(m)]  # KV buffers to free on an engine
-        self.stepping: set[int] = set()
         self.began = [0.0] * m
+        for key in self.keys:
+            self.result.steps.setdefault(key, 0)
+            self.result.busy_s.setdefault(key, 0.0)
+            self.result.engine_s.setdefault(key, 0.0)
+
+    def quiesce(self) -> None:
+        """Bring every engine between steps with nothing in flight: running steps collected (none pipelined),
+        hand-offs arrived, exported buffers freed, dispatched requests added to their engines."""
+        self.stopping = True
+        while self.stepping:
+            self.collect(60.0)
+        while self.moves:
+            self.run_moves()
+        for i in range(len(self.engines)):
+            self.free_buffers(i)
+            if self.to_add[i]:
+                self.flush_adds(i)
         self.stopping = False
-        self.result.busy_s = dict.fromkeys(self.keys, 0.0)
-        self.result.engine_s = dict.fromkeys(self.keys, 0.0)
-        self.sched = MultiTierScheduler(server.config, now_s=0.0)
-        self.t0 = 0.0
+
+    def reschedule(self, server: PlanServer, now: float) -> None:
+        """Schedule with ``server``'s deployment from ``now``: the same instances in the same order (other admission,
+        seats or switches); loads, token buckets and held requests carry over, held ones dispatch where room is."""
+        if [i.key for i in server.instances] != self.keys:
+            raise ValueError(f"reschedule needs the same instances in order: {self.keys}, got {server.instances}")
+        self.server = server
+        self.sched = MultiTierScheduler(server.config, previous=self.sched, now_s=now)
+        self.dispatch(self.sched.pump(now))
+
+    def adopt(self, server: PlanServer, now: float) -> None:
+        """Serve ``server``'s deployment after a transition moved requests between engines (the loop quiesced): a
+        new scheduler (token buckets and held requests carried over) counts every request where the pool's ledger
+        has it now, and held requests dispatch where room is."""
+        self.retarget(server)
+        sched = MultiTierScheduler(server.config, previous=self.sched, now_s=now)
+        sched.recount(self.placed())
+        self.sched = sched
+        self.dispatch(sched.pump(now))
+
+    def placed(self) -> list[tuple[int, int]]:
+        """``(instance, tier)`` of every request of this run that an engine of the deployment holds (the pool's
+        ledger), for :meth:`MultiTierScheduler.recount`."""
+        index = {key: i for i, key in enumerate(self.keys)}
+        out = []
+        for rid, owner in self.pool.owner.items():
+            r = self.index_of.get(rid)
+            if r is not None and owner in index:
+                out.append((index[owner], self.tier_of[r]))
+        return out
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -260,7 +271,7 @@ class _Run:
             if target < 0:
                 raise RuntimeError(
                     f"no decode instance of deployment {self.server.deployment.describe()!r} takes tier "
-                    f"{self.server.tiers[tier].name!r} hand-offs from {self.keys[i]}; give that tier a decode instance"
+                    f"{self.tiers[tier].name!r} hand-offs from {self.keys[i]}; give that tier a decode instance"
                 )
             by_target.setdefault(target, []).append(self.made[r].request_id)
         for d, ids in by_target.items():
@@ -349,6 +360,8 @@ class _Run:
         self.t0 = time.perf_counter()
         while True:
             now = self.now()
+            if self.control is not None:
+                self.control.tick(self, now)
             nxt = self.admit_until(now, nxt)
             if now > last + drain_s:
                 self.abort_rest()
@@ -390,4 +403,4 @@ class _Run:
         self.moves.clear()
 
 
-__all__ = ["PlanServer", "ServingResult", "TieredRequest", "check_servable"]
+__all__ = ["LoopControl", "PlanServer", "ServingResult", "ServingRun", "TieredRequest", "check_servable"]

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from nitsum_opt.models.spec import Frozen, Role
 from nitsum_opt.plan import Instance, Plan
+from nitsum_opt.sim.deployment import Deployment
 from nitsum_opt.spec import SHARED_TIER
 
 
@@ -103,9 +104,35 @@ def _key(inst: Instance) -> tuple[int, tuple[int, ...], int]:
     return (inst.node, inst.gpu_ids, inst.tp)
 
 
-def _check(plan: Plan, name: str) -> None:
+Layout = Plan | Sequence[Instance]
+"""What runs on a node: a plan, or just its instances (e.g. a simulator deployment's, :func:`layout_of`)."""
+
+
+def instances_of(layout: Layout) -> tuple[Instance, ...]:
+    """The instances of ``layout``."""
+    return tuple(layout.instances) if isinstance(layout, Plan) else tuple(layout)
+
+
+def layout_of(deployment: Deployment, gpus_per_node: int) -> tuple[Instance, ...]:
+    """A deployment's instances as plan instances, identified by their engine key
+    (:attr:`~nitsum_opt.sim.deployment.DeployedInstance.key`; a role change renames the instance, its engine
+    stays); untiered instances become shared ones (tier ``"*"``)."""
+    return tuple(
+        Instance(
+            instance_id=i.key,
+            tier=i.tier or SHARED_TIER,
+            tp=i.tp,
+            role=i.role,
+            node=i.gpu_ids[0] // gpus_per_node,
+            gpu_ids=i.gpu_ids,
+        )
+        for i in deployment.instances
+    )
+
+
+def _check(layout: Layout, name: str) -> None:
     seen: dict[int, str] = {}
-    for inst in plan.instances:
+    for inst in instances_of(layout):
         if len(inst.gpu_ids) != inst.tp:
             raise ValueError(
                 f"{name} plan: instance {inst.instance_id!r} has tp={inst.tp} but "
@@ -129,14 +156,15 @@ def _preference(src: Instance, targets: Sequence[Instance]) -> tuple[tuple[str, 
     return tuple(t.instance_id for t in ordered), sum(1 for t in ordered if rank(t)[:3] == best)
 
 
-def diff_plans(current: Plan | None, target: Plan) -> list[Action]:
+def diff_plans(current: Layout | None, target: Layout) -> list[Action]:
     """Ordered actions that turn ``current`` (None: nothing running) into ``target``."""
     _check(target, "target")
-    cur_insts = current.instances if current is not None else ()
+    cur_insts = instances_of(current) if current is not None else ()
     if current is not None:
         _check(current, "current")
     cur = {_key(i): i for i in cur_insts}
-    tgt = {_key(i): i for i in target.instances}
+    target_insts = instances_of(target)
+    tgt = {_key(i): i for i in target_insts}
     removed = [i for k, i in cur.items() if k not in tgt]
     added = [i for k, i in tgt.items() if k not in cur]
     routes: list[Action] = []
@@ -151,7 +179,7 @@ def diff_plans(current: Plan | None, target: Plan) -> list[Action]:
     actions += [Wake(**_base(i)) for i in added]
     actions += [FillWeights(**_base(i)) for i in added]
     for i in removed:
-        to, spread = _preference(i, target.instances)
+        to, spread = _preference(i, target_insts)
         actions.append(MoveRequests(**_base(i), to_instances=to, spread=spread))
     actions += sorted(routes, key=lambda r: not r.replaces)  # renames first: a new instance may reuse an old id
     actions += [Sleep(**_base(i)) for i in removed]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 
 from nitsum_opt.models.spec import Role
 from nitsum_opt.scheduler.types import RequestClass, SchedulerConfig, SchedulerInstance
@@ -280,6 +281,15 @@ class MultiTierScheduler:
         if target != _NONE:
             self._take(target, request_tier)
         return target
+
+    def recount(self, placed: Iterable[tuple[int, int]]) -> None:
+        """Set every instance's load from scratch: ``placed`` holds ``(instance, tier)`` of every request an
+        engine holds now (the runtime, after a transition moved requests between engines on its own)."""
+        self._count = [[0] * len(self.tier_names) for _ in self.instance_ids]
+        for instance, tier in placed:
+            self._count[instance][tier] += 1
+        for i in range(len(self.instance_ids)):
+            self._reload(i)
 
     # ------------------------------------------------------------------ release and the central queue
     def release(self, now_s: float, instance: int, tier: int | None = None) -> list[Held]:

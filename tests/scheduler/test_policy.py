@@ -200,3 +200,16 @@ def test_reconfiguration_reweighs_carried_requests_under_the_new_seats() -> None
 def test_seats_for_unknown_tiers_are_rejected() -> None:
     with pytest.raises(ValidationError, match="unknown tiers"):
         SchedulerConfig(tiers=tiers(), instances=(seated("a", "chat", 2, {"gold": 1}),))
+
+
+def test_recount_sets_loads_from_where_requests_are() -> None:
+    # a transition moved requests between engines behind the scheduler's back: the ledger is the truth
+    s = sched(seated("a", "chat", 10, {"batch": 5}), inst("b", "batch", cap=2), tiers=tiers(0.0, 0.0))
+    s.submit(0.0, 0, 0)
+    s.submit(0.0, 1, 1)
+    s.recount([(0, 1), (0, 1), (0, 0), (1, 1)])
+    assert s.load == [2.0 + 2.0 + 1.0, 1.0]
+    s.release(0.1, 0, tier=1)
+    assert s.load == [3.0, 1.0]
+    s.recount([])
+    assert s.load == [0.0, 0.0] and s.has_spare(1)
