@@ -158,10 +158,18 @@ class ServingRun:
         self.outgoing: list[list[str]] = [[] for _ in range(m)]  # requests that must leave a prefill engine first
         self.releases: list[list[ExportedKv]] = [[] for _ in range(m)]  # KV buffers to free on an engine
         self.began = [0.0] * m
+        self.set_budgets()
         for key in self.keys:
             self.result.steps.setdefault(key, 0)
             self.result.busy_s.setdefault(key, 0.0)
             self.result.engine_s.setdefault(key, 0.0)
+
+    def set_budgets(self) -> None:
+        """Give every engine its instance's step token budget (engines between steps; ``None``: the engine's own;
+        engines without a settable budget keep theirs and record ``None``)."""
+        for inst, engine in zip(self.server.instances, self.engines, strict=True):
+            setter = getattr(engine, "set_step_budget", None)
+            self.result.step_budgets[inst.key] = None if setter is None else setter(inst.max_num_batched_tokens)
 
     def quiesce(self) -> None:
         """Bring every engine between steps with nothing in flight: running steps collected (none pipelined),
@@ -182,7 +190,14 @@ class ServingRun:
         seats or switches); loads, token buckets and held requests carry over, held ones dispatch where room is."""
         if [i.key for i in server.instances] != self.keys:
             raise ValueError(f"reschedule needs the same instances in order: {self.keys}, got {server.instances}")
+        retuned = [
+            a.max_num_batched_tokens != b.max_num_batched_tokens
+            for a, b in zip(self.server.instances, server.instances, strict=True)
+        ]
         self.server = server
+        if any(retuned):
+            self.quiesce()
+            self.set_budgets()
         self.sched = MultiTierScheduler(server.config, previous=self.sched, now_s=now)
         self.dispatch(self.sched.pump(now))
 

@@ -45,6 +45,8 @@ class ServingResult:
     engine_s: dict[str, float] = field(default_factory=dict)
     """Per instance: of ``busy_s``, seconds inside the engine's own step (vLLM engines report it; the rest is
     output processing, the pipe and the controller)."""
+    step_budgets: dict[str, int | None] = field(default_factory=dict)
+    """Per instance: the step token budget its engine was last given (``None``: the engine cannot change it)."""
     aborted: int = 0
     """Requests aborted at the drain limit (in an engine)."""
     never_dispatched: int = 0

@@ -104,7 +104,8 @@ class _KvManager:
 
 
 class _Scheduler:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, budget: int) -> None:
+        self.max_num_scheduled_tokens = budget  # read and set like vLLM's; the toy steps every request anyway
         self.requests: dict[str, _Req] = {}
         self.free = list(range(num_blocks))
         self.kv_cache_manager = _KvManager(self)
@@ -115,7 +116,7 @@ class ToyLLMEngine:
 
     def __init__(self, llm: ToyLLM) -> None:
         self.llm = llm
-        self.scheduler = _Scheduler(llm.num_gpu_blocks)
+        self.scheduler = _Scheduler(llm.num_gpu_blocks, llm.max_num_batched_tokens)
         self.engine_core = SimpleNamespace(engine_core=SimpleNamespace(scheduler=self.scheduler), shutdown=lambda: None)
         self.output_processor = SimpleNamespace(get_num_unfinished_requests=lambda: len(self.by_external))
         self.vllm_config = SimpleNamespace(
@@ -200,6 +201,7 @@ class ToyLLM:
         self.max_model_len = int(llm_kwargs.get("max_model_len", config["max_position_embeddings"]))
         self.block_size = int(llm_kwargs.get("block_size", 16))
         self.num_gpu_blocks = int(llm_kwargs.get("num_gpu_blocks_override") or 256)
+        self.max_num_batched_tokens = int(llm_kwargs.get("max_num_batched_tokens") or 8192)
         self.dummy_seed = int(llm_kwargs.get("seed", 0))
         self.memory = "awake"
         self.weights: int | None = -1 - self.dummy_seed  # vLLM's dummy weights: not the resident store's

@@ -388,6 +388,12 @@ class VllmEngine(KvPort):
                 self._staged.pop(new.request_id, None)
         return events
 
+    def set_step_budget(self, tokens: int | None) -> int:
+        """Cap the tokens one step schedules (``None``: the budget it started with, also the most it takes; the
+        engine must be between steps); returns the budget now in force."""
+        self._need_awake("set its step budget")
+        return int(self._call("set_step_budget", self.deadlines.call_s, tokens=tokens))
+
     def drop_requests(self, request_ids: Sequence[str]) -> None:
         known = [r for r in request_ids if r in self._held]
         for rid in known:

@@ -69,6 +69,8 @@ class _Engine:
         self.memory = "awake"  # what sleep/wake left resident: awake | asleep | weights (KV still asleep)
         self.steps_run = 0
         self.last_run_s = 0.0  # seconds inside the engine's step() calls of the latest command
+        sched = self._scheduler()
+        self.start_budget = None if sched is None else int(sched.max_num_scheduled_tokens)  # what buffers hold
 
     def describe(self) -> dict[str, Any]:
         """State for watchdog reports: read from Python objects only (the engine may be stuck)."""
@@ -221,6 +223,18 @@ class _Engine:
             blocks = sched.kv_cache_manager.get_block_ids(req.request_id)[0]
             out.append(KvBlocks(request_id=rid, block_ids=tuple(blocks), num_computed_tokens=req.num_computed_tokens))
         return out
+
+    def set_step_budget(self, tokens: int | None) -> int:
+        """Cap the tokens one step schedules at ``tokens`` (``None``: the budget the engine started with, which is
+        also the most it takes: its buffers and CUDA graphs are sized for it); returns the budget now in force."""
+        sched = self._scheduler()
+        if sched is None or self.start_budget is None:
+            raise RuntimeError("the engine core runs in another process: its step budget cannot be changed")
+        if tokens is not None and tokens < 1:
+            raise ValueError(f"step budget {tokens} must be >= 1 or None")
+        budget = self.start_budget if tokens is None else min(int(tokens), self.start_budget)
+        sched.max_num_scheduled_tokens = budget
+        return budget
 
     def _scheduler(self) -> Any:
         core = getattr(self.llm.llm_engine.engine_core, "engine_core", None)  # InprocClient -> EngineCore

@@ -168,6 +168,10 @@ class EngineCommands(Protocol):
         """Stop requests; the tokens each generated here."""
         ...
 
+    def set_step_budget(self, tokens: int | None) -> int:
+        """Cap the tokens one step schedules (``None``: the start budget); the budget now in force."""
+        ...
+
     def kv_blocks(self, request_ids: list[str]) -> list[KvBlocks]:
         """KV location of the requests that have some (empty when the scheduler cannot be read)."""
         ...
@@ -194,6 +198,7 @@ def command_table(engine: EngineCommands) -> dict[str, Callable[..., Any]]:
         "step_events": engine.step_events,
         "abort": engine.abort,
         "kv_blocks": engine.kv_blocks,
+        "set_step_budget": engine.set_step_budget,
         "generate": engine.generate,
         "describe": engine.describe,
     }

@@ -82,8 +82,10 @@ def two_tp1(admit: dict[str, float] | None = None) -> Deployment:
     return Deployment(instances=insts, admitted_rps=admit, tier_priority=True, central_queue=True, spill_over=True)
 
 
-def one_tp2(admit: dict[str, float] | None = None, seats: int = 1024) -> Deployment:
-    inst = DeployedInstance(tier=None, tp=2, role=Role.COLOCATED, gpu_ids=(0, 1), slo_safe_seqs=seats)
+def one_tp2(admit: dict[str, float] | None = None, seats: int = 1024, budget: int | None = None) -> Deployment:
+    inst = DeployedInstance(
+        tier=None, tp=2, role=Role.COLOCATED, gpu_ids=(0, 1), slo_safe_seqs=seats, max_num_batched_tokens=budget
+    )
     return Deployment(instances=(inst,), admitted_rps=admit, tier_priority=True, central_queue=True, spill_over=True)
 
 
@@ -121,7 +123,7 @@ def assert_exact_tokens(pool: EnginePool) -> None:
 
 def test_tp_switches_mid_serve_move_requests_and_lose_none(pool: EnginePool, tiny_llama: ModelSpec) -> None:
     admit = {"chat": 50.0, "batch": 50.0}
-    script = [two_tp1(), one_tp2(), one_tp2(admit, seats=512), None, two_tp1()]
+    script = [two_tp1(), one_tp2(budget=99_999), one_tp2(admit, seats=512, budget=1024), None, two_tp1()]
     ex = TransitionExecutor(pool, tiny_llama)
     server = AdaptiveServer(pool, Scripted(script), context(), ex)
     start = server.start(RequestTrace.empty(tier_names=[t.name for t in TIERS]))
@@ -146,6 +148,10 @@ def test_tp_switches_mid_serve_move_requests_and_lose_none(pool: EnginePool, tin
     assert any(len(rec.engines) >= 2 for rec in pool.records())  # moved by a switch
     assert s.steps["g0-tp2-colocated"] > 0 and s.steps["g0-tp1-colocated"] > 0
     assert server.deployment.describe() == two_tp1().describe()
+    # the planned step budgets reach the engines, capped at what they started with (the toy's 8,192)
+    assert s.step_budgets == {"g0-tp1-colocated": 8192, "g1-tp1-colocated": 8192, "g0-tp2-colocated": 1024}
+    tp1 = pool.engine((0,))
+    assert tp1.set_step_budget(99_999) == 8192 and tp1.set_step_budget(512) == 512 and tp1.set_step_budget(None) == 8192
 
 
 def test_the_epoch_windows_are_the_simulators(pool: EnginePool, tiny_llama: ModelSpec) -> None:
