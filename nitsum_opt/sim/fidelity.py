@@ -19,13 +19,14 @@ from __future__ import annotations
 import csv
 import gzip
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nitsum_opt.sim.calibration import predicted_steps_ms
-from nitsum_opt.sim.controllers.base import Controller, StaticController
+from nitsum_opt.sim.controllers.base import ControlContext, Controller, StaticController
 from nitsum_opt.sim.controllers.registry import make_controller
 from nitsum_opt.sim.controllers.search import StaticEvaluator
 from nitsum_opt.sim.core import Simulator
@@ -58,14 +59,15 @@ class Timings:
 
 
 class FixedKvModel:
-    """An iteration model with another KV-cache capacity: step times from ``model``, ``kv_tokens`` at every TP
-    (an engine measured with a smaller ``gpu_memory_utilization``)."""
+    """An iteration model with another KV-cache capacity: step times from ``model``, ``kv_tokens`` at every TP or
+    per TP (engines measured with a smaller ``gpu_memory_utilization``; a TP left out keeps the model's)."""
 
-    def __init__(self, model: IterationTimeModel, kv_tokens: int) -> None:
-        if kv_tokens < 1:
+    def __init__(self, model: IterationTimeModel, kv_tokens: int | Mapping[int, int]) -> None:
+        values = [kv_tokens] if isinstance(kv_tokens, int) else list(kv_tokens.values())
+        if min(values, default=1) < 1:
             raise ValueError(f"kv_tokens={kv_tokens} must be ≥ 1")
         self.model = model
-        self.kv_tokens = int(kv_tokens)
+        self.kv_tokens: int | dict[int, int] = int(kv_tokens) if isinstance(kv_tokens, int) else dict(kv_tokens)
         if hasattr(model, "tps"):
             self.tps = model.tps
 
@@ -73,9 +75,17 @@ class FixedKvModel:
         """The wrapped model's step time."""
         return self.model.predict_ms(tp, *composition)
 
+    def __getattr__(self, name: str) -> object:
+        """Everything else (batch predictions for capacity tables, ...) from the wrapped model."""
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
     def kv_cache_tokens(self, tp: int) -> int:
-        """``kv_tokens``."""
-        return self.kv_tokens
+        """``kv_tokens`` (of ``tp``)."""
+        if isinstance(self.kv_tokens, int):
+            return self.kv_tokens
+        return self.kv_tokens.get(tp) or self.model.kv_cache_tokens(tp)
 
 
 def simulate_slice(
@@ -106,8 +116,50 @@ def simulate_deployment(
     return _timings(scenario, trace, model, cluster, settings, controller)
 
 
+def slice_control(
+    scenario: Scenario,
+    piece: TraceSlice,
+    system: str,
+    num_gpus: int,
+    epoch_s: float,
+    drain_s: float = 60.0,
+    kv_cache_tokens: int | Mapping[int, int] | None = None,
+) -> tuple[ControlContext, Controller, RequestTrace]:
+    """System ``system``'s controller for the slice on ``num_gpus`` GPUs re-planning every ``epoch_s``, what it
+    knows, and the slice as a trace: built alike by the runtime's adaptive benchmark
+    (:mod:`nitsum_runtime.bench_adaptive`) and :func:`simulate_system`, so both decide from the same inputs."""
+    trace = piece.to_trace([t.name for t in scenario.tiers])
+    model, cluster, settings = _slice_setup(scenario, num_gpus, drain_s, kv_cache_tokens)
+    settings = settings.model_copy(update={"epoch_s": epoch_s})
+    ev = StaticEvaluator(trace, scenario.tiers, model, scenario.model_spec, cluster, settings)
+    ctx = ControlContext(
+        cluster=cluster, tiers=scenario.tiers, model_spec=scenario.model_spec, model=model, settings=settings
+    )
+    return ctx, make_controller(system, ev, scenario.controller_options()), trace
+
+
+def simulate_system(
+    scenario: Scenario,
+    piece: TraceSlice,
+    system: str,
+    num_gpus: int,
+    epoch_s: float,
+    drain_s: float = 60.0,
+    kv_cache_tokens: int | Mapping[int, int] | None = None,
+) -> tuple[Timings, tuple[tuple[float, Deployment], ...]]:
+    """The slice served by system ``system`` (re-planning every ``epoch_s`` if it adapts): per-request timings and
+    every deployment it applied, with its time."""
+    ctx, controller, trace = slice_control(scenario, piece, system, num_gpus, epoch_s, drain_s, kv_cache_tokens)
+    result = Simulator(
+        trace, scenario.tiers, ctx.model, scenario.model_spec, ctx.cluster, controller, ctx.settings
+    ).run()
+    completed = ~np.isnan(result.finish_s) & ~np.isnan(result.ttft_s)
+    timings = Timings(np.asarray(result.ttft_s, float), np.asarray(result.tpot_s, float), completed)
+    return timings, result.timeline
+
+
 def _slice_setup(
-    scenario: Scenario, num_gpus: int, drain_s: float, kv_cache_tokens: int | None
+    scenario: Scenario, num_gpus: int, drain_s: float, kv_cache_tokens: int | Mapping[int, int] | None
 ) -> tuple[IterationTimeModel, ClusterSpec, SimSettings]:
     model, _ = scenario.iteration_model()
     if kv_cache_tokens is not None:

@@ -1,0 +1,195 @@
+"""Serve one trace slice with systems that decide at runtime (``nitsum`` re-planning every epoch, and static
+baselines) on vLLM engines: ``python -m nitsum_runtime.bench_adaptive``.
+
+The GPU half of the adaptive check (``benchmarks/gpu/run_adaptive_h200.sh``; the CPU half, which simulates the same
+systems on the same slice with the same inputs, is ``benchmarks/sim/adaptive_fidelity.py``). One vLLM engine is
+started per candidate TP group of ``--gpus`` GPUs (dummy weights refilled from a resident copy, the Nitsum KV
+connector on), all asleep. Then per system: its controller is built exactly as the simulator builds it
+(:func:`nitsum_opt.sim.fidelity.slice_control`, with the engines' measured KV capacity),
+:class:`~nitsum_runtime.adaptive.AdaptiveServer` brings up its first deployment, serves a short warm-up, and serves
+the slice open-loop while the controller re-plans every epoch (TP switches with KV migration included).
+Written as it goes:
+
+* ``OUT/<system>/measured.csv`` — per-request rows (:func:`nitsum_opt.sim.fidelity.read_measured`'s format);
+* ``OUT/meta.json`` — GPU, versions, engine starts and KV capacity, and per system the run summary and every
+  epoch's decision (:class:`~nitsum_runtime.adaptive.EpochRecord`: action, deployment, stall, moved requests).
+
+``--engines toy`` runs the same code on CPU with the toy vLLM stand-in (a dry run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from nitsum_opt.sim.fidelity import slice_control
+from nitsum_opt.sim.scenario import Scenario
+from nitsum_opt.sim.slices import TraceSlice, read_slices
+from nitsum_runtime.adaptive import AdaptiveServer
+from nitsum_runtime.bench_fidelity import WARMUP_REQUESTS, write_rows
+from nitsum_runtime.bench_pool import resident_store
+from nitsum_runtime.bench_serving import run_summary, tiered_requests
+from nitsum_runtime.executor import TransitionExecutor
+from nitsum_runtime.pool import EnginePool, candidate_groups
+from nitsum_runtime.serving import TieredRequest
+from nitsum_runtime.vllm_pool import VllmPoolSettings, build_vllm_pool, close_pool
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def pool_settings(scenario: Scenario, args: argparse.Namespace) -> VllmPoolSettings:
+    """One engine per candidate TP group of ``--gpus`` GPUs at the scenario's engine settings."""
+    engine = scenario.settings.engine
+    extra: dict[str, Any] = {"max_num_batched_tokens": engine.max_num_batched_tokens}
+    if args.engines == "vllm":
+        extra["compilation_config"] = {}  # vLLM's default CUDA-graph sizes
+    else:
+        extra["num_gpu_blocks_override"] = 8192
+    tps = tuple(tp for tp in (1, 2, 4, 8) if tp <= args.gpus and tp <= args.max_tp)
+    return VllmPoolSettings(
+        groups=candidate_groups(args.gpus, tps),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=scenario.model_spec.max_model_len,
+        max_num_seqs=engine.max_num_seqs,
+        kv_connector=args.engines == "vllm",
+        kv_arena_bytes=args.kv_arena_gib << 30,
+        concurrent_starts=args.engines == "toy",
+        check_fill_at_start=False,
+        extra_llm_kwargs=extra,
+    )
+
+
+def serve_system(
+    base: EnginePool,
+    scenario: Scenario,
+    piece: TraceSlice,
+    system: str,
+    kv_tokens: dict[int, int],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Serve the slice with ``system`` deciding; rows written to ``OUT/<system>/measured.csv``; its meta entry."""
+    spec = scenario.model_spec
+    pool = EnginePool(list(base.engines.values()), node=0, gpus_per_node=args.gpus)
+    ctx, controller, trace = slice_control(
+        scenario, piece, system, args.gpus, args.epoch_s, args.drain_s, kv_tokens or None
+    )
+    executor = TransitionExecutor(pool, spec, link_gb_per_s=ctx.settings.switch.kv_migration_gb_s)
+    server = AdaptiveServer(pool, controller, ctx, executor)
+    try:
+        start = server.start(trace.window(trace.start_s, trace.start_s + args.epoch_s))
+        _log(f"{system}: first deployment {start.deployment} (planned in {start.plan_ms:.0f} ms)")
+        assert server.server is not None
+        warm = [TieredRequest(0.0, p, o, scenario.tiers[0].name) for p, o in WARMUP_REQUESTS]
+        server.server.serve(warm, vocab_size=spec.vocab_size, max_model_len=spec.max_model_len, prefix="warm-")
+        res = server.serve(
+            tiered_requests(piece, args.limit),
+            vocab_size=spec.vocab_size,
+            max_model_len=spec.max_model_len,
+            duration_s=piece.duration_s,
+            drain_s=args.drain_s,
+            seed=args.seed,
+            prefix=f"{system}-",
+            progress=lambda m: _log(f"{system}: {m}"),
+        )
+    finally:
+        pool.sleep_all()
+    out = Path(args.out) / system
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(out / "measured.csv", piece.name, res.serving)
+    return {
+        **run_summary(piece, res.serving),
+        "step_budgets": res.serving.step_budgets,
+        "epochs": [start.model_dump(), *(e.model_dump() for e in res.epochs)],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the engines, serve the slice with every system that fits the deadline; returns the exit code."""
+    t_start = time.monotonic()
+    scenario = Scenario.load(args.scenario)
+    pieces = {s.name: s for s in read_slices(args.slices)}
+    if args.slice not in pieces:
+        raise SystemExit(f"--slice {args.slice}: not in {args.slices} ({sorted(pieces)})")
+    piece = pieces[args.slice]
+    systems = [s for s in args.systems.split(",") if s]
+    spec = scenario.model_spec
+    settings = pool_settings(scenario, args)
+    meta: dict[str, Any] = {"command": args.command, "engines": args.engines, "settings": settings.model_dump()}
+    meta.update(slice=piece.name, requests=len(piece), epoch_s=args.epoch_s, drain_s=args.drain_s, runs={})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    target = None
+    if args.engines == "vllm":
+        from nitsum_runtime.profile_worker import gpu_facts
+        from nitsum_runtime.vllm_engine import configure_environment, vllm_version
+
+        configure_environment()
+        meta.update(gpu=gpu_facts()[0], vllm_version=vllm_version())
+    else:
+        from nitsum_runtime.toy_vllm import toy_engine_process as target
+    with tempfile.TemporaryDirectory(prefix="nitsum-adaptive-") as tmp:
+        handles, stores = resident_store(spec, args.gpus, args.seed, Path(tmp), args.engines)
+        base, reports = build_vllm_pool(spec, args.gpus, handles, Path(tmp), settings, target=target, log=_log)
+        try:
+            meta["engine_starts"] = {r.engine_id: round(r.started.start_s, 2) for r in reports}
+            kv = {r.engine_id: r.started.num_gpu_blocks * r.started.block_size for r in reports}
+            meta["kv_cache_tokens"] = kv
+            kv_by_tp: dict[int, int] = {}
+            for engine in base.engines.values():  # the smallest engine of each TP bounds what the plan may use
+                tp = len(engine.gpu_ids)
+                kv_by_tp[tp] = min(kv_by_tp.get(tp, kv[engine.engine_id]), kv[engine.engine_id])
+            meta["kv_cache_tokens_by_tp"] = kv_by_tp
+            for system in systems:
+                left = args.deadline_s - (time.monotonic() - t_start)
+                if left < piece.duration_s + args.drain_s:
+                    _log(f"{system}: skipped, {left:.0f} s left < {piece.duration_s + args.drain_s:.0f} s")
+                    meta["runs"][system] = {"skipped": f"{left:.0f} s left before the deadline"}
+                    continue
+                _log(f"{system}: {len(piece)} requests over {piece.duration_s:g} s ({piece.offered_rps:.2f} req/s)")
+                meta["runs"][system] = serve_system(base, scenario, piece, system, kv_by_tp, args)
+                (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+                _log(f"{system}: done, {[(e['action'], e['deployment']) for e in meta['runs'][system]['epochs']]}")
+        finally:
+            (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            close_pool(base)
+            del stores
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--scenario", required=True, help="scenario YAML (tiers, model, settings)")
+    p.add_argument("--slices", required=True, help="slice file (nitsum_opt.sim.slices)")
+    p.add_argument("--slice", required=True, help="the slice to serve")
+    p.add_argument("--systems", default="nitsum", help="comma-separated systems, served one after the other")
+    p.add_argument("--gpus", type=int, default=2, help="GPUs of the node (engines on every candidate TP group)")
+    p.add_argument("--max-tp", type=int, default=8, help="largest TP degree to start engines for")
+    p.add_argument("--epoch-s", type=float, default=15.0, help="seconds between re-plans")
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--engines", choices=["vllm", "toy"], default="vllm", help="toy: a CPU dry run")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="vLLM's share of each GPU per engine")
+    p.add_argument("--kv-arena-gib", type=int, default=4, help="KV exchange arena per worker (GiB)")
+    p.add_argument("--drain-s", type=float, default=20.0, help="seconds after the last arrival before aborting")
+    p.add_argument("--deadline-s", type=float, default=540.0, help="skip systems that could end after this")
+    p.add_argument("--limit", type=int, default=0, help="serve only the first N requests (dry runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and dummy weights")
+    p.add_argument("--command", default=" ".join(sys.argv), help="command line recorded in meta.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run, then leave at once (no vLLM teardown), also after an error."""
+    from nitsum_runtime.vllm_engine import run_then_exit
+
+    run_then_exit(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
