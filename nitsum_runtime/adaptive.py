@@ -282,6 +282,11 @@ class EpochControl:
         self.k += 1
         self.pending = (at_s, self.pool.submit(self._plan, at_s))
 
+    def idle(self) -> bool:
+        """No decision pending and no epoch left before the trace's end (the simulator plans every one)."""
+        at_s = self.trace.start_s + self.k * self.epoch_s
+        return self.pending is None and (self.server.controller.is_static or at_s >= self.trace.end_s)
+
     def close(self) -> None:
         """Stop the worker thread (a decision still being planned is dropped)."""
         self.pool.shutdown(wait=True, cancel_futures=True)

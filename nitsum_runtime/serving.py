@@ -114,6 +114,9 @@ class LoopControl(Protocol):
     def tick(self, run: ServingRun, now: float) -> None:
         """One turn of the loop at ``now`` (seconds since the start of the run)."""
 
+    def idle(self) -> bool:
+        """Whether it has nothing left to do (the loop ends once requests are served and it is idle)."""
+
 
 class ServingRun:
     """One :meth:`PlanServer.serve` call: the loop's state and steps."""
@@ -387,7 +390,7 @@ class ServingRun:
             if self.stepping:
                 self.collect(min(until_next, 0.05))
             elif not self.busy():
-                if nxt >= n:
+                if nxt >= n and (self.control is None or self.control.idle()):
                     break
                 time.sleep(max(0.0, min(until_next, 0.05)))
             if progress is not None and now >= next_report:

@@ -138,6 +138,21 @@ def slice_control(
     return ctx, make_controller(system, ev, scenario.controller_options()), trace
 
 
+class PlansWith(Controller):
+    """``controller`` deciding from ``ctx`` (e.g. an uncalibrated latency model) whatever the simulator runs: the
+    decisions a real run made, simulated with another model."""
+
+    def __init__(self, controller: Controller, ctx: ControlContext) -> None:
+        self.controller, self.ctx = controller, ctx
+        self.name, self.is_static = controller.name, controller.is_static
+
+    def start(self, ctx: ControlContext, warmup: RequestTrace) -> Deployment:
+        return self.controller.start(self.ctx, warmup)
+
+    def on_epoch(self, ctx: ControlContext, now_s: float, window: RequestTrace) -> Deployment | None:
+        return self.controller.on_epoch(self.ctx, now_s, window)
+
+
 def simulate_system(
     scenario: Scenario,
     piece: TraceSlice,
@@ -146,10 +161,15 @@ def simulate_system(
     epoch_s: float,
     drain_s: float = 60.0,
     kv_cache_tokens: int | Mapping[int, int] | None = None,
+    plan_with: Scenario | None = None,
 ) -> tuple[Timings, tuple[tuple[float, Deployment], ...]]:
     """The slice served by system ``system`` (re-planning every ``epoch_s`` if it adapts): per-request timings and
-    every deployment it applied, with its time."""
+    every deployment it applied, with its time. ``plan_with``: the controller is built and decides with that
+    scenario's latency model (e.g. the uncalibrated one a real run planned with) while ``scenario``'s is simulated."""
     ctx, controller, trace = slice_control(scenario, piece, system, num_gpus, epoch_s, drain_s, kv_cache_tokens)
+    if plan_with is not None:
+        plan_ctx, planner, _ = slice_control(plan_with, piece, system, num_gpus, epoch_s, drain_s, kv_cache_tokens)
+        controller = PlansWith(planner, plan_ctx)
     result = Simulator(
         trace, scenario.tiers, ctx.model, scenario.model_spec, ctx.cluster, controller, ctx.settings
     ).run()

@@ -111,7 +111,7 @@ class Scripted(Controller):
 
 def workload(n: int, spacing_s: float) -> list[TieredRequest]:
     """Long enough outputs that requests are decoding whenever the deployment changes."""
-    return [TieredRequest(k * spacing_s, 6 + (5 * k) % 31, 20 + (7 * k) % 60, TIERS[k % 2].name) for k in range(n)]
+    return [TieredRequest(k * spacing_s, 6 + (5 * k) % 31, 150 + (7 * k) % 60, TIERS[k % 2].name) for k in range(n)]
 
 
 def assert_exact_tokens(pool: EnginePool) -> None:

@@ -14,7 +14,15 @@ import pytest
 
 from nitsum_opt.models.spec import Role
 from nitsum_opt.sim.deployment import DeployedInstance, Deployment
-from nitsum_opt.sim.fidelity import Timings, compare, read_measured, simulate_deployment, simulate_slice, slo_met
+from nitsum_opt.sim.fidelity import (
+    Timings,
+    compare,
+    read_measured,
+    simulate_deployment,
+    simulate_slice,
+    simulate_system,
+    slo_met,
+)
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, make_slices, read_slices, write_slices
 from nitsum_opt.spec import Tier
@@ -219,3 +227,26 @@ def test_simulator_matches_the_committed_serving_runs() -> None:
     for side in (0, 1):
         order = sorted(("colocated", "nitsum", "pd"), key=lambda d: -attainment[(d, "mean-13rps")][side])
         assert order == ["nitsum", "colocated", "pd"], (side, attainment)
+
+
+def test_the_committed_adaptive_run_decided_what_the_simulator_decides() -> None:
+    """The runtime's control loop on 2×H200 (``benchmarks/gpu/results/adaptive-h200x2-2026-11-23/nitsum``): the
+    Nitsum controller, re-planning every 15 s at runtime, made at every epoch the decision the simulator's controller
+    makes from the same requests (a TP 2 colocated instance, then at 60 s interactive TP 1 prefill + decode), the
+    switch migrated every in-flight request's KV, and every request was served. A planner change that alters these
+    decisions makes the committed GPU run stale: re-run ``benchmarks/gpu/run_adaptive_h200.sh``."""
+    warnings.simplefilter("ignore")
+    run = ROOT / "benchmarks/gpu/results/adaptive-h200x2-2026-11-23/nitsum"
+    meta = json.loads((run / "meta.json").read_text())
+    info = meta["runs"]["nitsum"]
+    piece = {s.name: s for s in read_slices(ROOT / "benchmarks/gpu/adaptive/slices.csv")}[meta["slice"]]
+    scenario = Scenario.load(ROOT / "examples/scenarios/llama8b-tight.yaml")
+    kv = {int(tp): n for tp, n in meta["kv_cache_tokens_by_tp"].items()}
+    _, timeline = simulate_system(scenario, piece, "nitsum", 2, meta["epoch_s"], meta["drain_s"], kv)
+    assert [(e["at_s"], e["deployment"]) for e in info["epochs"]] == [(t, d.describe()) for t, d in timeline]
+    for e, (_, d) in zip(info["epochs"], timeline, strict=True):
+        assert e["admitted_rps"] == pytest.approx(d.admitted_rps), e
+    switch = next(e for e in info["epochs"] if e["action"] == "transition")
+    assert switch["moved"] == switch["migrated"] > 0 and not switch["error"]
+    assert info["aborted"] == info["never_dispatched"] == 0 and info["handoffs"] == info["migrated"] > 0
+    assert read_measured(run / "nitsum" / "measured.csv", [piece])[piece.name].completed.all()

@@ -1,0 +1,49 @@
+"""The adaptive benchmark's whole path on CPU (toy vLLM engine processes): one engine per candidate TP group of 2
+GPUs, each system's controller built like the simulator's, re-planning at runtime, ``measured.csv`` per system and
+``meta.json`` with every epoch's decision out, readable by the simulator-side comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from nitsum_opt.sim.fidelity import read_measured, simulate_system
+from nitsum_opt.sim.scenario import Scenario
+from nitsum_opt.sim.slices import TraceSlice, write_slices
+from nitsum_runtime.bench_adaptive import parse_args, run
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIO = ROOT / "examples/scenarios/llama8b-tight.yaml"
+
+
+def test_dry_run_on_toy_engines_decides_like_the_simulator(tmp_path: Path) -> None:
+    n = 60
+    rng = np.random.default_rng(3)
+    piece = TraceSlice(
+        name="tiny",
+        arrival_s=np.sort(rng.uniform(0.0, 3.0, n)),
+        input_tokens=rng.integers(20, 400, n),
+        output_tokens=rng.integers(2, 40, n),
+        tier=tuple(("interactive", "standard", "background")[k % 3] for k in range(n)),
+        duration_s=3.0,
+    )
+    write_slices(tmp_path / "slices.csv", [piece])
+    out = tmp_path / "out"
+    argv = ["--scenario", str(SCENARIO), "--slices", str(tmp_path / "slices.csv"), "--slice", "tiny"]
+    argv += ["--systems", "nitsum,vllm-static-tp1", "--epoch-s", "1", "--drain-s", "30", "--out", str(out)]
+    assert run(parse_args([*argv, "--engines", "toy"])) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert set(meta["runs"]) == {"nitsum", "vllm-static-tp1"} and meta["engines"] == "toy"
+    assert set(meta["kv_cache_tokens"]) == {"tp1-g0", "tp1-g1", "tp2-g0-1"}
+    nitsum = meta["runs"]["nitsum"]
+    assert [e["at_s"] for e in nitsum["epochs"]] == [0.0, 1.0, 2.0]
+    assert nitsum["aborted"] == 0 and nitsum["never_dispatched"] == 0
+    assert [e["action"] for e in meta["runs"]["vllm-static-tp1"]["epochs"]] == ["start"]
+    real = read_measured(out / "nitsum" / "measured.csv", [piece])["tiny"]
+    assert real.completed.all()
+    kv = {int(tp): v for tp, v in meta["kv_cache_tokens_by_tp"].items()}
+    _, timeline = simulate_system(Scenario.load(SCENARIO), piece, "nitsum", 2, 1.0, 30.0, kv)
+    assert [e["deployment"] for e in nitsum["epochs"]] == [d.describe() for _, d in timeline]
+    assert [e["admitted_rps"] for e in nitsum["epochs"]] == [d.admitted_rps for _, d in timeline]
