@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from nitsum_opt.sim.slices import TraceSlice, read_slices
 from nitsum_runtime.adaptive import AdaptiveServer
 from nitsum_runtime.bench_fidelity import WARMUP_REQUESTS, write_rows
 from nitsum_runtime.bench_pool import resident_store
-from nitsum_runtime.bench_serving import run_summary, tiered_requests
+from nitsum_runtime.bench_serving import add_engine_args, engine_target, run_summary, tiered_requests
 from nitsum_runtime.executor import TransitionExecutor
 from nitsum_runtime.pool import EnginePool, candidate_groups
 from nitsum_runtime.serving import TieredRequest
@@ -124,15 +123,7 @@ def run(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {"command": args.command, "engines": args.engines, "settings": settings.model_dump()}
     meta.update(slice=piece.name, requests=len(piece), epoch_s=args.epoch_s, drain_s=args.drain_s, runs={})
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    target = None
-    if args.engines == "vllm":
-        from nitsum_runtime.profile_worker import gpu_facts
-        from nitsum_runtime.vllm_engine import configure_environment, vllm_version
-
-        configure_environment()
-        meta.update(gpu=gpu_facts()[0], vllm_version=vllm_version())
-    else:
-        from nitsum_runtime.toy_vllm import toy_engine_process as target
+    target = engine_target(args.engines, meta)
     with tempfile.TemporaryDirectory(prefix="nitsum-adaptive-") as tmp:
         handles, stores = resident_store(spec, args.gpus, args.seed, Path(tmp), args.engines)
         base, reports = build_vllm_pool(spec, args.gpus, handles, Path(tmp), settings, target=target, log=_log)
@@ -173,14 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tp", type=int, default=8, help="largest TP degree to start engines for")
     p.add_argument("--epoch-s", type=float, default=15.0, help="seconds between re-plans")
     p.add_argument("--out", required=True, help="results folder")
-    p.add_argument("--engines", choices=["vllm", "toy"], default="vllm", help="toy: a CPU dry run")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="vLLM's share of each GPU per engine")
-    p.add_argument("--kv-arena-gib", type=int, default=4, help="KV exchange arena per worker (GiB)")
-    p.add_argument("--drain-s", type=float, default=20.0, help="seconds after the last arrival before aborting")
-    p.add_argument("--deadline-s", type=float, default=540.0, help="skip systems that could end after this")
-    p.add_argument("--limit", type=int, default=0, help="serve only the first N requests (dry runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and dummy weights")
-    p.add_argument("--command", default=" ".join(sys.argv), help="command line recorded in meta.json")
+    # 0.3 per engine: during a switch a GPU holds two awake engines, the resident weights and the KV arenas
+    # (0.4 ran out of memory on 2×H200 with TP 1 and TP 2 engines)
+    add_engine_args(p, gpu_memory_utilization=0.3, drain_s=20.0)
     return p.parse_args(argv)
 
 

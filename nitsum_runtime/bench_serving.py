@@ -197,15 +197,7 @@ def run(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {"command": args.command, "engines": args.engines, "settings": settings.model_dump()}
     meta["drain_s"] = args.drain_s
     meta["runs"] = {}
-    target = None
-    if args.engines == "vllm":
-        from nitsum_runtime.profile_worker import gpu_facts
-        from nitsum_runtime.vllm_engine import configure_environment, vllm_version
-
-        configure_environment()
-        meta.update(gpu=gpu_facts()[0], vllm_version=vllm_version())
-    else:
-        from nitsum_runtime.toy_vllm import toy_engine_process as target
+    target = engine_target(args.engines, meta)
     with tempfile.TemporaryDirectory(prefix="nitsum-serving-") as tmp:
         handles, stores = resident_store(spec, world, args.seed, Path(tmp), args.engines)
         base, reports = build_vllm_pool(spec, world, handles, Path(tmp), settings, target=target, log=_log)
@@ -229,15 +221,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slices", required=True, help="slice file (nitsum_opt.sim.slices)")
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--only", default="", help="comma-separated deployment names (default: every run)")
+    add_engine_args(p, gpu_memory_utilization=0.8, drain_s=60.0)
+    return p.parse_args(argv)
+
+
+def add_engine_args(p: argparse.ArgumentParser, gpu_memory_utilization: float, drain_s: float) -> None:
+    """The options every serving benchmark on a vLLM pool takes (engines, memory, drain, deadline, seed, ...)."""
     p.add_argument("--engines", choices=["vllm", "toy"], default="vllm", help="toy: a CPU dry run")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.8, help="vLLM's share of each GPU")
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=gpu_memory_utilization, help="vLLM's share of each GPU"
+    )
     p.add_argument("--kv-arena-gib", type=int, default=4, help="KV exchange arena per worker (GiB)")
-    p.add_argument("--drain-s", type=float, default=60.0, help="seconds after the last arrival before aborting")
+    p.add_argument("--drain-s", type=float, default=drain_s, help="seconds after the last arrival before aborting")
     p.add_argument("--deadline-s", type=float, default=540.0, help="skip runs that could end after this")
     p.add_argument("--limit", type=int, default=0, help="serve only the first N requests of each slice (dry runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and dummy weights")
     p.add_argument("--command", default=" ".join(sys.argv), help="command line recorded in meta.json")
-    return p.parse_args(argv)
+
+
+def engine_target(engines: str, meta: dict[str, Any]) -> Any:
+    """The engine-process entry for ``build_vllm_pool``: vLLM's (``None``; the GPU and versions recorded in
+    ``meta``) or the CPU toy's."""
+    if engines == "vllm":
+        from nitsum_runtime.profile_worker import gpu_facts
+        from nitsum_runtime.vllm_engine import configure_environment, vllm_version
+
+        configure_environment()
+        meta.update(gpu=gpu_facts()[0], vllm_version=vllm_version())
+        return None
+    from nitsum_runtime.toy_vllm import toy_engine_process
+
+    return toy_engine_process
 
 
 def main(argv: list[str] | None = None) -> None:

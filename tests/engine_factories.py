@@ -10,9 +10,15 @@ each step advances the clock by its step time (``1 ms + 0.1 µs`` per token), so
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.composition import ScheduledRequest
+from nitsum_runtime.pool import EnginePool
+from nitsum_runtime.toy_vllm import toy_engine_process, write_toy_store
 from nitsum_runtime.vllm_engine import StepResult
+from nitsum_runtime.vllm_pool import VllmPoolSettings, build_vllm_pool
 
 
 @dataclass
@@ -94,3 +100,12 @@ class ToyEngine:
         if self.clock is not None:
             self.clock.now_s += step_s
         return StepResult(step_s, scheduled, frozenset(finished))
+
+
+def start_toy_vllm_pool(spec: ModelSpec, work: Path, seed: int, **settings: Any) -> EnginePool:
+    """Toy vLLM engine processes (``nitsum_runtime.toy_vllm``: the real engine-process code on a CPU model) on
+    ``settings``' groups of a 2-GPU node, started at once and asleep; close with ``close_pool``."""
+    store = write_toy_store(work / "store.json", seed)
+    config = VllmPoolSettings(**{"concurrent_starts": True, "max_model_len": spec.max_model_len, **settings})
+    pool, _ = build_vllm_pool(spec, 2, store, work, config, target=toy_engine_process, log=lambda _: None)
+    return pool

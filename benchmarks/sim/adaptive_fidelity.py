@@ -25,7 +25,7 @@ from nitsum_opt.sim.calibration import StepCalibration
 from nitsum_opt.sim.fidelity import (
     Timings,
     compare,
-    format_cell,
+    format_rows,
     read_measured,
     simulate_system,
     slo_met,
@@ -147,11 +147,7 @@ def run_compare(args: argparse.Namespace) -> int:
         f"{piece.offered_rps:.2f} req/s); KV cache tokens by TP {meta['kv_cache_tokens_by_tp']}"
     )
     cols = ("attainment", "goodput_rps", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms")
-    print(" | ".join(("system", "simulated", "tier", "requests", *(f"{c} real/sim" for c in cols))))
-    for row in rows:
-        cells = [format_cell(row[c]) for c in ("system", "variant", "tier", "requests")]
-        cells += [f"{format_cell(row[f'real_{c}'])} / {format_cell(row[f'sim_{c}'])}" for c in cols]
-        print(" | ".join(cells))
+    print("\n".join(format_rows(rows, ("system", "variant", "tier", "requests"), cols)))
     if args.out_csv:
         write_comparison_csv(args.out_csv, rows)
         print(f"wrote {args.out_csv}")

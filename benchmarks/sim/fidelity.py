@@ -31,7 +31,7 @@ from tqdm import tqdm
 from nitsum_opt.sim.calibration import fit_step_calibration
 from nitsum_opt.sim.fidelity import (
     compare,
-    format_cell,
+    format_rows,
     read_measured,
     read_steps,
     simulate_slice,
@@ -158,11 +158,7 @@ def run_compare(args: argparse.Namespace) -> int:
     sim_kv = kv if kv is not None else model.kv_cache_tokens(tp)
     print(f"KV cache tokens: vLLM {meta.get('kv_cache_tokens')}, simulator {sim_kv}")
     cols = ("slice", "tier", "requests", "attainment", "goodput_rps", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms")
-    print(" | ".join(cols[:3] + tuple(f"{c} real/sim" for c in cols[3:])))
-    for row in rows:
-        cells = [format_cell(row[c]) for c in cols[:3]]
-        cells += [f"{format_cell(row[f'real_{c}'])} / {format_cell(row[f'sim_{c}'])}" for c in cols[3:]]
-        print(" | ".join(cells))
+    print("\n".join(format_rows(rows, cols[:3], cols[3:])))
     for p in done:
         step_file = measured_dir / f"steps-{p.name}.csv.gz"
         if step_file.exists():

@@ -35,7 +35,7 @@ from nitsum_opt.sim.deployment import DeployedInstance, Deployment
 from nitsum_opt.sim.fidelity import (
     Timings,
     compare,
-    format_cell,
+    format_rows,
     read_measured,
     simulate_deployment,
     slo_met,
@@ -196,11 +196,7 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"{key}: {dep.describe()}; {_handoff_text(info)}; held centrally at most {info['max_held']}")
     print(f"{plans.model} on {meta.get('gpu')} x{gpus}; KV cache tokens per engine {meta['kv_cache_tokens']}")
     cols = ("attainment", "goodput_rps", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms")
-    print(" | ".join(("deployment", "slice", "tier", "requests", *(f"{c} real/sim" for c in cols))))
-    for row in rows:
-        cells = [format_cell(row[c]) for c in ("deployment", "slice", "tier", "requests")]
-        cells += [f"{format_cell(row[f'real_{c}'])} / {format_cell(row[f'sim_{c}'])}" for c in cols]
-        print(" | ".join(cells))
+    print("\n".join(format_rows(rows, ("deployment", "slice", "tier", "requests"), cols)))
     if args.out_csv:
         write_comparison_csv(args.out_csv, rows)
         print(f"wrote {args.out_csv}")

@@ -170,12 +170,7 @@ def simulate_system(
     if plan_with is not None:
         plan_ctx, planner, _ = slice_control(plan_with, piece, system, num_gpus, epoch_s, drain_s, kv_cache_tokens)
         controller = PlansWith(planner, plan_ctx)
-    result = Simulator(
-        trace, scenario.tiers, ctx.model, scenario.model_spec, ctx.cluster, controller, ctx.settings
-    ).run()
-    completed = ~np.isnan(result.finish_s) & ~np.isnan(result.ttft_s)
-    timings = Timings(np.asarray(result.ttft_s, float), np.asarray(result.tpot_s, float), completed)
-    return timings, result.timeline
+    return _simulate(scenario, trace, ctx.model, ctx.cluster, ctx.settings, controller)
 
 
 def _slice_setup(
@@ -188,6 +183,21 @@ def _slice_setup(
     return model, cluster, scenario.settings.model_copy(update={"drain_s": drain_s})
 
 
+def _simulate(
+    scenario: Scenario,
+    trace: RequestTrace,
+    model: IterationTimeModel,
+    cluster: ClusterSpec,
+    settings: SimSettings,
+    controller: Controller,
+) -> tuple[Timings, tuple[tuple[float, Deployment], ...]]:
+    """Per-request timings and the deployments applied, with their times."""
+    result = Simulator(trace, scenario.tiers, model, scenario.model_spec, cluster, controller, settings).run()
+    completed = ~np.isnan(result.finish_s) & ~np.isnan(result.ttft_s)
+    timings = Timings(np.asarray(result.ttft_s, float), np.asarray(result.tpot_s, float), completed)
+    return timings, result.timeline
+
+
 def _timings(
     scenario: Scenario,
     trace: RequestTrace,
@@ -196,9 +206,7 @@ def _timings(
     settings: SimSettings,
     controller: Controller,
 ) -> Timings:
-    result = Simulator(trace, scenario.tiers, model, scenario.model_spec, cluster, controller, settings).run()
-    completed = ~np.isnan(result.finish_s) & ~np.isnan(result.ttft_s)
-    return Timings(np.asarray(result.ttft_s, float), np.asarray(result.tpot_s, float), completed)
+    return _simulate(scenario, trace, model, cluster, settings, controller)[0]
 
 
 def read_measured(path: str | Path, slices: list[TraceSlice]) -> dict[str, Timings]:
@@ -295,6 +303,17 @@ def format_cell(x: object) -> str:
     if isinstance(x, float):
         return "" if math.isnan(x) else f"{x:.4g}"
     return str(x)
+
+
+def format_rows(rows: list[dict[str, object]], keys: tuple[str, ...], metrics: tuple[str, ...]) -> list[str]:
+    """A header and one ``|``-separated line per comparison row: the ``keys`` columns, then ``real / sim`` of each
+    metric."""
+    lines = [" | ".join((*keys, *(f"{c} real/sim" for c in metrics)))]
+    for row in rows:
+        cells = [format_cell(row[c]) for c in keys]
+        cells += [f"{format_cell(row[f'real_{c}'])} / {format_cell(row[f'sim_{c}'])}" for c in metrics]
+        lines.append(" | ".join(cells))
+    return lines
 
 
 def write_comparison_csv(path: str | Path, rows: list[dict[str, object]]) -> None:

@@ -10,9 +10,9 @@ in the simulator for the same requests.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pytest
+from engine_factories import start_toy_vllm_pool
 
 from nitsum_opt.models.spec import ModelSpec, Role, model_preset
 from nitsum_opt.sim.controllers.base import ControlContext, Controller
@@ -31,8 +31,8 @@ from nitsum_runtime.pool import EnginePool
 from nitsum_runtime.ref_cluster import RankCluster
 from nitsum_runtime.scenarios import build_reference_pool
 from nitsum_runtime.serving import TieredRequest
-from nitsum_runtime.toy_vllm import toy_engine_process, toy_tokens, write_toy_store
-from nitsum_runtime.vllm_pool import VllmPoolSettings, build_vllm_pool, close_pool
+from nitsum_runtime.toy_vllm import toy_tokens
+from nitsum_runtime.vllm_pool import close_pool
 
 SEED = 5
 VOCAB = 100
@@ -46,16 +46,14 @@ EPOCH_S = 0.4
 @pytest.fixture(scope="module")
 def toy_pool(tiny_llama: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnginePool]:
     """TP1 toy vLLM engines on GPUs 0 and 1 and a TP2 one on both, started once, asleep."""
-    tmp = tmp_path_factory.mktemp("adaptive")
-    store = write_toy_store(tmp / "store.json", SEED)
-    settings = VllmPoolSettings(
+    pool = start_toy_vllm_pool(
+        tiny_llama,
+        tmp_path_factory.mktemp("adaptive"),
+        SEED,
         groups=((0,), (1,), (0, 1)),
-        concurrent_starts=True,
-        max_model_len=tiny_llama.max_model_len,
         max_num_seqs=64,
         extra_llm_kwargs={"num_gpu_blocks_override": 4096},
     )
-    pool, _ = build_vllm_pool(tiny_llama, 2, store, Path(tmp), settings, target=toy_engine_process, log=lambda _: None)
     yield pool
     close_pool(pool)
 

@@ -5,9 +5,9 @@ is checked against an unmoved run of the toy model; on reference engines (gloo r
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from engine_factories import start_toy_vllm_pool
 
 from nitsum_opt.models.spec import ModelSpec, Role
 from nitsum_opt.scheduler import RequestClass
@@ -17,8 +17,8 @@ from nitsum_runtime.pool import EnginePool
 from nitsum_runtime.ref_cluster import RankCluster
 from nitsum_runtime.scenarios import build_reference_pool
 from nitsum_runtime.serving import PlanServer, TieredRequest, check_servable
-from nitsum_runtime.toy_vllm import toy_engine_process, toy_tokens, write_toy_store
-from nitsum_runtime.vllm_pool import VllmPoolSettings, build_vllm_pool, close_pool
+from nitsum_runtime.toy_vllm import toy_tokens
+from nitsum_runtime.vllm_pool import close_pool
 
 SEED = 11
 VOCAB = 100
@@ -31,12 +31,9 @@ TIERS = (
 @pytest.fixture(scope="module")
 def toy_pool(tiny_llama: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnginePool]:
     """Two TP1 toy vLLM engine processes (GPUs 0 and 1), started once."""
-    tmp = tmp_path_factory.mktemp("serving")
-    store = write_toy_store(tmp / "store.json", SEED)
-    settings = VllmPoolSettings(
-        groups=((0,), (1,)), concurrent_starts=True, max_model_len=tiny_llama.max_model_len, max_num_seqs=64
+    pool = start_toy_vllm_pool(
+        tiny_llama, tmp_path_factory.mktemp("serving"), SEED, groups=((0,), (1,)), max_num_seqs=64
     )
-    pool, _ = build_vllm_pool(tiny_llama, 2, store, Path(tmp), settings, target=toy_engine_process, log=lambda _: None)
     yield pool
     close_pool(pool)
 
