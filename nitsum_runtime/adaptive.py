@@ -159,9 +159,11 @@ class AdaptiveServer:
         top_k: int = 0,
         progress: Callable[[str], None] | None = None,
         prefix: str = "",
+        log_steps: bool = False,
     ) -> AdaptiveResult:
         """Serve ``requests`` (sorted by arrival) from the deployment :meth:`start` brought up, re-planning at every
-        epoch before ``duration_s`` (default: the last arrival), as the simulator does."""
+        epoch before ``duration_s`` (default: the last arrival), as the simulator does; ``log_steps`` as in
+        :meth:`PlanServer.serve`."""
         if self.server is None:
             raise RuntimeError("call start() before serve()")
         end_s = duration_s if duration_s is not None else (requests[-1].arrival_s if requests else 0.0)
@@ -179,6 +181,7 @@ class AdaptiveServer:
                 progress=progress,
                 prefix=prefix,
                 control=control,
+                log_steps=log_steps,
             )
         finally:
             control.close()

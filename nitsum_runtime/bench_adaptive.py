@@ -11,6 +11,8 @@ the slice open-loop while the controller re-plans every epoch (TP switches with 
 Written as it goes:
 
 * ``OUT/<system>/measured.csv`` — per-request rows (:func:`nitsum_opt.sim.fidelity.read_measured`'s format);
+* ``OUT/<system>/steps.csv.gz`` — every engine step: instance, round trip, seconds inside vLLM's step and the
+  step's composition (for fitting the simulator's ``latency_calibration`` on the runtime's own steps);
 * ``OUT/meta.json`` — GPU, versions, engine starts and KV capacity, and per system the run summary and every
   epoch's decision (:class:`~nitsum_runtime.adaptive.EpochRecord`: action, deployment, stall, moved requests).
 
@@ -20,13 +22,15 @@ Written as it goes:
 from __future__ import annotations
 
 import argparse
+import csv
+import gzip
 import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from nitsum_opt.sim.fidelity import slice_control
+from nitsum_opt.sim.fidelity import STEP_COLUMNS, slice_control
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, read_slices
 from nitsum_runtime.adaptive import AdaptiveServer
@@ -96,17 +100,33 @@ def serve_system(
             seed=args.seed,
             prefix=f"{system}-",
             progress=lambda m: _log(f"{system}: {m}"),
+            log_steps=args.log_steps,
         )
     finally:
         pool.sleep_all()
     out = Path(args.out) / system
     out.mkdir(parents=True, exist_ok=True)
     write_rows(out / "measured.csv", piece.name, res.serving)
+    if res.serving.step_log:
+        write_serving_steps(out / "steps.csv.gz", res.serving.step_log)
     return {
         **run_summary(piece, res.serving),
         "step_budgets": res.serving.step_budgets,
         "epochs": [start.model_dump(), *(e.model_dump() for e in res.epochs)],
     }
+
+
+SERVING_STEP_HEADER = ("instance", "round_trip_s", "step_time_s", *STEP_COLUMNS)
+"""Columns of ``OUT/<system>/steps.csv.gz``: the serving loop's step log (:attr:`ServingResult.step_log`)."""
+
+
+def write_serving_steps(path: Path, rows: list[tuple[str, float, float, int, int, int, int, int]]) -> None:
+    """The step log as gzip CSV (:data:`SERVING_STEP_HEADER`)."""
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(SERVING_STEP_HEADER)
+        for key, round_trip, step_s, *counts in rows:
+            writer.writerow((key, f"{round_trip:.7f}", f"{step_s:.7f}", *counts))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,6 +187,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # 0.3 per engine: during a switch a GPU holds two awake engines, the resident weights and the KV arenas
     # (0.4 ran out of memory on 2×H200 with TP 1 and TP 2 engines)
     add_engine_args(p, gpu_memory_utilization=0.3, drain_s=20.0)
+    p.add_argument(
+        "--log-steps",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write every engine step's time and composition (OUT/<system>/steps.csv.gz)",
+    )
     return p.parse_args(argv)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from nitsum_runtime.profile_schema import ExperimentKind
 
@@ -71,6 +72,32 @@ class StepComposition:
     def counts(self) -> tuple[int, int, int]:
         """``(num_prefill_seqs, prefill_tokens, num_decode_seqs)``: what a plan can predict exactly."""
         return (self.num_prefill_seqs, self.prefill_tokens, self.num_decode_seqs)
+
+
+def scheduled_of(output: Any) -> list[ScheduledRequest]:
+    """What one vLLM ``SchedulerOutput`` scheduled (new and cached requests), read by attribute only."""
+    computed = {r.req_id: r.num_computed_tokens for r in output.scheduled_new_reqs}
+    cached = output.scheduled_cached_reqs
+    computed.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+    return [
+        ScheduledRequest(req_id, int(n), int(computed[req_id])) for req_id, n in output.num_scheduled_tokens.items()
+    ]
+
+
+def step_counts(
+    scheduled: Iterable[ScheduledRequest], prompt_tokens: Mapping[str, int]
+) -> tuple[int, int, int, int, int]:
+    """A step in the latency model's terms (``predict_ms``'s arguments after ``tp``): a request computing more than
+    one token, or any token of its prompt (``prompt_tokens``; unknown ids: 0), is prefill (a recompute after
+    preemption too); one token past its prompt is a decode attending its whole context, the new token included."""
+    n_pre = tokens = pairs = n_dec = ctx = 0
+    for s in scheduled:
+        new, done = s.num_new_tokens, s.num_computed_tokens
+        if new > 1 or done < prompt_tokens.get(s.request_id, 0):
+            n_pre, tokens, pairs = n_pre + 1, tokens + new, pairs + new * done + new * (new + 1) // 2
+        else:
+            n_dec, ctx = n_dec + 1, ctx + done + 1
+    return n_pre, tokens, pairs, n_dec, ctx
 
 
 def attention_pairs(chunk_tokens: int, context_tokens: int) -> int:

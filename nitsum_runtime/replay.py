@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from nitsum_runtime.composition import ScheduledRequest
+from nitsum_runtime.composition import ScheduledRequest, step_counts
 from nitsum_runtime.profiler import EngineLike
 
 
@@ -117,16 +117,12 @@ class _Tracker:
     index_of: dict[str, int] = field(default_factory=dict)
 
     def composition(self, step_time_s: float, scheduled: Sequence[ScheduledRequest]) -> StepRecord:
-        n_pre = tokens = pairs = n_dec = ctx = 0
-        for s in scheduled:
-            new, done = s.num_new_tokens, s.num_computed_tokens
-            i = self.index_of.get(s.request_id)
-            prompt = self.requests[i].input_tokens if i is not None else 0
-            if new > 1 or done < prompt:
-                n_pre, tokens, pairs = n_pre + 1, tokens + new, pairs + new * done + new * (new + 1) // 2
-            else:
-                n_dec, ctx = n_dec + 1, ctx + done + 1
-        return StepRecord(step_time_s, n_pre, tokens, pairs, n_dec, ctx)
+        prompts = {
+            s.request_id: self.requests[i].input_tokens
+            for s in scheduled
+            if (i := self.index_of.get(s.request_id)) is not None
+        }
+        return StepRecord(step_time_s, *step_counts(scheduled, prompts))
 
     def on_step(self, scheduled: Sequence[ScheduledRequest], finished: frozenset[str], now_s: float) -> None:
         for s in scheduled:

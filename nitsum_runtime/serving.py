@@ -83,11 +83,13 @@ class PlanServer:
         progress: Callable[[str], None] | None = None,
         prefix: str = "",
         control: LoopControl | None = None,
+        log_steps: bool = False,
     ) -> ServingResult:
         """Serve ``requests`` (sorted by arrival; prompts are seeded random tokens made before the clock starts)
         and return every request's timing. Request ids are ``<prefix>r<index>`` (unique per pool ledger);
         ``top_k`` log-probabilities per token (0: none, as a server returns by default); ``control`` is called at
-        every turn of the loop (it may change the deployment)."""
+        every turn of the loop (it may change the deployment); ``log_steps``: keep every engine step's time and
+        composition (:attr:`ServingResult.step_log`; vLLM engines and their CPU stand-in report them)."""
         validate_requests(requests, vocab_size, max_model_len)
         names = {t.name for t in self.tiers}
         unknown = sorted({r.tier for r in requests} - names)
@@ -104,6 +106,7 @@ class PlanServer:
             for i, r in enumerate(requests)
         ]
         run = ServingRun(self, requests, made, control)
+        run.log_steps = log_steps
         return run.go(drain_s, progress)
 
 
@@ -129,6 +132,7 @@ class ServingRun(Reconfigurable):
         control: LoopControl | None = None,
     ) -> None:
         self.requests, self.made, self.control = requests, made, control
+        self.log_steps = False
         self.pool = server.pool
         self.tiers = server.tiers
         tindex = {t.name: k for k, t in enumerate(server.tiers)}
@@ -282,8 +286,12 @@ class ServingRun(Reconfigurable):
             i = by_pipe[pipe]  # type: ignore[index]
             self.stepping.discard(i)
             events = self.engines[i].end_step()  # type: ignore[attr-defined]
-            self.result.busy_s[self.keys[i]] += time.perf_counter() - self.began[i]
+            round_trip = time.perf_counter() - self.began[i]
+            self.result.busy_s[self.keys[i]] += round_trip
             self.result.engine_s[self.keys[i]] += self.engines[i].last_engine_s  # type: ignore[attr-defined]
+            if self.log_steps:
+                rows = self.engines[i].last_step_log  # type: ignore[attr-defined]
+                self.result.step_log += [(self.keys[i], round_trip / len(rows), *row) for row in rows]
             if self.may_pipeline(i):
                 self.begin(i)
             self.on_events(i, events)

@@ -45,6 +45,10 @@ class ServingResult:
     engine_s: dict[str, float] = field(default_factory=dict)
     """Per instance: of ``busy_s``, seconds inside the engine's own step (vLLM engines report it; the rest is
     output processing, the pipe and the controller)."""
+    step_log: list[tuple[str, float, float, int, int, int, int, int]] = field(default_factory=list)
+    """With ``log_steps``, one row per engine step: instance, round trip (the step command's wall time over its
+    steps), seconds inside vLLM's step, then the step's composition in the latency model's terms
+    (``num_prefill_seqs, prefill_tokens, prefill_attention_pairs, num_decode_seqs, decode_context_tokens``)."""
     step_budgets: dict[str, int | None] = field(default_factory=dict)
     """Per instance: the step token budget its engine was last given (``None``: the engine cannot change it)."""
     aborted: int = 0

@@ -110,6 +110,21 @@ class _Scheduler:
         self.free = list(range(num_blocks))
         self.kv_cache_manager = _KvManager(self)
 
+    def schedule(self) -> Any:
+        """This step's plan in the shape of vLLM's ``SchedulerOutput`` (every request computes all its tokens not
+        yet in its KV: the prompt at first, then one)."""
+        new = [r for r in self.requests.values() if not r.num_computed_tokens]
+        cached = [r for r in self.requests.values() if r.num_computed_tokens]
+        return SimpleNamespace(
+            num_scheduled_tokens={
+                r.request_id: len(r.prompt) + len(r.output) - r.num_computed_tokens for r in self.requests.values()
+            },
+            scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, num_computed_tokens=0) for r in new],
+            scheduled_cached_reqs=SimpleNamespace(
+                req_ids=[r.request_id for r in cached], num_computed_tokens=[r.num_computed_tokens for r in cached]
+            ),
+        )
+
 
 class ToyLLMEngine:
     """The ``llm_engine`` of :class:`ToyLLM` (in-process engine core)."""
@@ -159,6 +174,7 @@ class ToyLLMEngine:
         self.llm.fault_point("step")
         if self.llm.memory != "awake":
             return []  # the scheduler stays paused until weights and KV are both awake
+        self.scheduler.schedule()  # what vLLM's engine core would ask its scheduler (and the engine process logs)
         outputs = []
         for req in list(self.scheduler.requests.values()):
             total = len(req.prompt) + len(req.output)

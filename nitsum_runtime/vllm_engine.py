@@ -44,7 +44,7 @@ from typing import Any, NoReturn
 from pydantic import BaseModel, ConfigDict, Field
 
 from nitsum_opt.models.spec import ModelSpec
-from nitsum_runtime.composition import ScheduledRequest
+from nitsum_runtime.composition import ScheduledRequest, scheduled_of
 
 #: Environment the adapter needs; set before vLLM is imported (child processes inherit it).
 VLLM_ENVIRONMENT: dict[str, str] = {
@@ -289,15 +289,7 @@ class InProcessVllmEngine:
         outputs = self._engine.step()
         elapsed = time.perf_counter() - t0
         sched = self._last_schedule
-        scheduled: list[ScheduledRequest] = []
-        if sched is not None:
-            computed = {r.req_id: r.num_computed_tokens for r in sched.scheduled_new_reqs}
-            cached = sched.scheduled_cached_reqs
-            computed.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
-            scheduled = [
-                ScheduledRequest(req_id, int(n), int(computed[req_id]))
-                for req_id, n in sched.num_scheduled_tokens.items()
-            ]
+        scheduled: list[ScheduledRequest] = [] if sched is None else scheduled_of(sched)
         finished = set()
         for out in outputs:
             if out.finished:

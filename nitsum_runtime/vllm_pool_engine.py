@@ -60,6 +60,7 @@ from nitsum_runtime.vllm_protocol import (
     EngineStarted,
     EngineStartReport,
     StepAnswer,
+    StepRow,
     VllmDeadlines,
 )
 
@@ -112,6 +113,7 @@ class VllmEngine(KvPort):
         """Engines sharing a GPU with this one (their deferred sleeps finish before this one wakes)."""
         self.timings: dict[str, float] = {}
         self.last_engine_s = 0.0
+        self.last_step_log: tuple[StepRow, ...] = ()  # the latest step command's steps (seconds, composition)
         """Seconds the latest step spent inside vLLM's ``step()`` (from the engine process)."""
         """Seconds of the latest ``wake_weights``, ``wake_kv``, ``fill`` and ``sleep`` (a deferred sleep when
         it is collected)."""
@@ -353,7 +355,7 @@ class VllmEngine(KvPort):
         if not self.stepping:
             raise EngineError(f"engine {self.engine_id}: end_step() without a running step (call begin_step first)")
         answer: StepAnswer = self._guard(self.handle.wait, "step_events")
-        self.last_engine_s = answer.engine_s
+        self.last_engine_s, self.last_step_log = answer.engine_s, answer.step_log
         if answer.steps == 0:
             raise EngineError(
                 f"engine {self.engine_id}: the engine process has nothing unfinished, but this side holds "

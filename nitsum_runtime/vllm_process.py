@@ -30,7 +30,17 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from nitsum_runtime.vllm_protocol import AddSpec, EngineStarted, KvBlocks, StepAnswer, command_table, new_tokens, top_of
+from nitsum_runtime.composition import scheduled_of, step_counts
+from nitsum_runtime.vllm_protocol import (
+    AddSpec,
+    EngineStarted,
+    KvBlocks,
+    StepAnswer,
+    StepRow,
+    command_table,
+    new_tokens,
+    top_of,
+)
 from nitsum_runtime.watchdog import Progress, process_tree, serve_commands, watch_parent
 
 
@@ -46,15 +56,20 @@ def run_steps(
     n: int,
     progress: Progress,
     step_timeout_s: float,
+    after_step: Callable[[float], None] | None = None,
 ) -> tuple[int, list[Any]]:
     """Up to ``n`` engine steps, stopping when no request is unfinished (a step then would wait forever);
-    each step is one watchdog unit of ``step_timeout_s``. Returns (steps run, their outputs)."""
+    each step is one watchdog unit of ``step_timeout_s``; ``after_step`` gets each step's seconds. Returns (steps
+    run, their outputs)."""
     outputs: list[Any] = []
     for k in range(n):
         if not has_unfinished():
             return k, outputs
         progress.begin(f"step {k + 1} of {n}", step_timeout_s)
+        t0 = time.perf_counter()
         outputs += step()
+        if after_step is not None:
+            after_step(time.perf_counter() - t0)
     return n, outputs
 
 
@@ -71,6 +86,17 @@ class _Engine:
         self.last_run_s = 0.0  # seconds inside the engine's step() calls of the latest command
         sched = self._scheduler()
         self.start_budget = None if sched is None else int(sched.max_num_scheduled_tokens)  # what buffers hold
+        self.prompt_len: dict[str, int] = {}  # internal id -> prompt tokens, to tell prefill from decode
+        self.step_log: list[StepRow] = []  # the latest command's steps: seconds and composition
+        self.last_schedule: Any = None
+        if sched is not None and hasattr(sched, "schedule"):
+            original = sched.schedule
+
+            def recording_schedule(*args: Any, **kwargs: Any) -> Any:
+                self.last_schedule = original(*args, **kwargs)
+                return self.last_schedule
+
+            sched.schedule = recording_schedule
 
     def describe(self) -> dict[str, Any]:
         """State for watchdog reports: read from Python objects only (the engine may be stuck)."""
@@ -130,6 +156,7 @@ class _Engine:
 
     def _add(self, request_id: str, prompt: list[int], params: Any) -> None:
         internal = self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+        self.prompt_len[internal] = len(prompt)
         self.external[internal] = request_id
         self.internal[request_id] = internal
         self.partial[request_id] = []
@@ -159,11 +186,18 @@ class _Engine:
 
     def _run(self, n: int, step_timeout_s: float) -> tuple[int, list[Any], bool]:
         le = self.llm.llm_engine
+        self.step_log = []
         t0 = time.perf_counter()
-        ran, outputs = run_steps(le.step, le.has_unfinished_requests, n, self.progress, step_timeout_s)
+        ran, outputs = run_steps(le.step, le.has_unfinished_requests, n, self.progress, step_timeout_s, self._logged)
         self.last_run_s = time.perf_counter() - t0
         self.steps_run += ran
         return ran, outputs, bool(le.has_unfinished_requests())
+
+    def _logged(self, seconds: float) -> None:
+        """Log one step: its seconds and what the scheduler ran (nothing when the scheduler is not readable)."""
+        if self.last_schedule is not None:
+            self.step_log.append((seconds, *step_counts(scheduled_of(self.last_schedule), self.prompt_len)))
+            self.last_schedule = None
 
     def step(self, n: int, step_timeout_s: float = 60.0) -> dict[str, Any]:
         """Up to ``n`` steps (fewer when every request finished); tokens so far of every request."""
@@ -201,10 +235,18 @@ class _Engine:
                 events.append(ev)
             if out.finished:
                 self._forget(rid)
-        return StepAnswer(events=tuple(events), steps=ran, unfinished=unfinished, engine_s=self.last_run_s)
+        return StepAnswer(
+            events=tuple(events),
+            steps=ran,
+            unfinished=unfinished,
+            engine_s=self.last_run_s,
+            step_log=tuple(self.step_log),
+        )
 
     def _forget(self, rid: str) -> list[int]:
-        self.external.pop(self.internal.pop(rid, ""), None)
+        internal = self.internal.pop(rid, "")
+        self.prompt_len.pop(internal, None)
+        self.external.pop(internal, None)
         self.top_k.pop(rid, None)
         self.reported.pop(rid, None)
         return self.partial.pop(rid)

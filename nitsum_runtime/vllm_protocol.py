@@ -76,6 +76,11 @@ class NewTokens(Frozen):
     """With prompt log-probabilities: top-k after each prompt position but the last (first answer only)."""
 
 
+StepRow = tuple[float, int, int, int, int, int]
+"""One engine step: its seconds inside ``step()``, then ``(num_prefill_seqs, prefill_tokens,
+prefill_attention_pairs, num_decode_seqs, decode_context_tokens)`` (the latency model's terms)."""
+
+
 class StepAnswer(Frozen):
     """Answer of :meth:`EngineCommands.step_events`."""
 
@@ -88,6 +93,8 @@ class StepAnswer(Frozen):
     engine_s: float = Field(default=0.0, ge=0)
     """Seconds spent inside the engine's ``step()`` calls (the rest of a step command's round trip is output
     processing, the pipe and the controller)."""
+    step_log: tuple[StepRow, ...] = ()
+    """Each step's seconds and composition (empty when the engine's scheduler is not readable)."""
 
 
 class KvBlocks(Frozen):

@@ -15,14 +15,17 @@ the simulator. Usage:
 from __future__ import annotations
 
 import argparse
+import csv
+import gzip
 import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from nitsum_opt.sim.calibration import StepCalibration
+from nitsum_opt.sim.calibration import StepCalibration, fit_step_calibration
 from nitsum_opt.sim.fidelity import (
+    STEP_COLUMNS,
     Timings,
     compare,
     format_rows,
@@ -87,15 +90,40 @@ def runtime_calibration(runs: dict[str, tuple[dict, dict, Path]]) -> dict[int, S
             outside[tp] = outside.get(tp, 0.0) + info["busy_s"][key] - info["engine_s"][key]
             steps[tp] = steps.get(tp, 0) + n
     return {
-        tp: StepCalibration(offset_ms=1000 * outside[tp] / steps[tp], scale=1.0, steps=steps[tp], source="runtime path")
+        tp: StepCalibration(
+            offset_ms=1000 * outside[tp] / steps[tp], scale=1.0, steps=steps[tp], source="runtime path cost only"
+        )
         for tp in sorted(steps)
         if steps[tp]
     }
 
 
+def fitted_runtime_calibration(
+    runs: dict[str, tuple[dict, dict, Path]], scenario: Scenario
+) -> dict[int, StepCalibration] | None:
+    """Per TP degree, ``offset + scale · model`` fitted on the round trips of every logged engine step of the runs
+    (``OUT/<system>/steps.csv.gz``, written since the step log existed); ``None`` when no run logged its steps."""
+    model, _ = scenario.iteration_model()
+    times: dict[int, list[float]] = {}
+    comps: dict[int, list[list[int]]] = {}
+    for system, (_, _, folder) in runs.items():
+        path = folder / system / "steps.csv.gz"
+        if not path.is_file():
+            continue
+        with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
+            for row in csv.DictReader(fh):
+                tp = int(row["instance"].split("-tp")[1].split("-")[0])
+                times.setdefault(tp, []).append(float(row["round_trip_s"]))
+                comps.setdefault(tp, []).append([int(row[c]) for c in STEP_COLUMNS])
+    if not times:
+        return None
+    return {tp: fit_step_calibration(model, tp, times[tp], comps[tp], source="serving loop") for tp in sorted(times)}
+
+
 VARIANTS = ("model", "model+runtime", "replanned")
 """Simulated variants: the latency model as fitted (the decisions the run made, since the same model planned it);
-plus the runtime path's measured per-step cost, same decisions; and re-planned knowing that cost (adaptive only)."""
+calibrated on the runtime (fitted on the logged steps' round trips, or, for runs without a step log, the runtime
+path's measured cost per step as an offset), same decisions; and re-planned with that calibration (adaptive only)."""
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -105,11 +133,14 @@ def run_compare(args: argparse.Namespace) -> int:
     if not runs:
         raise SystemExit(f"{args.measured}: no finished system run")
     pieces = {p.name: p for p in read_slices(args.slices)}
-    calibration = runtime_calibration(runs)
+    calibration = fitted_runtime_calibration(runs, scenario) or runtime_calibration(runs)
     calibrated = scenario.model_copy(update={"latency_calibration": calibration})
     print(
-        "runtime path per step: "
-        + ", ".join(f"TP{tp} {c.offset_ms:.2f} ms ({c.steps} steps)" for tp, c in calibration.items())
+        "runtime calibration: "
+        + ", ".join(
+            f"TP{tp} {c.offset_ms:+.2f} ms + {c.scale:.3f}× ({c.steps} steps, {c.source})"
+            for tp, c in calibration.items()
+        )
     )
     rows: list[dict[str, object]] = []
     real: dict[str, Timings] = {}

@@ -4,15 +4,18 @@ GPUs, each system's controller built like the simulator's, re-planning at runtim
 
 from __future__ import annotations
 
+import csv
+import gzip
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from nitsum_opt.sim.fidelity import read_measured, simulate_system
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, write_slices
-from nitsum_runtime.bench_adaptive import parse_args, run
+from nitsum_runtime.bench_adaptive import SERVING_STEP_HEADER, parse_args, run
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIO = ROOT / "examples/scenarios/llama8b-tight.yaml"
@@ -43,6 +46,16 @@ def test_dry_run_on_toy_engines_decides_like_the_simulator(tmp_path: Path) -> No
     assert [e["action"] for e in meta["runs"]["vllm-static-tp1"]["epochs"]] == ["start"]
     real = read_measured(out / "nitsum" / "measured.csv", [piece])["tiny"]
     assert real.completed.all()
+    # the step log: every generated token came from exactly one scheduled sequence of one logged step
+    with gzip.open(out / "nitsum" / "steps.csv.gz", "rt") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == list(SERVING_STEP_HEADER)
+    assert {r["instance"] for r in rows} <= {e for e in nitsum["steps"]}
+    assert sum(int(r["num_prefill_seqs"]) + int(r["num_decode_seqs"]) for r in rows) == piece.output_tokens.sum()
+    assert all(float(r["step_time_s"]) > 0 and float(r["round_trip_s"]) > 0 for r in rows)
+    for key, busy_s in nitsum["busy_s"].items():  # the round trips add up to each instance's busy time
+        logged = sum(float(r["round_trip_s"]) for r in rows if r["instance"] == key)
+        assert logged == pytest.approx(busy_s, rel=1e-3, abs=2e-3), key
     kv = {int(tp): v for tp, v in meta["kv_cache_tokens_by_tp"].items()}
     _, timeline = simulate_system(Scenario.load(SCENARIO), piece, "nitsum", 2, 1.0, 30.0, kv)
     assert [e["deployment"] for e in nitsum["epochs"]] == [d.describe() for _, d in timeline]
