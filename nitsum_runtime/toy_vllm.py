@@ -304,6 +304,16 @@ class ToyLLM:
     def _rpc_check_fill(self, rank: int) -> dict[str, Any]:
         return {**self._rpc_fill_mismatches(rank), "checked": 1}
 
+    def _rpc_mem_info(self, rank: int) -> dict[str, Any]:
+        """A GPU of ``NITSUM_TOY_GPU_BYTES`` (default 80e9) where this engine, awake, holds
+        ``NITSUM_TOY_ENGINE_BYTES`` (default 10e9), and others hold the number in the file
+        ``NITSUM_TOY_OTHERS_FILE`` names (read at every call; none: 0)."""
+        total = int(float(os.environ.get("NITSUM_TOY_GPU_BYTES", "80e9")))
+        mine = int(float(os.environ.get("NITSUM_TOY_ENGINE_BYTES", "10e9"))) if self.memory != "asleep" else 0
+        others_file = Path(os.environ.get("NITSUM_TOY_OTHERS_FILE", "/nonexistent"))
+        others = int(float(others_file.read_text())) if others_file.is_file() else 0
+        return {"rank": rank, "free_bytes": max(0, total - mine - others), "total_bytes": total}
+
     def _rpc_kv_info(self, rank: int) -> dict[str, Any]:
         return {"layers": self.layers, "block_size": self.block_size, "num_gpu_blocks": self.num_gpu_blocks}
 

@@ -176,6 +176,11 @@ class NitsumWorkerExtension:
         bad = plan_mismatches(shard_plan(store.spec, tp, rank), store.tensors, self._nitsum_params())
         return {"rank": rank, "tp": tp, "mismatched": bad}
 
+    def nitsum_mem_info(self) -> dict[str, Any]:
+        """This rank's GPU: free and total bytes, device-wide (every process's allocations count)."""
+        free, total = torch.cuda.mem_get_info()
+        return {"rank": self._nitsum_rank()[1], "free_bytes": int(free), "total_bytes": int(total)}
+
     def nitsum_kv_info(self) -> dict[str, Any]:
         """Shape, strides and dtype of the per-layer KV caches (to confirm the NHD layout assumption)."""
         caches = self.model_runner.kv_caches  # type: ignore[attr-defined]

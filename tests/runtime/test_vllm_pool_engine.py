@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from engine_factories import start_toy_vllm_pool
 
 from nitsum_opt.models.spec import ModelSpec
 from nitsum_runtime.engine import Engine, EngineCapacityError, EngineError, EngineState, GenerationRequest
@@ -251,3 +252,30 @@ def test_start_waves_put_disjoint_groups_together() -> None:
     groups = [(0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 1, 2, 3)]
     assert start_waves(groups, concurrent=True) == [[(0,), (1,), (2,), (3,)], [(0, 1), (2, 3)], [(0, 1, 2, 3)]]
     assert start_waves(groups, concurrent=False) == [[g] for g in groups]
+
+
+def test_a_wake_that_cannot_fit_is_refused_before_it_starts(
+    tiny_llama: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On 2×H200 a wake that ran out of memory halfway left vLLM with its weights awake and its KV asleep; now the
+    # engine measures at start what a wake allocates and refuses one the GPU has no room for, touching nothing.
+    others = tmp_path / "others-bytes"
+    monkeypatch.setenv("NITSUM_TOY_OTHERS_FILE", str(others))
+    monkeypatch.setenv("NITSUM_TOY_ENGINE_BYTES", "10e9")
+    monkeypatch.setenv("NITSUM_TOY_GPU_BYTES", "80e9")
+    pool = start_toy_vllm_pool(tiny_llama, tmp_path, SEED, groups=((0,),))
+    try:
+        engine = pool.engine((0,))
+        assert isinstance(engine, VllmEngine) and engine.wake_bytes == (10_000_000_000,)
+        others.write_text("75e9")  # another engine holds 75 GB of GPU 0: 5 GB free
+        with pytest.raises(EngineCapacityError, match=r"needs 9\.3 GiB free on GPU 0 to wake and 4\.7 GiB are free"):
+            engine.wake()
+        assert engine.state is EngineState.ASLEEP
+        report = TransitionExecutor(pool, tiny_llama).execute(None, pinned_plan([(0,)]))
+        assert not report.ok and report.rolled_back and "GiB are free" in report.error
+        others.write_text("0")
+        assert TransitionExecutor(pool, tiny_llama).execute(None, pinned_plan([(0,)])).ok
+        assert engine.state is EngineState.AWAKE
+    finally:
+        pool.sleep_all()
+        close_pool(pool)
