@@ -16,17 +16,19 @@ module carries its decisions out on an :class:`~nitsum_runtime.pool.EnginePool` 
   - ``None`` or the running deployment: nothing (``keep``);
   - the same engines with the same roles and tiers, other admission or seats: only the scheduler is replaced
     (loads, token buckets and held requests carried over; no engine touched: ``reschedule``);
-  - anything else: a **transition**. The loop is quiesced (steps in flight collected, hand-offs arrived,
-    dispatched requests added), the executor carries out the diff of the two layouts — removed instances' engines
-    paused, added ones woken and filled, removed instances' requests moved (KV migrated or re-prefilled, priced
-    per request), routes switched, removed engines asleep — and the loop serves the new deployment, whose
-    scheduler counts every request where the pool's ledger now has it. A transition the executor rolls back
-    leaves the previous deployment serving (``rolled_back``).
+  - anything else: a **transition**. First, in the planning thread and while the old deployment still serves,
+    the engines it adds are woken and their weights filled from the resident copy (``prepare_ahead``; engines in
+    their own processes). Then the loop is quiesced (steps in flight collected, hand-offs arrived, dispatched
+    requests added) for the cut-over only: the executor carries out the diff of the two layouts — removed
+    instances' engines paused, removed instances' requests moved (KV migrated or re-prefilled, priced per
+    request), routes switched, removed engines asleep — and the loop serves the new deployment, whose scheduler
+    counts every request where the pool's ledger now has it. A failed preparation, or a transition the executor
+    rolls back, leaves the previous deployment serving (``rolled_back``).
 
 Two differences from the simulator (:mod:`nitsum_opt.sim.transitions`), both recorded per epoch: here the
-whole loop stops while a transition runs (``stall_s``; the simulator pauses only the new engines, for
-``SwitchCosts.switch_s``), and an instance that only changes role keeps its engine (a re-route; the simulator
-restarts it).
+whole loop stops for the cut-over (``stall_s``; the simulator pauses only the new engines, for
+``SwitchCosts.switch_s``, which covers the wake done ahead here), and an instance that only changes role keeps its
+engine (a re-route; the simulator restarts it).
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ from nitsum_opt.models.spec import Frozen
 from nitsum_opt.sim.controllers.base import ControlContext, Controller
 from nitsum_opt.sim.deployment import Deployment
 from nitsum_opt.workloads.trace import RequestTrace
+from nitsum_runtime.engine import Engine, EngineState
 from nitsum_runtime.executor import TransitionExecutor, TransitionReport
 from nitsum_runtime.pool import EnginePool
 from nitsum_runtime.serving import PlanServer, ServingRun
 from nitsum_runtime.serving_types import ServingResult, TieredRequest, check_servable
-from nitsum_runtime.transitions import layout_of
+from nitsum_runtime.transitions import Wake, diff_plans, layout_of
 
 EpochAction = Literal["start", "keep", "reschedule", "transition", "rolled_back"]
 
@@ -78,8 +81,24 @@ class EpochRecord(Frozen):
     """Of those, with their KV."""
     kv_bytes: int = Field(default=0, ge=0)
     """KV bytes migrated."""
+    prepare_s: float = Field(default=0.0, ge=0)
+    """Seconds spent waking and filling the new engines ahead, while the old deployment served (not a stall)."""
+    actions: tuple[tuple[str, str, float], ...] = ()
+    """The executor's actions: ``(kind, instance, seconds)``."""
     error: str = ""
     """The executor's error, if any."""
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What :meth:`AdaptiveServer.prepare` did ahead of a transition."""
+
+    groups: tuple[tuple[int, ...], ...] = ()
+    """GPU groups of the engines woken and filled (empty: nothing prepared)."""
+    seconds: float = 0.0
+    """Wall time it took (off the serving loop)."""
+    error: str = ""
+    """Why it failed (the engines it woke are asleep again)."""
 
 
 @dataclass(frozen=True)
@@ -117,14 +136,22 @@ class AdaptiveServer:
         controller: decides the deployments (it must not be used elsewhere meanwhile: it keeps state).
         ctx: what the controller knows (cluster = the pool's GPUs, tiers, model, its iteration model, settings).
         executor: carries transitions out on ``pool``.
+        prepare_ahead: wake and fill a transition's new engines in the planning thread while the old deployment
+            serves, so that the loop stops only for the cut-over (engines in their own processes only).
     """
 
     def __init__(
-        self, pool: EnginePool, controller: Controller, ctx: ControlContext, executor: TransitionExecutor
+        self,
+        pool: EnginePool,
+        controller: Controller,
+        ctx: ControlContext,
+        executor: TransitionExecutor,
+        prepare_ahead: bool = True,
     ) -> None:
         if executor.pool is not pool:
             raise ValueError("the executor must act on the server's pool")
         self.pool, self.controller, self.ctx, self.executor = pool, controller, ctx, executor
+        self.prepare_ahead = prepare_ahead
         self.server: PlanServer | None = None
         self.epochs: list[EpochRecord] = []
 
@@ -188,8 +215,45 @@ class AdaptiveServer:
         return AdaptiveResult(serving=serving, epochs=tuple(self.epochs[first:]))
 
     # ------------------------------------------------------------------ carrying a decision out
-    def apply(self, run: ServingRun, at_s: float, now: float, dep: Deployment | None, plan_ms: float) -> None:
-        """Carry out the decision of the epoch at ``at_s`` on the running loop (module docstring)."""
+    def prepare(self, dep: Deployment | None) -> Preparation:
+        """Wake and fill the engines a transition to ``dep`` adds, while the current deployment serves (called from
+        the planning thread; only engines in their own processes, which a concurrent wake cannot disturb). Nothing
+        to prepare for a keep, a reschedule or engines without ``prepares_concurrently``; on a failure the engines
+        woken here go back to sleep and the error is returned."""
+        current = self.deployment
+        if not self.prepare_ahead or dep is None or dep == current:
+            return Preparation()
+        gpn = self.ctx.cluster.gpus_per_node
+        wakes = [a for a in diff_plans(layout_of(current, gpn), layout_of(dep, gpn)) if isinstance(a, Wake)]
+        engines = [self.pool.engine(a.gpu_ids, a.node) for a in wakes]
+        if not engines or not all(getattr(e, "prepares_concurrently", False) for e in engines):
+            return Preparation()
+        t0 = time.perf_counter()
+        woken: list[Engine] = []
+        try:
+            for engine in engines:
+                if engine.state is EngineState.ASLEEP:
+                    engine.wake()
+                    woken.append(engine)
+                engine.fill_weights()
+        except Exception as exc:  # reported with the epoch; the old deployment keeps serving
+            for engine in woken:
+                engine.sleep()
+            return Preparation(seconds=time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
+        return Preparation(tuple(a.gpu_ids for a in wakes), time.perf_counter() - t0)
+
+    def apply(
+        self,
+        run: ServingRun,
+        at_s: float,
+        now: float,
+        dep: Deployment | None,
+        plan_ms: float,
+        prepared: Preparation | None = None,
+    ) -> None:
+        """Carry out the decision of the epoch at ``at_s`` on the running loop (module docstring), with the new
+        engines already woken and filled when ``prepared`` says so."""
+        prepared = prepared or Preparation()
         current = self.deployment
         if dep is None or dep == current:
             self._record(at_s, now, plan_ms, "keep")
@@ -204,15 +268,19 @@ class AdaptiveServer:
             run.reschedule(self.server, now)
             self._record(at_s, now, plan_ms, "reschedule")
             return
+        if prepared.error:
+            self._record(at_s, now, plan_ms, "rolled_back", prepare_s=prepared.seconds, error=prepared.error)
+            return
         t0 = time.perf_counter()
         run.quiesce()
-        report = self.executor.execute(old, new)
+        report = self.executor.execute(old, new, prepared=prepared.groups)
+        stall = time.perf_counter() - t0
         if report.rolled_back:
-            self._record(at_s, now, plan_ms, "rolled_back", report, time.perf_counter() - t0)
+            self._record(at_s, now, plan_ms, "rolled_back", report, stall, prepared.seconds)
             return
         self.server = PlanServer(self.pool, dep, self.ctx.tiers)
         run.adopt(self.server, run.now())
-        self._record(at_s, now, plan_ms, "transition", report, time.perf_counter() - t0)
+        self._record(at_s, now, plan_ms, "transition", report, time.perf_counter() - t0, prepared.seconds)
 
     def _record(
         self,
@@ -222,6 +290,8 @@ class AdaptiveServer:
         action: EpochAction,
         report: TransitionReport | None = None,
         stall_s: float = 0.0,
+        prepare_s: float = 0.0,
+        error: str = "",
     ) -> EpochRecord:
         dep = self.deployment
         rec = EpochRecord(
@@ -232,6 +302,8 @@ class AdaptiveServer:
             deployment=dep.describe(),
             admitted_rps=dep.admitted_rps,
             stall_s=stall_s,
+            prepare_s=prepare_s,
+            error=error,
         )
         if report is not None:
             rec = rec.model_copy(
@@ -240,6 +312,7 @@ class AdaptiveServer:
                     "moved": len(report.moves),
                     "migrated": report.migrated,
                     "kv_bytes": report.kv_bytes_moved,
+                    "actions": tuple((t.kind, t.instance_id, t.seconds) for t in report.steps),
                     "error": report.error,
                 }
             )
@@ -260,14 +333,15 @@ class EpochControl:
         self.server, self.trace = server, trace
         self.epoch_s = server.ctx.settings.epoch_s
         self.k = 1  # the next epoch is at k · epoch_s (as the simulator computes it)
-        self.pending: tuple[float, Future[tuple[Deployment | None, float]]] | None = None
+        self.pending: tuple[float, Future[tuple[Deployment | None, float, Preparation]]] | None = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nitsum-plan")
 
-    def _plan(self, at_s: float) -> tuple[Deployment | None, float]:
+    def _plan(self, at_s: float) -> tuple[Deployment | None, float, Preparation]:
         window = self.trace.window(at_s - self.epoch_s, at_s)
         t0 = time.perf_counter()
         dep = self.server.controller.on_epoch(self.server.ctx, at_s, window)
-        return dep, 1000 * (time.perf_counter() - t0)
+        plan_ms = 1000 * (time.perf_counter() - t0)
+        return dep, plan_ms, self.server.prepare(dep)
 
     def tick(self, run: ServingRun, now: float) -> None:
         """Carry out a finished decision, or start planning the next epoch once the clock reached it."""
@@ -276,8 +350,8 @@ class EpochControl:
             if not future.done():
                 return
             self.pending = None
-            dep, plan_ms = future.result()  # a controller error ends the run: it is a bug, not bad luck
-            self.server.apply(run, at_s, now, dep, plan_ms)
+            dep, plan_ms, prepared = future.result()  # a controller error ends the run: a bug, not bad luck
+            self.server.apply(run, at_s, now, dep, plan_ms, prepared)
             return
         at_s = self.trace.start_s + self.k * self.epoch_s
         if self.server.controller.is_static or at_s >= self.trace.end_s or now < at_s:
@@ -295,4 +369,4 @@ class EpochControl:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["AdaptiveResult", "AdaptiveServer", "EpochControl", "EpochRecord", "requests_trace"]
+__all__ = ["AdaptiveResult", "AdaptiveServer", "EpochControl", "EpochRecord", "Preparation", "requests_trace"]

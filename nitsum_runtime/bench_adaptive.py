@@ -84,7 +84,7 @@ def serve_system(
         scenario, piece, system, args.gpus, args.epoch_s, args.drain_s, kv_tokens or None
     )
     executor = TransitionExecutor(pool, spec, link_gb_per_s=ctx.settings.switch.kv_migration_gb_s)
-    server = AdaptiveServer(pool, controller, ctx, executor)
+    server = AdaptiveServer(pool, controller, ctx, executor, prepare_ahead=args.prepare_ahead)
     try:
         start = server.start(trace.window(trace.start_s, trace.start_s + args.epoch_s))
         _log(f"{system}: first deployment {start.deployment} (planned in {start.plan_ms:.0f} ms)")
@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     settings = pool_settings(scenario, args)
     meta: dict[str, Any] = {"command": args.command, "engines": args.engines, "settings": settings.model_dump()}
     meta.update(slice=piece.name, requests=len(piece), epoch_s=args.epoch_s, drain_s=args.drain_s, runs={})
+    meta.update(prepare_ahead=args.prepare_ahead, log_steps=args.log_steps)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     target = engine_target(args.engines, meta)
     with tempfile.TemporaryDirectory(prefix="nitsum-adaptive-") as tmp:
@@ -187,6 +188,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # 0.3 per engine: during a switch a GPU holds two awake engines, the resident weights and the KV arenas
     # (0.4 ran out of memory on 2×H200 with TP 1 and TP 2 engines)
     add_engine_args(p, gpu_memory_utilization=0.3, drain_s=20.0)
+    p.add_argument(
+        "--prepare-ahead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wake and fill a transition's new engines while the old deployment serves (else during the cut-over)",
+    )
     p.add_argument(
         "--log-steps",
         action=argparse.BooleanOptionalAction,

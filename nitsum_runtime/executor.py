@@ -14,7 +14,7 @@ may force one); the chosen prices are in the report.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Literal
 
 from pydantic import Field
@@ -116,11 +116,16 @@ class TransitionExecutor:
         self.pool, self.spec, self.link_gb_per_s, self.policy = pool, spec, link_gb_per_s, policy
         self.prefill_model = prefill_model or RooflinePrefillModel(spec=spec)
 
-    def execute(self, current: Layout | None, target: Layout) -> TransitionReport:
-        """Turn ``current`` (what the pool serves now, a plan or its instances; None at start) into ``target``."""
+    def execute(
+        self, current: Layout | None, target: Layout, prepared: Collection[tuple[int, ...]] = ()
+    ) -> TransitionReport:
+        """Turn ``current`` (what the pool serves now, a plan or its instances; None at start) into ``target``.
+        ``prepared``: GPU groups whose engines were woken and filled ahead (while the old plan served); their wake
+        and fill are skipped, and a rollback puts them back to sleep."""
         actions = diff_plans(current, target)
         self._validate(actions, target)
         run = _Run(self)
+        run.prepared = {tuple(g) for g in prepared}
         t0 = time.perf_counter()
         for action in actions:
             if run.error and not run.committed:
@@ -174,6 +179,7 @@ class _Run:
         self.kv_bytes = 0
         self.weight_bytes = 0
         self.targets: dict[str, Engine] = {}
+        self.prepared: set[tuple[int, ...]] = set()
 
     def do(self, a: Action) -> None:
         t0 = time.perf_counter()
@@ -212,13 +218,15 @@ class _Run:
             self.undo.append(("pause", a.instance_id, engine.resume))
             return ""
         if isinstance(a, Wake):
-            was = engine.state
+            was = EngineState.ASLEEP if a.gpu_ids in self.prepared else engine.state
             self.targets[a.instance_id] = engine
             self.undo.append(("wake", a.instance_id, lambda: self._unwake(engine, was)))
             engine.wake()
             engine.pause()
             return f"{engine.engine_id} was {was.value}"
         if isinstance(a, FillWeights):
+            if a.gpu_ids in self.prepared:
+                return "filled ahead"
             fill = engine.fill_weights()
             self.weight_bytes += fill.bytes_copied
             return f"{fill.bytes_copied} bytes in {fill.seconds:.4f} s"

@@ -78,6 +78,9 @@ class VllmEngine(KvPort):
     """One vLLM engine process (a TP group of GPUs) behind the ``Engine`` protocol; see the module docstring.
     Nothing runs before :meth:`start`; the engine is then asleep."""
 
+    prepares_concurrently = True
+    """It may be woken and filled from another thread while other engines step (its own process and pipe)."""
+
     def __init__(
         self,
         handle: EngineHandle,

@@ -10,6 +10,7 @@ in the simulator for the same requests.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from engine_factories import start_toy_vllm_pool
@@ -26,6 +27,7 @@ from nitsum_opt.sim.timing import ConstantStepModel
 from nitsum_opt.spec import ClusterSpec, Tier
 from nitsum_opt.workloads.trace import RequestTrace
 from nitsum_runtime.adaptive import AdaptiveServer, requests_trace
+from nitsum_runtime.engine import EngineState
 from nitsum_runtime.executor import TransitionExecutor
 from nitsum_runtime.pool import EnginePool
 from nitsum_runtime.ref_cluster import RankCluster
@@ -135,6 +137,9 @@ def test_tp_switches_mid_serve_move_requests_and_lose_none(pool: EnginePool, tin
     to_tp2, _, _, back = res.epochs
     assert to_tp2.moved > 0 and back.moved > 0  # requests were in flight at both switches
     assert to_tp2.stall_s > 0 and to_tp2.pause_to_resume_s > 0 and not to_tp2.error
+    # the TP 2 engine was woken and filled ahead, while the TP 1 engines served; the cut-over skipped both
+    assert to_tp2.prepare_s > 0 and back.prepare_s > 0
+    assert {kind for kind, _, _ in to_tp2.actions} >= {"pause", "wake", "fill_weights", "move_requests", "route"}
     assert res.epochs[1].admitted_rps == admit
     assert [e.at_s for e in res.epochs] == pytest.approx([EPOCH_S * k for k in range(1, 5)])
     assert all(e.ready_s >= e.at_s for e in res.epochs)
@@ -237,3 +242,38 @@ def test_requests_in_flight_migrate_their_kv_at_a_tp_switch(rank_cluster: RankCl
         assert any("tp2" in rec.engines[-1] and len(rec.engines) == 2 for rec in pool.records())
     finally:
         pool.sleep_all()
+
+
+def test_a_failed_preparation_leaves_the_old_deployment_serving(
+    tiny_llama: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    others = tmp_path / "others-bytes"  # bytes other processes hold on each (simulated) 80 GB GPU
+    monkeypatch.setenv("NITSUM_TOY_OTHERS_FILE", str(others))
+    pool = start_toy_vllm_pool(tiny_llama, tmp_path, SEED, groups=((0,), (1,), (0, 1)), max_num_seqs=64)
+    try:
+        server = AdaptiveServer(
+            pool, Scripted([two_tp1(), one_tp2()]), context(0.3), TransitionExecutor(pool, tiny_llama)
+        )
+        server.start(RequestTrace.empty(tier_names=[t.name for t in TIERS]))
+        others.write_text("75e9")  # no room left to wake the TP 2 engine next to the TP 1 ones
+        res = server.serve(workload(30, 0.02), vocab_size=VOCAB, max_model_len=tiny_llama.max_model_len, duration_s=0.6)
+        failed = res.epochs[0]
+        assert failed.action == "rolled_back" and "GiB are free" in failed.error and failed.stall_s == 0
+        assert server.deployment.describe() == two_tp1().describe()
+        assert pool.engine((0, 1)).state is EngineState.ASLEEP
+        assert res.serving.aborted == 0 and not pool.unfinished()
+        assert_exact_tokens(pool)
+    finally:
+        pool.sleep_all()
+        close_pool(pool)
+
+
+def test_without_preparing_ahead_the_cut_over_wakes_the_engines(pool: EnginePool, tiny_llama: ModelSpec) -> None:
+    ex = TransitionExecutor(pool, tiny_llama)
+    server = AdaptiveServer(pool, Scripted([two_tp1(), one_tp2()]), context(0.3), ex, prepare_ahead=False)
+    server.start(RequestTrace.empty(tier_names=[t.name for t in TIERS]))
+    res = server.serve(workload(30, 0.02), vocab_size=VOCAB, max_model_len=tiny_llama.max_model_len, duration_s=0.6)
+    switch = res.epochs[0]
+    assert switch.action == "transition" and switch.prepare_s == 0 and switch.moved > 0
+    assert not pool.unfinished()
+    assert_exact_tokens(pool)
