@@ -54,7 +54,8 @@ from nitsum_runtime.engine import (
     TokenEvent,
 )
 from nitsum_runtime.engine_handle import EngineCommandFailed, EngineHandle, EngineNoAnswer, EngineProcessLost
-from nitsum_runtime.vllm_pool_kv import KvPort, wake_shortfall
+from nitsum_runtime.gpu_room import WakeRoom
+from nitsum_runtime.vllm_pool_kv import KvPort
 from nitsum_runtime.vllm_protocol import (
     AddSpec,
     EngineStarted,
@@ -74,7 +75,7 @@ class _Held:
     output: list[int]  # every token generated so far, on any engine
 
 
-class VllmEngine(KvPort):
+class VllmEngine(KvPort, WakeRoom):
     """One vLLM engine process (a TP group of GPUs) behind the ``Engine`` protocol; see the module docstring.
     Nothing runs before :meth:`start`; the engine is then asleep."""
 
@@ -116,7 +117,7 @@ class VllmEngine(KvPort):
         """Engines sharing a GPU with this one (their deferred sleeps finish before this one wakes)."""
         self.timings: dict[str, float] = {}
         self.last_engine_s = 0.0
-        self.wake_bytes: tuple[int, ...] = ()  # per rank, what a wake allocates (measured at start; () unknown)
+        self.wake_bytes = ()  # measured at start (gpu_room.WakeRoom)
         self.last_step_log: tuple[StepRow, ...] = ()  # the latest step command's steps (seconds, composition)
         """Seconds the latest step spent inside vLLM's ``step()`` (from the engine process)."""
         """Seconds of the latest ``wake_weights``, ``wake_kv``, ``fill`` and ``sleep`` (a deferred sleep when
@@ -157,8 +158,7 @@ class VllmEngine(KvPort):
         sleep_s = self._call("sleep", d.memory_s)
         self._state, self._resident = EngineState.ASLEEP, False
         asleep_free = self._free_bytes()
-        if awake_free is not None and asleep_free is not None:  # what a wake allocates again, per rank
-            self.wake_bytes = tuple(max(0, a - b) for a, b in zip(asleep_free, awake_free, strict=True))
+        self.measure_wake(awake_free, asleep_free)
         return EngineStartReport(
             engine_id=self.engine_id,
             started=self.started,
@@ -237,21 +237,6 @@ class VllmEngine(KvPort):
         self.timings["wake_weights_s"] = self._call("wake_weights", self.deadlines.memory_s)
         self.timings["wake_kv_s"] = self._call("wake_kv", self.deadlines.memory_s)
         self._state = EngineState.AWAKE
-
-    def _free_bytes(self) -> tuple[int, ...] | None:
-        """Free bytes on each rank's GPU, or ``None`` when the workers cannot say (then wakes are not checked)."""
-        try:
-            return tuple(int(r["free_bytes"]) for r in self.rpc("nitsum_mem_info"))
-        except EngineError:
-            return None
-
-    def _check_room_to_wake(self) -> None:
-        """Refuse a wake that cannot fit, before touching the engine (:func:`wake_shortfall`)."""
-        why = wake_shortfall(
-            self.engine_id, self.gpu_ids, self.wake_bytes, self._free_bytes() if self.wake_bytes else None
-        )
-        if why:
-            raise EngineCapacityError(why)
 
     def fill_weights(self) -> FillSummary:
         self._need_awake("fill the weights of")

@@ -42,25 +42,6 @@ class ExportedKv:
     """The workers' export answers (buffer handles per rank)."""
 
 
-def wake_shortfall(
-    engine_id: str, gpu_ids: Sequence[int], wake_bytes: Sequence[int], free_bytes: Sequence[int] | None
-) -> str:
-    """Why waking an engine would run out of memory (``""``: it fits, or a figure is unknown): a rank whose GPU has
-    less free than the wake allocates again (measured at start). Checked before a wake, because one that runs out
-    of memory halfway leaves vLLM with its weights awake and its KV cache asleep, which no later sleep or wake
-    repairs (seen on 2×H200)."""
-    if not wake_bytes or free_bytes is None:
-        return ""
-    for g, need, have in zip(gpu_ids, wake_bytes, free_bytes, strict=True):
-        if have < need:
-            return (
-                f"engine {engine_id} needs {need / 2**30:.1f} GiB free on GPU {g} to wake and {have / 2**30:.1f} GiB "
-                "are free (other engines are awake there); put them to sleep first, or start the engines with a "
-                "lower gpu_memory_utilization"
-            )
-    return ""
-
-
 class KvPort:
     """Export and import of requests for a vLLM engine (mixin of ``VllmEngine``; see the module docstring)."""
 
