@@ -25,7 +25,6 @@ import argparse
 import csv
 import gzip
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,11 @@ from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, read_slices
 from nitsum_runtime.adaptive import AdaptiveServer
 from nitsum_runtime.bench_fidelity import WARMUP_REQUESTS, write_rows
-from nitsum_runtime.bench_pool import resident_store
-from nitsum_runtime.bench_serving import add_engine_args, engine_target, run_summary, tiered_requests
+from nitsum_runtime.bench_serving import add_engine_args, run_summary, started_pool, tiered_requests
 from nitsum_runtime.executor import TransitionExecutor
 from nitsum_runtime.pool import EnginePool, candidate_groups
 from nitsum_runtime.serving import TieredRequest
-from nitsum_runtime.vllm_pool import VllmPoolSettings, build_vllm_pool, close_pool
+from nitsum_runtime.vllm_pool import VllmPoolSettings
 
 
 def _log(msg: str) -> None:
@@ -144,33 +142,23 @@ def run(args: argparse.Namespace) -> int:
     meta.update(slice=piece.name, requests=len(piece), epoch_s=args.epoch_s, drain_s=args.drain_s, runs={})
     meta.update(prepare_ahead=args.prepare_ahead, log_steps=args.log_steps)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    target = engine_target(args.engines, meta)
-    with tempfile.TemporaryDirectory(prefix="nitsum-adaptive-") as tmp:
-        handles, stores = resident_store(spec, args.gpus, args.seed, Path(tmp), args.engines)
-        base, reports = build_vllm_pool(spec, args.gpus, handles, Path(tmp), settings, target=target, log=_log)
-        try:
-            meta["engine_starts"] = {r.engine_id: round(r.started.start_s, 2) for r in reports}
-            kv = {r.engine_id: r.started.num_gpu_blocks * r.started.block_size for r in reports}
-            meta["kv_cache_tokens"] = kv
-            kv_by_tp: dict[int, int] = {}
-            for engine in base.engines.values():  # the smallest engine of each TP bounds what the plan may use
-                tp = len(engine.gpu_ids)
-                kv_by_tp[tp] = min(kv_by_tp.get(tp, kv[engine.engine_id]), kv[engine.engine_id])
-            meta["kv_cache_tokens_by_tp"] = kv_by_tp
-            for system in systems:
-                left = args.deadline_s - (time.monotonic() - t_start)
-                if left < piece.duration_s + args.drain_s:
-                    _log(f"{system}: skipped, {left:.0f} s left < {piece.duration_s + args.drain_s:.0f} s")
-                    meta["runs"][system] = {"skipped": f"{left:.0f} s left before the deadline"}
-                    continue
-                _log(f"{system}: {len(piece)} requests over {piece.duration_s:g} s ({piece.offered_rps:.2f} req/s)")
-                meta["runs"][system] = serve_system(base, scenario, piece, system, kv_by_tp, args)
-                (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-                _log(f"{system}: done, {[(e['action'], e['deployment']) for e in meta['runs'][system]['epochs']]}")
-        finally:
+    with started_pool(spec, args.gpus, settings, args, meta) as base:
+        kv = meta["kv_cache_tokens"]
+        kv_by_tp: dict[int, int] = {}
+        for engine in base.engines.values():  # the smallest engine of each TP bounds what the plan may use
+            tp = len(engine.gpu_ids)
+            kv_by_tp[tp] = min(kv_by_tp.get(tp, kv[engine.engine_id]), kv[engine.engine_id])
+        meta["kv_cache_tokens_by_tp"] = kv_by_tp
+        for system in systems:
+            left = args.deadline_s - (time.monotonic() - t_start)
+            if left < piece.duration_s + args.drain_s:
+                _log(f"{system}: skipped, {left:.0f} s left < {piece.duration_s + args.drain_s:.0f} s")
+                meta["runs"][system] = {"skipped": f"{left:.0f} s left before the deadline"}
+                continue
+            _log(f"{system}: {len(piece)} requests over {piece.duration_s:g} s ({piece.offered_rps:.2f} req/s)")
+            meta["runs"][system] = serve_system(base, scenario, piece, system, kv_by_tp, args)
             (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            close_pool(base)
-            del stores
+            _log(f"{system}: done, {[(e['action'], e['deployment']) for e in meta['runs'][system]['epochs']]}")
     return 0
 
 

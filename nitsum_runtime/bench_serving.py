@@ -28,12 +28,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
 from pydantic import Field, model_validator
 
-from nitsum_opt.models.spec import Frozen, model_preset
+from nitsum_opt.models.spec import Frozen, ModelSpec, model_preset
 from nitsum_opt.sim.deployment import Deployment
 from nitsum_opt.sim.slices import TraceSlice, read_slices
 from nitsum_opt.spec import Tier
@@ -197,20 +199,10 @@ def run(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {"command": args.command, "engines": args.engines, "settings": settings.model_dump()}
     meta["drain_s"] = args.drain_s
     meta["runs"] = {}
-    target = engine_target(args.engines, meta)
-    with tempfile.TemporaryDirectory(prefix="nitsum-serving-") as tmp:
-        handles, stores = resident_store(spec, world, args.seed, Path(tmp), args.engines)
-        base, reports = build_vllm_pool(spec, world, handles, Path(tmp), settings, target=target, log=_log)
-        try:
-            meta["engine_starts"] = {r.engine_id: round(r.started.start_s, 2) for r in reports}
-            meta["kv_cache_tokens"] = {r.engine_id: r.started.num_gpu_blocks * r.started.block_size for r in reports}
-            for name in dict.fromkeys(d for d, _ in runs):
-                pieces = [slices[s] for d, s in runs if d == name]
-                serve_deployment(base, plans, name, pieces, args, meta)
-        finally:
-            (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            close_pool(base)
-            del stores
+    with started_pool(spec, world, settings, args, meta) as base:
+        for name in dict.fromkeys(d for d, _ in runs):
+            pieces = [slices[s] for d, s in runs if d == name]
+            serve_deployment(base, plans, name, pieces, args, meta)
     return 0
 
 
@@ -237,6 +229,27 @@ def add_engine_args(p: argparse.ArgumentParser, gpu_memory_utilization: float, d
     p.add_argument("--limit", type=int, default=0, help="serve only the first N requests of each slice (dry runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and dummy weights")
     p.add_argument("--command", default=" ".join(sys.argv), help="command line recorded in meta.json")
+
+
+@contextmanager
+def started_pool(
+    spec: ModelSpec, world: int, settings: VllmPoolSettings, args: argparse.Namespace, meta: dict[str, Any]
+) -> Iterator[EnginePool]:
+    """One engine per group of ``settings`` on ``world`` GPUs (vLLM, or the toy with ``--engines toy``), started
+    with a resident weight store; engine starts and KV capacity go to ``meta``, which is written to
+    ``OUT/meta.json`` when the block ends (also after an error), then the engines close."""
+    target = engine_target(args.engines, meta)
+    with tempfile.TemporaryDirectory(prefix="nitsum-pool-") as tmp:
+        handles, stores = resident_store(spec, world, args.seed, Path(tmp), args.engines)
+        base, reports = build_vllm_pool(spec, world, handles, Path(tmp), settings, target=target, log=_log)
+        try:
+            meta["engine_starts"] = {r.engine_id: round(r.started.start_s, 2) for r in reports}
+            meta["kv_cache_tokens"] = {r.engine_id: r.started.num_gpu_blocks * r.started.block_size for r in reports}
+            yield base
+        finally:
+            (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            close_pool(base)
+            del stores
 
 
 def engine_target(engines: str, meta: dict[str, Any]) -> Any:

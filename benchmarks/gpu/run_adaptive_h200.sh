@@ -18,11 +18,7 @@ slices=$(realpath "${2:-$ROOT/benchmarks/gpu/adaptive/slices.csv}")
 slice=${3:-mean-12rps}
 deadline=${DEADLINE_S:-540}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-unset PYTORCH_CUDA_ALLOC_CONF VLLM_BATCH_INVARIANT
-. "$ROOT/benchmarks/gpu/tree_pythonpath.sh"
-cd "$PP" || exit 2
+. "$ROOT/benchmarks/gpu/serving_env.sh"
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT/run_adaptive_h200.log"
 timeout -k 15 $((deadline + 45)) setsid python3 -m nitsum_runtime.bench_adaptive \
   --scenario "$scenario" --slices "$slices" --slice "$slice" --systems "${SYSTEMS:-nitsum,vllm-static-tp1}" \

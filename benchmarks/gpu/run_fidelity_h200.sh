@@ -16,12 +16,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 slices=$(realpath "${1:-$ROOT/benchmarks/gpu/fidelity/slices.csv}")
 deadline=${2:-520}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-unset PYTORCH_CUDA_ALLOC_CONF VLLM_BATCH_INVARIANT
-# Import this tree without installing it (sets PP, removed at exit).
-. "$ROOT/benchmarks/gpu/tree_pythonpath.sh"
-cd "$PP" || exit 2
+. "$ROOT/benchmarks/gpu/serving_env.sh"  # multicast off, vLLM defaults, this tree imported from $PP
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT/run_fidelity_h200.log"
 model=${MODEL:-llama-3.1-8b}
 tp=${TP:-1}
