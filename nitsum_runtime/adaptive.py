@@ -237,9 +237,13 @@ class AdaptiveServer:
                     woken.append(engine)
                 engine.fill_weights()
         except Exception as exc:  # reported with the epoch; the old deployment keeps serving
+            error = f"{type(exc).__name__}: {exc}"
             for engine in woken:
-                engine.sleep()
-            return Preparation(seconds=time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
+                try:
+                    engine.sleep()
+                except Exception as undo:  # keep going: the others must sleep too
+                    error += f"; putting {engine.engine_id} back to sleep failed: {type(undo).__name__}: {undo}"
+            return Preparation(seconds=time.perf_counter() - t0, error=error)
         return Preparation(tuple(a.gpu_ids for a in wakes), time.perf_counter() - t0)
 
     def apply(
