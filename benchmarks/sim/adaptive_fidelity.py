@@ -78,6 +78,12 @@ def decisions_text(runtime: list[dict], simulated: tuple) -> list[str]:
     return lines
 
 
+def with_prepare_ahead(scenario: Scenario, on: bool) -> Scenario:
+    """``scenario`` whose simulated plan changes are prepared ahead (or not), as the measured run's were."""
+    switch = scenario.settings.switch.model_copy(update={"prepare_ahead": on})
+    return scenario.model_copy(update={"settings": scenario.settings.model_copy(update={"switch": switch})})
+
+
 def runtime_calibration(runs: dict[str, tuple[dict, dict, Path]]) -> dict[int, StepCalibration]:
     """Per TP degree, the runtime path's measured cost per step outside vLLM's own step (output processing, the
     pipe, the controller: ``busy_s - engine_s`` over the steps of every instance of that TP in the runs), as a
@@ -148,6 +154,9 @@ def run_compare(args: argparse.Namespace) -> int:
     piece: TraceSlice | None = None
     for system, (info, meta, folder) in runs.items():
         piece = pieces[meta["slice"]]
+        # runs since preparing ahead existed record it: the simulator then carries changes out the same way
+        scenario = with_prepare_ahead(scenario, bool(meta.get("prepare_ahead", False)))
+        calibrated = with_prepare_ahead(calibrated, bool(meta.get("prepare_ahead", False)))
         kv = {int(tp): int(n) for tp, n in meta["kv_cache_tokens_by_tp"].items()}
         epoch_s, drain_s = float(meta["epoch_s"]), float(meta["drain_s"])
         real[system] = read_measured(folder / system / "measured.csv", [piece])[piece.name]

@@ -26,15 +26,16 @@ import numpy as np
 from nitsum_opt.models.spec import ModelSpec
 from nitsum_opt.scheduler import MultiTierScheduler
 from nitsum_opt.sim.controllers.base import ControlContext, Controller
+from nitsum_opt.sim.deployment import Deployment
 from nitsum_opt.sim.engine import JUMP, Engine
 from nitsum_opt.sim.results import Outcome, RejectReason, SimResult, StepRecord
 from nitsum_opt.sim.settings import SimSettings
 from nitsum_opt.sim.timing import IterationTimeModel
-from nitsum_opt.sim.transitions import apply_deployment
+from nitsum_opt.sim.transitions import adds_engines, apply_deployment
 from nitsum_opt.spec import ClusterSpec, Tier
 from nitsum_opt.workloads.trace import RequestTrace
 
-_STEP, _TRANSFER, _RESUME, _EPOCH = 0, 1, 2, 3
+_STEP, _TRANSFER, _RESUME, _EPOCH, _APPLY = 0, 1, 2, 3, 4
 
 
 class RequestState:
@@ -140,6 +141,7 @@ class Simulator:
         self._seq = 0
         self.timeline: list[tuple[float, object]] = []
         self.switch_windows: list[tuple[str, tuple[int, ...], float, float]] = []
+        self.prepared: dict[int, Deployment] = {}  # epoch -> deployment being prepared ahead
         self.step_log: list[StepRecord] | None = [] if record_steps else None
         self.pending_handoffs: list[int] = []
         self.steps_simulated = 0
@@ -341,6 +343,8 @@ class Simulator:
                 engine = engines[a]
                 engine.resume_pending = False
                 self.kick(engine, t)
+            elif kind == _APPLY:
+                apply_deployment(self, self.prepared.pop(a), t, pause=False)
             else:
                 self._epoch(a, t)
         if progress is not None:
@@ -350,5 +354,11 @@ class Simulator:
     def _epoch(self, k: int, now: float) -> None:
         window = self.trace.window(now - self.settings.epoch_s, now)
         deployment = self.controller.on_epoch(self.ctx, now, window)
-        if deployment is not None:
+        if deployment is None:
+            return
+        switch = self.settings.switch
+        if switch.prepare_ahead and switch.switch_s > 0 and adds_engines(self, deployment):
+            self.prepared[k] = deployment  # its new engines wake while the current deployment serves
+            self._push(now + switch.switch_s, _APPLY, k, 0)
+        else:
             apply_deployment(self, deployment, now)

@@ -62,6 +62,12 @@ class SwitchCosts(Frozen):
     """Pause of an engine before a step that admits requests whose KV arrived (staged, copied and added between
     its steps), ms per such step. Default: the measured p50, 3.2 and 3.8 ms (same run); 0: not simulated."""
 
+    prepare_ahead: bool = False
+    """How a change that adds engines is carried out. ``False``: at once; the old engines stop and the new ones
+    serve after a pause of :attr:`switch_s`. ``True``, as the runtime's ``AdaptiveServer`` does by default: the new
+    engines are woken and filled while the old deployment keeps serving, and the change takes effect
+    :attr:`switch_s` after the decision with no pause."""
+
     @property
     def switch_s(self) -> float:
         """Pause of an instance that a plan change creates or re-shapes."""

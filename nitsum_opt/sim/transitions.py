@@ -5,7 +5,9 @@ An engine is identified by its GPUs, TP and role (:attr:`DeployedInstance.key`):
 * an engine the new deployment keeps (same key) runs on undisturbed; if its tier changed only the routing changes
   (requests already on it finish there);
 * every other old engine stops at the change (:meth:`Engine.stop`); every new engine starts **paused** for the
-  switch cost (``SwitchCosts.switch_s``: a standby wake, or a restart) and serves nothing before it ends;
+  switch cost (``SwitchCosts.switch_s``: a standby wake, or a restart) and serves nothing before it ends. With
+  ``SwitchCosts.prepare_ahead`` the new engines are prepared while the old deployment serves: the simulator applies
+  the change ``switch_s`` after the decision, without the pause;
 * requests that were decoding on a stopped engine **migrate**: their KV (prompt + generated tokens) is sent to a
   decode-capable engine of their tier chosen by the scheduler, at the KV-migration bandwidth, and they continue
   there once the transfer is done and the engine is up; with no such engine they are re-prefilled;
@@ -35,15 +37,22 @@ def _check_fits(sim: Simulator, dep: Deployment) -> None:
             raise ValueError(f"deployment {dep.label!r}: instance on GPUs {ids} spans nodes")
 
 
-def apply_deployment(sim: Simulator, dep: Deployment, now: float) -> None:
-    """Switch the simulator to ``dep`` at ``now`` (see the module docstring)."""
+def adds_engines(sim: Simulator, dep: Deployment) -> bool:
+    """Whether ``dep`` runs an engine the simulator does not run now."""
+    alive = {e.key for e in sim.engines if e.alive}
+    return any(i.key not in alive for i in dep.instances)
+
+
+def apply_deployment(sim: Simulator, dep: Deployment, now: float, pause: bool = True) -> None:
+    """Switch the simulator to ``dep`` at ``now`` (see the module docstring); ``pause=False``: its new engines were
+    prepared ahead and serve at once."""
     _check_fits(sim, dep)
     config = scheduler_config(sim.tiers, dep)
     tier_index = {t.name: k for k, t in enumerate(sim.tiers)}
     old = {e.key: e for e in sim.engines if e.alive}
     kept: list[Engine] = []
     s2e: list[int] = []
-    pause_s = sim.settings.switch.switch_s
+    pause_s = sim.settings.switch.switch_s if pause else 0.0
     first = not sim.engines
     for sidx, spec in enumerate(dep.instances):
         engine = old.pop(spec.key, None)

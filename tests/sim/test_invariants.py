@@ -157,3 +157,27 @@ def test_split_gives_every_tier_with_demand_its_own_gpus() -> None:
     for inst in dep.instances:
         gpus[inst.tier] += inst.tp
     assert gpus["chat"] == 3 and gpus["batch"] == 1
+
+
+def test_prepared_ahead_the_old_engines_serve_until_the_new_ones_take_over_without_a_pause() -> None:
+    trace = poisson_trace(rate_rps=8.0, duration_s=40.0, seed=4)
+    two_tp1 = Deployment(instances=colocated(2))
+    one_tp2 = Deployment(instances=colocated(2, tp=2))
+    wake = 1.5
+    switch = SwitchCosts(standby_wake_s=wake, prepare_ahead=True)
+    settings = SimSettings(epoch_s=10.0, drain_s=300.0, switch=switch)
+    sim = Simulator(
+        trace, TIERS, ROOFLINE, LLAMA, ClusterSpec.with_gpus(2), Cycling([two_tp1, one_tp2]), settings, True
+    )
+    res = sim.run()
+    assert res.switch_windows == ()  # nothing pauses: the new engines were woken while the old ones served
+    changes = [t for t, _ in res.timeline[1:]]
+    assert changes == pytest.approx([10.0 * k + wake for k in range(1, len(changes) + 1)])  # decided at k·10 s
+    served_meanwhile = 0
+    for t, dep in res.timeline[1:]:
+        for step in res.step_log:  # between a decision and its change the old engines keep stepping
+            if t - wake < step.start_s < t - 1e-9:
+                assert step.engine_key not in {i.key for i in dep.instances}, (step, t)
+                served_meanwhile += 1
+    assert served_meanwhile > 0
+    assert (res.outcome == Outcome.COMPLETED).all()
