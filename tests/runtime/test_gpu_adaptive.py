@@ -1,0 +1,56 @@
+"""The control loop on real vLLM engines (marked ``gpu``; 2 GPUs and vLLM 0.26 importable): the Nitsum controller
+serves the committed llama8b-tight slice's first 100 s (epochs of 15 s) on TP 1 and TP 2 engines, every decision
+is the simulator's, the TP 2 → TP 1 prefill/decode switch at 60 s is prepared ahead and migrates the KV of every
+request in flight, and every engine step is logged. The full measurement is ``benchmarks/gpu/run_adaptive_h200.sh``
+(``benchmarks/RESULTS.md``, "The runtime's control loop on 2×H200"); about 6 minutes (three engine starts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nitsum_opt.sim.fidelity import simulate_system
+from nitsum_opt.sim.scenario import Scenario
+from nitsum_opt.sim.slices import TraceSlice, read_slices, write_slices
+from nitsum_runtime.bench_adaptive import parse_args, run
+
+pytestmark = pytest.mark.gpu
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIO = ROOT / "examples/scenarios/llama8b-tight.yaml"
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.skipif(GPUS < 2 or importlib.util.find_spec("vllm") is None, reason="needs 2 GPUs and vLLM")
+def test_nitsum_switches_tp_mid_serve_on_vllm(tmp_path: Path) -> None:
+    full = read_slices(ROOT / "benchmarks/gpu/adaptive/slices.csv")[0]
+    keep = full.arrival_s < 100.0
+    piece = TraceSlice(
+        name="first-100s",
+        arrival_s=full.arrival_s[keep],
+        input_tokens=full.input_tokens[keep],
+        output_tokens=full.output_tokens[keep],
+        tier=tuple(np.array(full.tier)[keep]),
+        duration_s=100.0,
+    )
+    write_slices(tmp_path / "slices.csv", [piece])
+    out = tmp_path / "out"
+    argv = ["--scenario", str(SCENARIO), "--slices", str(tmp_path / "slices.csv"), "--slice", piece.name]
+    argv += ["--systems", "nitsum", "--epoch-s", "15", "--drain-s", "20", "--out", str(out)]
+    assert run(parse_args(argv)) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    info = meta["runs"]["nitsum"]
+    kv = {int(tp): n for tp, n in meta["kv_cache_tokens_by_tp"].items()}
+    _, timeline = simulate_system(Scenario.load(SCENARIO), piece, "nitsum", 2, 15.0, 20.0, kv)
+    assert [(e["at_s"], e["deployment"]) for e in info["epochs"]] == [(t, d.describe()) for t, d in timeline]
+    switches = [e for e in info["epochs"] if e["action"] == "transition"]
+    assert switches, info["epochs"]
+    for e in switches:
+        assert e["prepare_s"] > 0 and e["moved"] == e["migrated"] and not e["error"], e
+    assert info["aborted"] == info["never_dispatched"] == 0 and info["migrated"] == info["handoffs"]
+    assert (out / "nitsum" / "steps.csv.gz").stat().st_size > 0
