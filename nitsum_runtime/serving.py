@@ -105,9 +105,7 @@ class PlanServer:
             )
             for i, r in enumerate(requests)
         ]
-        run = ServingRun(self, requests, made, control)
-        run.log_steps = log_steps
-        return run.go(drain_s, progress)
+        return ServingRun(self, requests, made, control, log_steps).go(drain_s, progress)
 
 
 class LoopControl(Protocol):
@@ -130,9 +128,9 @@ class ServingRun(Reconfigurable):
         requests: Sequence[TieredRequest],
         made: list[GenerationRequest],
         control: LoopControl | None = None,
+        log_steps: bool = False,
     ) -> None:
-        self.requests, self.made, self.control = requests, made, control
-        self.log_steps = False
+        self.requests, self.made, self.control, self.log_steps = requests, made, control, log_steps
         self.pool = server.pool
         self.tiers = server.tiers
         tindex = {t.name: k for k, t in enumerate(server.tiers)}
