@@ -192,13 +192,19 @@ def run_compare(args: argparse.Namespace) -> int:
         write_comparison_csv(args.out_csv, rows)
         print(f"wrote {args.out_csv}")
     if args.plot:
-        _plot(Path(args.plot), piece, real, sim, scenario)
+        switches = {
+            system: [e for e in info["epochs"] if e["action"] == "transition"] for system, (info, _, _) in runs.items()
+        }
+        _plot(Path(args.plot), piece, real, sim, scenario, switches)
         print(f"wrote {args.plot}")
     return 0
 
 
-def _plot(path: Path, piece: TraceSlice, real: dict, sim: dict, scenario: Scenario) -> None:
-    """Per system: SLO attainment over time (10 s bins of arrival), real and simulated."""
+def _plot(
+    path: Path, piece: TraceSlice, real: dict, sim: dict, scenario: Scenario, switches: dict[str, list[dict]]
+) -> None:
+    """Per system: SLO attainment over time (10 s bins of arrival), real and simulated; each transition the runtime
+    carried out is a vertical line labelled with the deployment it switched to."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,9 +224,22 @@ def _plot(path: Path, piece: TraceSlice, real: dict, sim: dict, scenario: Scenar
             met = slo_met(piece, timings, scenario.tiers)
             att = [met[which == b].mean() if (which == b).any() else np.nan for b in range(len(mids))]
             ax.plot(mids, att, style, color=f"C{k}", label=f"{system} ({label}, {met.mean():.1%})")
+    for k, system in enumerate(real):
+        for e in switches.get(system, []):
+            ax.axvline(e["ready_s"], color=f"C{k}", lw=0.8, alpha=0.6)
+            label = f"{system} switches: {e['deployment']}, {1000 * e['stall_s']:.0f} ms stall"
+            ax.annotate(
+                label,
+                (e["ready_s"], 1.02),
+                xytext=(3, 0),
+                textcoords="offset points",
+                fontsize=6,
+                color=f"C{k}",
+                va="bottom",
+            )
     ax.set_xlabel("arrival time in the slice (s)")
     ax.set_ylabel("SLO attainment (10 s bins)")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"{scenario.name}: runtime on 2×H200 vs simulator, {piece.name}", fontsize=9)
