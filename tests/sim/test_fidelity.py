@@ -250,3 +250,30 @@ def test_the_committed_adaptive_run_decided_what_the_simulator_decides() -> None
     assert switch["moved"] == switch["migrated"] > 0 and not switch["error"]
     assert info["aborted"] == info["never_dispatched"] == 0 and info["handoffs"] == info["migrated"] > 0
     assert read_measured(run / "nitsum" / "measured.csv", [piece])[piece.name].completed.all()
+
+
+def test_the_adaptive_comparison_script_reproduces_its_committed_table(tmp_path: Path) -> None:
+    """``benchmarks/sim/adaptive_fidelity.py compare`` on the committed 2×H200 runs: the same rows as the committed
+    CSV (systems × simulated variants × tiers), the measured side identical and the simulated side within 1 point."""
+    import csv
+    import importlib.util
+
+    warnings.simplefilter("ignore")
+    spec = importlib.util.spec_from_file_location("adaptive_fidelity", ROOT / "benchmarks/sim/adaptive_fidelity.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runs = ROOT / "benchmarks/gpu/results/adaptive-h200x2-2026-11-23"
+    out = tmp_path / "adaptive.csv"
+    argv = ["compare", "--measured", str(runs / "nitsum"), str(runs / "static"), "--out-csv", str(out)]
+    argv += ["--scenario", str(ROOT / "examples/scenarios/llama8b-tight.yaml")]
+    argv += ["--slices", str(ROOT / "benchmarks/gpu/adaptive/slices.csv")]
+    assert module.main(argv) == 0
+    committed = list(csv.DictReader((ROOT / "benchmarks/sim/adaptive-fidelity-h200x2.csv").open()))
+    fresh = list(csv.DictReader(out.open()))
+    assert [(r["system"], r["variant"], r["tier"]) for r in fresh] == [
+        (r["system"], r["variant"], r["tier"]) for r in committed
+    ]
+    for a, b in zip(fresh, committed, strict=True):
+        assert a["real_attainment"] == b["real_attainment"]
+        assert float(a["sim_attainment"]) == pytest.approx(float(b["sim_attainment"]), abs=0.01), (a, b)
