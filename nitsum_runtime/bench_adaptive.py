@@ -36,6 +36,7 @@ from nitsum_runtime.adaptive import AdaptiveServer
 from nitsum_runtime.bench_fidelity import WARMUP_REQUESTS, write_rows
 from nitsum_runtime.bench_serving import add_engine_args, run_summary, started_pool, tiered_requests
 from nitsum_runtime.executor import TransitionExecutor
+from nitsum_runtime.planner_process import PlannerProcess
 from nitsum_runtime.pool import EnginePool, candidate_groups
 from nitsum_runtime.serving import TieredRequest
 from nitsum_runtime.vllm_pool import VllmPoolSettings
@@ -82,7 +83,8 @@ def serve_system(
         scenario, piece, system, args.gpus, args.epoch_s, args.drain_s, kv_tokens or None
     )
     executor = TransitionExecutor(pool, spec, link_gb_per_s=ctx.settings.switch.kv_migration_gb_s)
-    server = AdaptiveServer(pool, controller, ctx, executor, prepare_ahead=args.prepare_ahead)
+    planner = PlannerProcess(controller, ctx) if args.planner_process and not controller.is_static else None
+    server = AdaptiveServer(pool, planner or controller, ctx, executor, prepare_ahead=args.prepare_ahead)
     try:
         start = server.start(trace.window(trace.start_s, trace.start_s + args.epoch_s))
         _log(f"{system}: first deployment {start.deployment} (planned in {start.plan_ms:.0f} ms)")
@@ -102,6 +104,8 @@ def serve_system(
         )
     finally:
         pool.sleep_all()
+        if planner is not None:
+            planner.close()
     out = Path(args.out) / system
     out.mkdir(parents=True, exist_ok=True)
     write_rows(out / "measured.csv", piece.name, res.serving)
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     settings = pool_settings(scenario, args)
     meta: dict[str, Any] = {"command": args.command, "engines": args.engines, "settings": settings.model_dump()}
     meta.update(slice=piece.name, requests=len(piece), epoch_s=args.epoch_s, drain_s=args.drain_s, runs={})
-    meta.update(prepare_ahead=args.prepare_ahead, log_steps=args.log_steps)
+    meta.update(prepare_ahead=args.prepare_ahead, log_steps=args.log_steps, planner_process=args.planner_process)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with started_pool(spec, args.gpus, settings, args, meta) as base:
         kv = meta["kv_cache_tokens"]
@@ -181,6 +185,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="wake and fill a transition's new engines while the old deployment serves (else during the cut-over)",
+    )
+    p.add_argument(
+        "--planner-process",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run an adaptive system's controller in its own process (default: a thread of the serving process)",
     )
     p.add_argument(
         "--log-steps",

@@ -32,6 +32,14 @@ def _frozen(values: object, dtype: type, name: str) -> np.ndarray:
     return array
 
 
+def _unpickle_trace(*fields: object) -> RequestTrace:
+    """A pickled :class:`RequestTrace` again, columns read-only and re-validated."""
+    for value in fields:
+        if isinstance(value, np.ndarray):
+            value.setflags(write=False)
+    return RequestTrace(*fields)  # type: ignore[arg-type]
+
+
 def _per_request(value: int | Sequence[int] | np.ndarray, n: int) -> np.ndarray:
     if np.isscalar(value):
         return np.full(max(n, 0), int(value), dtype=INDEX_DTYPE)  # type: ignore[arg-type]
@@ -64,6 +72,10 @@ class RequestTrace:
 
     def __post_init__(self) -> None:
         self._validate()
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        """Pickle through :func:`_unpickle_trace`: unpickled arrays are writable, and a trace's must not be."""
+        return _unpickle_trace, tuple(getattr(self, name) for name in self.__dataclass_fields__)
 
     # ------------------------------------------------------------------ construction
     @classmethod

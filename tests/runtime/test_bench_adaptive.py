@@ -36,7 +36,7 @@ def test_dry_run_on_toy_engines_decides_like_the_simulator(tmp_path: Path) -> No
     out = tmp_path / "out"
     argv = ["--scenario", str(SCENARIO), "--slices", str(tmp_path / "slices.csv"), "--slice", "tiny"]
     argv += ["--systems", "nitsum,vllm-static-tp1", "--epoch-s", "1", "--drain-s", "30", "--out", str(out)]
-    assert run(parse_args([*argv, "--engines", "toy"])) == 0
+    assert run(parse_args([*argv, "--engines", "toy", "--planner-process"])) == 0  # decisions made in a child
     meta = json.loads((out / "meta.json").read_text())
     assert set(meta["runs"]) == {"nitsum", "vllm-static-tp1"} and meta["engines"] == "toy"
     assert set(meta["kv_cache_tokens"]) == {"tp1-g0", "tp1-g1", "tp2-g0-1"}
