@@ -34,7 +34,7 @@ from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, read_slices
 from nitsum_runtime.adaptive import AdaptiveServer
 from nitsum_runtime.bench_fidelity import WARMUP_REQUESTS, write_rows
-from nitsum_runtime.bench_serving import add_engine_args, run_summary, started_pool, tiered_requests
+from nitsum_runtime.bench_serving import add_engine_args, pool_settings, run_summary, started_pool, tiered_requests
 from nitsum_runtime.executor import TransitionExecutor
 from nitsum_runtime.planner_process import PlannerProcess
 from nitsum_runtime.pool import EnginePool, candidate_groups
@@ -46,25 +46,13 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def pool_settings(scenario: Scenario, args: argparse.Namespace) -> VllmPoolSettings:
-    """One engine per candidate TP group of ``--gpus`` GPUs at the scenario's engine settings."""
+def adaptive_pool_settings(scenario: Scenario, args: argparse.Namespace) -> VllmPoolSettings:
+    """One engine per candidate TP group of ``--gpus`` GPUs (up to ``--max-tp``) at the scenario's engine settings."""
     engine = scenario.settings.engine
-    extra: dict[str, Any] = {"max_num_batched_tokens": engine.max_num_batched_tokens}
-    if args.engines == "vllm":
-        extra["compilation_config"] = {}  # vLLM's default CUDA-graph sizes
-    else:
-        extra["num_gpu_blocks_override"] = 8192
     tps = tuple(tp for tp in (1, 2, 4, 8) if tp <= args.gpus and tp <= args.max_tp)
-    return VllmPoolSettings(
-        groups=candidate_groups(args.gpus, tps),
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=scenario.model_spec.max_model_len,
-        max_num_seqs=engine.max_num_seqs,
-        kv_connector=args.engines == "vllm",
-        kv_arena_bytes=args.kv_arena_gib << 30,
-        concurrent_starts=args.engines == "toy",
-        check_fill_at_start=False,
-        extra_llm_kwargs=extra,
+    groups = candidate_groups(args.gpus, tps)
+    return pool_settings(
+        args, groups, scenario.model_spec.max_model_len, engine.max_num_seqs, engine.max_num_batched_tokens
     )
 
 
@@ -141,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     piece = pieces[args.slice]
     systems = [s for s in args.systems.split(",") if s]
     spec = scenario.model_spec
-    settings = pool_settings(scenario, args)
+    settings = adaptive_pool_settings(scenario, args)
     meta: dict[str, Any] = {"command": args.command, "engines": args.engines, "settings": settings.model_dump()}
     meta.update(slice=piece.name, requests=len(piece), epoch_s=args.epoch_s, drain_s=args.drain_s, runs={})
     meta.update(prepare_ahead=args.prepare_ahead, log_steps=args.log_steps, planner_process=args.planner_process)

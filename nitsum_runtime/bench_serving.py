@@ -123,16 +123,30 @@ def run_summary(piece: TraceSlice, res: ServingResult) -> dict[str, Any]:
 
 
 def _pool_settings(plans: ServingPlans, args: argparse.Namespace) -> VllmPoolSettings:
-    extra: dict[str, Any] = {"max_num_batched_tokens": plans.max_num_batched_tokens}
+    return pool_settings(
+        args, plans.groups, model_preset(plans.model).max_model_len, plans.max_num_seqs, plans.max_num_batched_tokens
+    )
+
+
+def pool_settings(
+    args: argparse.Namespace,
+    groups: tuple[tuple[int, ...], ...],
+    max_model_len: int,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+) -> VllmPoolSettings:
+    """A serving benchmark's engines: one per group, vLLM's default CUDA-graph sizes and the Nitsum KV connector
+    (``--engines vllm``), or toy engines with a KV cache large enough for real prompts (``--engines toy``)."""
+    extra: dict[str, Any] = {"max_num_batched_tokens": max_num_batched_tokens}
     if args.engines == "vllm":
         extra["compilation_config"] = {}  # vLLM's default CUDA-graph sizes (the pool's default is for switch tests)
     else:
         extra["num_gpu_blocks_override"] = 8192  # the toy's KV cache (256 blocks by default) would hold few prompts
     return VllmPoolSettings(
-        groups=plans.groups,
+        groups=groups,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=model_preset(plans.model).max_model_len,
-        max_num_seqs=plans.max_num_seqs,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
         kv_connector=args.engines == "vllm",
         kv_arena_bytes=args.kv_arena_gib << 30,
         concurrent_starts=args.engines == "toy",
