@@ -136,7 +136,8 @@ def pool_settings(
     max_num_batched_tokens: int,
 ) -> VllmPoolSettings:
     """A serving benchmark's engines: one per group, vLLM's default CUDA-graph sizes and the Nitsum KV connector
-    (``--engines vllm``), or toy engines with a KV cache large enough for real prompts (``--engines toy``)."""
+    unless ``--no-kv-connector`` (``--engines vllm``), or toy engines with a KV cache large enough for real prompts
+    (``--engines toy``)."""
     extra: dict[str, Any] = {"max_num_batched_tokens": max_num_batched_tokens}
     if args.engines == "vllm":
         extra["compilation_config"] = {}  # vLLM's default CUDA-graph sizes (the pool's default is for switch tests)
@@ -147,7 +148,7 @@ def pool_settings(
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
-        kv_connector=args.engines == "vllm",
+        kv_connector=args.engines == "vllm" and args.kv_connector,
         kv_arena_bytes=args.kv_arena_gib << 30,
         concurrent_starts=args.engines == "toy",
         check_fill_at_start=False,
@@ -238,6 +239,12 @@ def add_engine_args(p: argparse.ArgumentParser, gpu_memory_utilization: float, d
         "--gpu-memory-utilization", type=float, default=gpu_memory_utilization, help="vLLM's share of each GPU"
     )
     p.add_argument("--kv-arena-gib", type=int, default=4, help="KV exchange arena per worker (GiB)")
+    p.add_argument(
+        "--kv-connector",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the Nitsum KV connector in every vLLM engine (off: moved requests re-prefill; to time its cost)",
+    )
     p.add_argument("--drain-s", type=float, default=drain_s, help="seconds after the last arrival before aborting")
     p.add_argument("--deadline-s", type=float, default=540.0, help="skip runs that could end after this")
     p.add_argument("--limit", type=int, default=0, help="serve only the first N requests of each slice (dry runs)")

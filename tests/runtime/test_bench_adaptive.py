@@ -15,7 +15,7 @@ import pytest
 from nitsum_opt.sim.fidelity import read_measured, simulate_system
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, write_slices
-from nitsum_runtime.bench_adaptive import SERVING_STEP_HEADER, parse_args, run
+from nitsum_runtime.bench_adaptive import SERVING_STEP_HEADER, adaptive_pool_settings, parse_args, run
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIO = ROOT / "examples/scenarios/llama8b-tight.yaml"
@@ -60,3 +60,15 @@ def test_dry_run_on_toy_engines_decides_like_the_simulator(tmp_path: Path) -> No
     _, timeline = simulate_system(Scenario.load(SCENARIO), piece, "nitsum", 2, 1.0, 30.0, kv)
     assert [e["deployment"] for e in nitsum["epochs"]] == [d.describe() for _, d in timeline]
     assert [e["admitted_rps"] for e in nitsum["epochs"]] == [d.admitted_rps for _, d in timeline]
+
+
+def test_the_kv_connector_is_on_for_vllm_engines_unless_turned_off() -> None:
+    scenario = Scenario.load(SCENARIO)
+    base = ["--scenario", "s", "--slices", "x", "--slice", "y", "--out", "o"]
+    on = adaptive_pool_settings(scenario, parse_args(base))
+    off = adaptive_pool_settings(scenario, parse_args([*base, "--no-kv-connector"]))
+    toy = adaptive_pool_settings(scenario, parse_args([*base, "--engines", "toy"]))
+    assert on.kv_connector and "kv_transfer_config" in on.llm_kwargs()
+    assert not off.kv_connector and "kv_transfer_config" not in off.llm_kwargs()
+    assert not toy.kv_connector
+    assert on.groups == off.groups == ((0,), (1,), (0, 1))
