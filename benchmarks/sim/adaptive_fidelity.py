@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nitsum_opt.sim.calibration import StepCalibration, fit_step_calibration
+from nitsum_opt.sim.decisions import decision_mismatches
 from nitsum_opt.sim.fidelity import (
     STEP_COLUMNS,
     Timings,
@@ -32,6 +33,7 @@ from nitsum_opt.sim.fidelity import (
     read_measured,
     simulate_system,
     slo_met,
+    with_prepare_ahead,
     write_comparison_csv,
 )
 from nitsum_opt.sim.scenario import Scenario
@@ -63,25 +65,21 @@ def _runs(folders: list[Path]) -> dict[str, tuple[dict, dict, Path]]:
     return out
 
 
-def decisions_text(runtime: list[dict], simulated: tuple) -> list[str]:
-    """One line per decision time: what the runtime ran afterwards, what the simulator ran."""
-    sim = {round(t, 6): d.describe() for t, d in simulated}
+def decisions_text(runtime: list[dict], simulated: tuple, switch_s: float) -> list[str]:
+    """One line per decision, in order: what the runtime ran afterwards, and whether the simulator decided the same
+    (a prepared-ahead transition lands ``switch_s`` later in the simulator); then every difference."""
     lines = []
-    for e in runtime:
-        twin = sim.get(round(e["at_s"], 6), "(none)")
+    for k, e in enumerate(runtime):
+        twin = simulated[k][1].describe() if k < len(simulated) else "(none)"
         same = "same" if twin == e["deployment"] else f"simulator: {twin}"
         extra = f", stall {1000 * e['stall_s']:.0f} ms, moved {e['moved']} ({e['migrated']} with KV)"
         lines.append(
             f"  t={e['at_s']:5.0f} s ({e['action']}, ready +{1000 * (e['ready_s'] - e['at_s']):.0f} ms"
             f"{extra if e['action'] == 'transition' else ''}): {e['deployment']} [{same}]"
         )
+    problems = decision_mismatches(runtime, simulated, switch_s)
+    lines.append("  decisions: " + ("all as in the simulator" if not problems else "; ".join(problems)))
     return lines
-
-
-def with_prepare_ahead(scenario: Scenario, on: bool) -> Scenario:
-    """``scenario`` whose simulated plan changes are prepared ahead (or not), as the measured run's were."""
-    switch = scenario.settings.switch.model_copy(update={"prepare_ahead": on})
-    return scenario.model_copy(update={"settings": scenario.settings.model_copy(update={"switch": switch})})
 
 
 def runtime_calibration(runs: dict[str, tuple[dict, dict, Path]]) -> dict[int, StepCalibration]:
@@ -169,7 +167,7 @@ def run_compare(args: argparse.Namespace) -> int:
             f"{system}: {info['requests']} requests, aborted {info['aborted']}, never dispatched "
             f"{info['never_dispatched']}, hand-offs {info['handoffs']} ({info['migrated']} with KV)"
         )
-        print("\n".join(decisions_text(info["epochs"], timeline)))
+        print("\n".join(decisions_text(info["epochs"], timeline, scenario.settings.switch.switch_s)))
         if len(info["epochs"]) > 1:
             sim[system]["replanned"], replanned = simulate_system(calibrated, piece, system, 2, epoch_s, drain_s, kv)
             changes = [

@@ -173,6 +173,13 @@ def simulate_system(
     return _simulate(scenario, trace, ctx.model, ctx.cluster, ctx.settings, controller)
 
 
+def with_prepare_ahead(scenario: Scenario, on: bool) -> Scenario:
+    """``scenario`` whose simulated plan changes are prepared ahead (``SwitchCosts.prepare_ahead``) or not, as a
+    measured run's were (``meta.json``'s ``prepare_ahead``)."""
+    switch = scenario.settings.switch.model_copy(update={"prepare_ahead": on})
+    return scenario.model_copy(update={"settings": scenario.settings.model_copy(update={"switch": switch})})
+
+
 def _slice_setup(
     scenario: Scenario, num_gpus: int, drain_s: float, kv_cache_tokens: int | Mapping[int, int] | None
 ) -> tuple[IterationTimeModel, ClusterSpec, SimSettings]:
@@ -379,5 +386,6 @@ __all__ = [
     "slo_met",
     "step_errors",
     "summarize",
+    "with_prepare_ahead",
     "write_comparison_csv",
 ]

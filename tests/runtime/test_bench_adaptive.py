@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nitsum_opt.sim.fidelity import read_measured, simulate_system
+from nitsum_opt.sim.decisions import decision_mismatches
+from nitsum_opt.sim.fidelity import read_measured, simulate_system, with_prepare_ahead
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, write_slices
 from nitsum_runtime.bench_adaptive import SERVING_STEP_HEADER, adaptive_pool_settings, parse_args, run
@@ -57,9 +58,9 @@ def test_dry_run_on_toy_engines_decides_like_the_simulator(tmp_path: Path) -> No
         logged = sum(float(r["round_trip_s"]) for r in rows if r["instance"] == key)
         assert logged == pytest.approx(busy_s, rel=1e-3, abs=2e-3), key
     kv = {int(tp): v for tp, v in meta["kv_cache_tokens_by_tp"].items()}
-    _, timeline = simulate_system(Scenario.load(SCENARIO), piece, "nitsum", 2, 1.0, 30.0, kv)
-    assert [e["deployment"] for e in nitsum["epochs"]] == [d.describe() for _, d in timeline]
-    assert [e["admitted_rps"] for e in nitsum["epochs"]] == [d.admitted_rps for _, d in timeline]
+    scenario = with_prepare_ahead(Scenario.load(SCENARIO), meta["prepare_ahead"])
+    _, timeline = simulate_system(scenario, piece, "nitsum", 2, 1.0, 30.0, kv)
+    assert decision_mismatches(nitsum["epochs"], timeline, scenario.settings.switch.switch_s) == []
 
 
 def test_the_kv_connector_is_on_for_vllm_engines_unless_turned_off() -> None:
