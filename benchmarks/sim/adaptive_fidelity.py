@@ -103,7 +103,7 @@ def runtime_calibration(runs: dict[str, tuple[dict, dict, Path]]) -> dict[int, S
 
 
 def fitted_runtime_calibration(
-    runs: dict[str, tuple[dict, dict, Path]], scenario: Scenario
+    runs: dict[str, tuple[dict, dict, Path]], scenario: Scenario, per_seq: bool = False
 ) -> dict[int, StepCalibration] | None:
     """Per TP degree, ``offset + scale · model`` fitted on the round trips of every logged engine step of the runs
     (``OUT/<system>/steps.csv.gz``, written since the step log existed); ``None`` when no run logged its steps."""
@@ -121,7 +121,10 @@ def fitted_runtime_calibration(
                 comps.setdefault(tp, []).append([int(row[c]) for c in STEP_COLUMNS])
     if not times:
         return None
-    return {tp: fit_step_calibration(model, tp, times[tp], comps[tp], source="serving loop") for tp in sorted(times)}
+    return {
+        tp: fit_step_calibration(model, tp, times[tp], comps[tp], source="serving loop", per_seq=per_seq)
+        for tp in sorted(times)
+    }
 
 
 VARIANTS = ("model", "model+runtime", "replanned")
@@ -137,14 +140,12 @@ def run_compare(args: argparse.Namespace) -> int:
     if not runs:
         raise SystemExit(f"{args.measured}: no finished system run")
     pieces = {p.name: p for p in read_slices(args.slices)}
-    calibration = fitted_runtime_calibration(runs, scenario) or runtime_calibration(runs)
+    fit_on = _runs([Path(m) for m in args.calibrate_on]) if args.calibrate_on else runs
+    calibration = fitted_runtime_calibration(fit_on, scenario, args.per_seq) or runtime_calibration(fit_on)
     calibrated = scenario.model_copy(update={"latency_calibration": calibration})
     print(
         "runtime calibration: "
-        + ", ".join(
-            f"TP{tp} {c.offset_ms:+.2f} ms + {c.scale:.3f}× ({c.steps} steps, {c.source})"
-            for tp, c in calibration.items()
-        )
+        + ", ".join(f"TP{tp} {c.describe()} ({c.steps} steps, {c.source})" for tp, c in calibration.items())
     )
     rows: list[dict[str, object]] = []
     real: dict[str, Timings] = {}
@@ -260,6 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--slices", type=Path, default=SLICES)
     c.add_argument("--out-csv", default="")
     c.add_argument("--plot", default="")
+    c.add_argument(
+        "--calibrate-on",
+        nargs="+",
+        default=[],
+        help="OUT folders whose logged steps fit the calibration (default: the --measured ones); for held-out checks",
+    )
+    c.add_argument(
+        "--per-seq",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit a cost per scheduled sequence too (offset + scale · model + c · sequences; default on)",
+    )
     args = ap.parse_args(argv)
     return make_slice(args) if args.cmd == "slice" else run_compare(args)
 

@@ -137,9 +137,7 @@ class Scenario(Frozen):
         model, source = self._base_iteration_model()
         if not self.latency_calibration:
             return model, source
-        cal = ", ".join(
-            f"TP{tp}: {c.offset_ms:+.2f} ms + {c.scale:.3f}×" for tp, c in sorted(self.latency_calibration.items())
-        )
+        cal = ", ".join(f"TP{tp}: {c.describe()}" for tp, c in sorted(self.latency_calibration.items()))
         try:
             return CalibratedModel(model, self.latency_calibration), f"{source}, calibrated ({cal})"
         except ValueError as exc:

@@ -54,6 +54,25 @@ def test_fit_recovers_a_known_offset_and_scale() -> None:
     assert cal.steps == 200 and cal.source == "synthetic"
 
 
+def test_fit_recovers_a_known_cost_per_sequence() -> None:
+    model, comps = LinearModel(), _steps()
+    predicted_ms = np.array([model.predict_ms(2, *map(int, row)) for row in comps])
+    seqs = comps[:, 0] + comps[:, 3]
+    times_s = (1.0 + 1.1 * predicted_ms + 0.05 * seqs) / 1000.0
+    cal = fit_step_calibration(model, 2, times_s, comps, per_seq=True)
+    assert (cal.offset_ms, cal.scale, cal.per_seq_ms) == pytest.approx((1.0, 1.1, 0.05), abs=1e-9)
+    assert fit_step_calibration(model, 2, times_s, comps).per_seq_ms == 0.0  # only when asked for
+
+
+def test_calibrated_model_adds_the_cost_per_sequence_of_each_step() -> None:
+    cal = StepCalibration(offset_ms=1.0, scale=1.0, per_seq_ms=0.1)
+    model = CalibratedModel(LinearModel(), {1: cal})
+    rows = [(1, 1, 500, 125_250, 8, 8000), (1, 0, 0, 0, 32, 32_000)]
+    base = LinearModel().predict_batch_ms(np.array(rows, dtype=float))
+    assert model.predict_batch_ms(np.array(rows)) == pytest.approx(1.0 + base + 0.1 * np.array([9, 32]))
+    assert [model.predict_ms(*r) for r in rows] == pytest.approx(1.0 + base + 0.1 * np.array([9, 32]))
+
+
 @pytest.mark.parametrize(
     ("tp", "times", "comps", "match"),
     [

@@ -255,24 +255,39 @@ def test_the_committed_adaptive_run_decided_what_the_simulator_decides(run: str)
     assert read_measured(folder / "nitsum" / "measured.csv", [piece])[piece.name].completed.all()
 
 
-def test_the_adaptive_comparison_script_reproduces_its_committed_table(tmp_path: Path) -> None:
-    """``benchmarks/sim/adaptive_fidelity.py compare`` on the committed 2×H200 runs: the same rows as the committed
-    CSV (systems × simulated variants × tiers), the measured side identical and the simulated side within 1 point."""
-    import csv
+def _script(name: str):  # type: ignore[no-untyped-def]
+    """A ``benchmarks/sim`` script as a module."""
     import importlib.util
 
-    warnings.simplefilter("ignore")
-    spec = importlib.util.spec_from_file_location("adaptive_fidelity", ROOT / "benchmarks/sim/adaptive_fidelity.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks/sim" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    runs = ROOT / "benchmarks/gpu/results/adaptive-h200x2-2026-11-23"
+    return module
+
+
+@pytest.mark.parametrize(
+    ("runs", "table"),
+    [
+        ("adaptive-h200x2-2026-11-23", "adaptive-fidelity-h200x2.csv"),
+        ("adaptive-h200x2-2026-11-23b", "adaptive-fidelity-h200x2-prepared.csv"),
+    ],
+)
+def test_the_adaptive_comparison_script_reproduces_its_committed_table(tmp_path: Path, runs: str, table: str) -> None:
+    """``benchmarks/sim/adaptive_fidelity.py compare`` on committed 2×H200 runs: the same rows as the committed
+    CSV (systems × simulated variants × tiers), the measured side identical and the simulated side within 1 point.
+    The second run logged its steps, so its ``model+runtime`` variant is calibrated on them (offset, scale and a
+    cost per sequence)."""
+    import csv
+
+    warnings.simplefilter("ignore")
+    folder = ROOT / "benchmarks/gpu/results" / runs
     out = tmp_path / "adaptive.csv"
-    argv = ["compare", "--measured", str(runs / "nitsum"), str(runs / "static"), "--out-csv", str(out)]
+    argv = ["compare", "--measured", str(folder / "nitsum"), str(folder / "static"), "--out-csv", str(out)]
     argv += ["--scenario", str(ROOT / "examples/scenarios/llama8b-tight.yaml")]
     argv += ["--slices", str(ROOT / "benchmarks/gpu/adaptive/slices.csv")]
-    assert module.main(argv) == 0
-    committed = list(csv.DictReader((ROOT / "benchmarks/sim/adaptive-fidelity-h200x2.csv").open()))
+    assert _script("adaptive_fidelity").main(argv) == 0
+    committed = list(csv.DictReader((ROOT / "benchmarks/sim" / table).open()))
     fresh = list(csv.DictReader(out.open()))
     assert [(r["system"], r["variant"], r["tier"]) for r in fresh] == [
         (r["system"], r["variant"], r["tier"]) for r in committed
@@ -280,3 +295,33 @@ def test_the_adaptive_comparison_script_reproduces_its_committed_table(tmp_path:
     for a, b in zip(fresh, committed, strict=True):
         assert a["real_attainment"] == b["real_attainment"]
         assert float(a["sim_attainment"]) == pytest.approx(float(b["sim_attainment"]), abs=0.01), (a, b)
+
+
+def test_the_runtime_step_table_reproduces_and_shows_the_kv_connector_cost_at_tp2(tmp_path: Path) -> None:
+    """``benchmarks/sim/runtime_steps.py`` on the committed 2×H200 step logs (static TP 1 and TP 2, KV connector on
+    and off): the committed CSV comes out again, and what RESULTS says of it holds: with the connector, TP 2 decode
+    steps are slower (p50 step over model higher in every well-populated bucket), TP 1 steps are not (within 5 %)."""
+    import csv
+
+    warnings.simplefilter("ignore")
+    folder = ROOT / "benchmarks/gpu/results/adaptive-h200x2-2026-11-23b"
+    out = tmp_path / "steps.csv"
+    argv = ["--measured", str(folder / "static"), str(folder / "static-no-kv-connector"), str(folder / "nitsum")]
+    argv += ["--scenario", str(ROOT / "examples/scenarios/llama8b-tight.yaml"), "--out-csv", str(out)]
+    assert _script("runtime_steps").main(argv) == 0
+    fresh = list(csv.DictReader(out.open()))
+    assert fresh == list(csv.DictReader((ROOT / "benchmarks/sim/runtime-steps-h200x2.csv").open()))
+    ratio = {
+        (r["run"].split(" (")[0].split("/")[0], r["instance"], r["batch"]): float(r["step_over_model"])
+        for r in fresh
+        if r["step_over_model"] and int(r["steps"]) >= 1000
+    }
+    for batch in ("8-15", "16-31"):
+        on, off = (
+            ratio[("static", "g0-tp2-colocated", batch)],
+            ratio[("static-no-kv-connector", "g0-tp2-colocated", batch)],
+        )
+        assert on > off + 0.03, (batch, on, off)
+    for (run, instance, batch), r in ratio.items():
+        if instance.endswith("tp1-colocated") and run == "static":
+            assert r == pytest.approx(ratio[("static-no-kv-connector", instance, batch)], abs=0.05)
