@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nitsum_opt.sim.fidelity import STEP_COLUMNS, slice_control
+from nitsum_opt.sim.fidelity import slice_control
+from nitsum_opt.sim.runtime_calibration import SERVING_STEP_HEADER
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, read_slices
 from nitsum_runtime.adaptive import AdaptiveServer
@@ -106,12 +107,9 @@ def serve_system(
     }
 
 
-SERVING_STEP_HEADER = ("instance", "round_trip_s", "step_time_s", *STEP_COLUMNS)
-"""Columns of ``OUT/<system>/steps.csv.gz``: the serving loop's step log (:attr:`ServingResult.step_log`)."""
-
-
 def write_serving_steps(path: Path, rows: list[tuple[str, float, float, int, int, int, int, int]]) -> None:
-    """The step log as gzip CSV (:data:`SERVING_STEP_HEADER`)."""
+    """The step log as gzip CSV (:data:`~nitsum_opt.sim.runtime_calibration.SERVING_STEP_HEADER`, read back by
+    :func:`~nitsum_opt.sim.runtime_calibration.read_serving_steps`)."""
     with gzip.open(path, "wt", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(SERVING_STEP_HEADER)

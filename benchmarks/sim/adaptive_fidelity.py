@@ -15,18 +15,15 @@ the simulator. Usage:
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from nitsum_opt.sim.calibration import StepCalibration, fit_step_calibration
+from nitsum_opt.sim.calibration import StepCalibration
 from nitsum_opt.sim.decisions import decision_mismatches
 from nitsum_opt.sim.fidelity import (
-    STEP_COLUMNS,
     Timings,
     compare,
     format_rows,
@@ -36,6 +33,7 @@ from nitsum_opt.sim.fidelity import (
     with_prepare_ahead,
     write_comparison_csv,
 )
+from nitsum_opt.sim.runtime_calibration import fit_runtime_calibration
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, make_slices, read_slices, write_slices
 
@@ -103,28 +101,17 @@ def runtime_calibration(runs: dict[str, tuple[dict, dict, Path]]) -> dict[int, S
 
 
 def fitted_runtime_calibration(
-    runs: dict[str, tuple[dict, dict, Path]], scenario: Scenario, per_seq: bool = False
+    runs: dict[str, tuple[dict, dict, Path]], scenario: Scenario, per_seq: bool = True
 ) -> dict[int, StepCalibration] | None:
-    """Per TP degree, ``offset + scale · model`` fitted on the round trips of every logged engine step of the runs
-    (``OUT/<system>/steps.csv.gz``, written since the step log existed); ``None`` when no run logged its steps."""
-    model, _ = scenario.iteration_model()
-    times: dict[int, list[float]] = {}
-    comps: dict[int, list[list[int]]] = {}
-    for system, (_, _, folder) in runs.items():
-        path = folder / system / "steps.csv.gz"
-        if not path.is_file():
-            continue
-        with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
-            for row in csv.DictReader(fh):
-                tp = int(row["instance"].split("-tp")[1].split("-")[0])
-                times.setdefault(tp, []).append(float(row["round_trip_s"]))
-                comps.setdefault(tp, []).append([int(row[c]) for c in STEP_COLUMNS])
-    if not times:
+    """Per TP degree, the calibration fitted on the round trips of every logged engine step of the runs
+    (:func:`~nitsum_opt.sim.runtime_calibration.fit_runtime_calibration` on ``OUT/<system>/steps.csv.gz``, written
+    since the step log existed); ``None`` when no run logged its steps."""
+    logs = [folder / system / "steps.csv.gz" for system, (_, _, folder) in runs.items()]
+    logs = [p for p in logs if p.is_file()]
+    if not logs:
         return None
-    return {
-        tp: fit_step_calibration(model, tp, times[tp], comps[tp], source="serving loop", per_seq=per_seq)
-        for tp in sorted(times)
-    }
+    model, _ = scenario.iteration_model()
+    return fit_runtime_calibration(logs, model, per_seq=per_seq)
 
 
 VARIANTS = ("model", "model+runtime", "replanned")

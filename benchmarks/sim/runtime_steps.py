@@ -15,8 +15,6 @@ Usage: ``python benchmarks/sim/runtime_steps.py --measured OUT [OUT ...] [--out-
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import json
 import warnings
 from pathlib import Path
@@ -24,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from nitsum_opt.sim.calibration import fit_step_calibration, predicted_steps_ms
-from nitsum_opt.sim.fidelity import STEP_COLUMNS, format_cell, write_comparison_csv
+from nitsum_opt.sim.fidelity import format_cell, write_comparison_csv
+from nitsum_opt.sim.runtime_calibration import read_serving_steps, tp_of
 from nitsum_opt.sim.scenario import Scenario
 
 SCENARIO = Path("examples/scenarios/llama8b-tight.yaml")
@@ -34,32 +33,6 @@ MIN_BUCKET_STEPS = 20
 KEYS = ("run", "instance", "tp", "batch", "steps")
 FIT_COLUMNS = ("step_offset_ms", "step_scale", "round_trip_offset_ms", "round_trip_scale")
 BUCKET_COLUMNS = ("step_p50_ms", "model_p50_ms", "step_over_model", "round_trip_p50_ms")
-
-
-def tp_of(instance: str) -> int:
-    """The TP degree in a serving instance key (``g0-tp2-colocated`` → 2)."""
-    try:
-        return int(instance.split("-tp")[1].split("-")[0])
-    except (IndexError, ValueError):
-        raise ValueError(f"instance {instance!r}: expected a key like 'g0-tp2-colocated'") from None
-
-
-def read_serving_steps(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per instance of a step log: (seconds inside vLLM, round-trip seconds, compositions as rows of
-    :data:`~nitsum_opt.sim.fidelity.STEP_COLUMNS`)."""
-    rows: dict[str, list[list[float]]] = {}
-    with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
-        for line, row in enumerate(csv.DictReader(fh), start=2):
-            try:
-                values = [float(row["step_time_s"]), float(row["round_trip_s"]), *(int(row[c]) for c in STEP_COLUMNS)]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise SystemExit(f"{path}:{line}: not a serving step row ({exc}); written by bench_adaptive?") from None
-            rows.setdefault(row["instance"], []).append(values)
-    out = {}
-    for instance, values in rows.items():
-        arr = np.asarray(values, dtype=float)
-        out[instance] = (arr[:, 0], arr[:, 1], arr[:, 2:].astype(np.int64))
-    return out
 
 
 def instance_rows(label: str, instance: str, steps: tuple[np.ndarray, np.ndarray, np.ndarray], model: object) -> list:

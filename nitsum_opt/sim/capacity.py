@@ -84,16 +84,22 @@ def _quiet(fn: Callable[P, T]) -> Callable[P, T]:
 
 @_quiet
 def slo_safe_seqs(
-    model: IterationTimeModel, tp: int, role: Role, slo: SloTarget, mix: LengthMix | MixStats, engine: EngineSettings
+    model: IterationTimeModel,
+    tp: int,
+    role: Role,
+    slo: SloTarget,
+    mix: LengthMix | MixStats,
+    engine: EngineSettings,
+    safety: float = SAFETY,
 ) -> int:
-    """Largest number of requests one engine holds at once with its mean step within ``SAFETY`` of the TPOT
+    """Largest number of requests one engine holds at once with its mean step within ``safety`` of the TPOT
     target (decode, colocated: the colocated step includes the prefill work of its batch) or its queued prompts
-    within ``SAFETY`` of the TTFT target (prefill); capped by the KV cache and ``max_num_seqs``; at least 1."""
+    within ``safety`` of the TTFT target (prefill); capped by the KV cache and ``max_num_seqs``; at least 1."""
     mix = MixStats.of(mix)
     cap = min(engine.max_num_seqs, _kv_seqs(model, tp, mix))
     if role is Role.PREFILL:
-        return max(1, min(engine.max_num_seqs, int(SAFETY * slo.ttft_slo_ms / _prefill_ms(model, tp, mix))))
-    target = SAFETY * slo.tpot_slo_ms
+        return max(1, min(engine.max_num_seqs, int(safety * slo.ttft_slo_ms / _prefill_ms(model, tp, mix))))
+    target = safety * slo.tpot_slo_ms
     step = _decode_ms if role is Role.DECODE else colocated_step_ms
     lo, hi = 1, cap
     if step(model, tp, 1, mix) > target:
@@ -108,10 +114,12 @@ def slo_safe_seqs(
 
 
 @_quiet
-def slo_token_budget(model: IterationTimeModel, tp: int, tpot_slo_ms: float, mix: LengthMix | MixStats) -> int:
+def slo_token_budget(
+    model: IterationTimeModel, tp: int, tpot_slo_ms: float, mix: LengthMix | MixStats, safety: float = SAFETY
+) -> int:
     """Largest step token budget (a multiple of 256, at least 512) whose step — one prefill chunk of that many
     tokens at the mix's mean prompt offset plus 16 decoding requests at the mean context — stays within
-    ``SAFETY`` of ``tpot_slo_ms``: the chunk size that keeps one prefill from breaking the tier's TPOT."""
+    ``safety`` of ``tpot_slo_ms``: the chunk size that keeps one prefill from breaking the tier's TPOT."""
     mix = MixStats.of(mix)
     ctx = int(16 * (mix.mean_input_tokens + mix.mean_output_tokens / 2.0))
     offset = mix.mean_input_tokens / 2.0
@@ -121,7 +129,7 @@ def slo_token_budget(model: IterationTimeModel, tp: int, tpot_slo_ms: float, mix
         return model.predict_ms(tp, 1, tokens, pairs, 16, ctx)
 
     budget = 512
-    while budget < 65536 and step_ms(budget + 256) <= SAFETY * tpot_slo_ms:
+    while budget < 65536 and step_ms(budget + 256) <= safety * tpot_slo_ms:
         budget += 256
     return budget
 

@@ -89,6 +89,13 @@ class SimSettings(Frozen):
     """SLO percentile the controllers build capacity tables for when it is above a tier's own (``None``: the tier's).
     ``R[t,c]`` is the rate at which exactly that share of requests meets the SLO; planning at a higher share
     leaves the headroom that keeps admitted traffic above the tier's percentile under real (bursty) arrivals."""
+    seat_safety: float = Field(default=0.85, gt=0, le=1, allow_inf_nan=False)
+    """Share of a tier's TPOT target an instance's mean step may take when the controllers set its SLO-safe
+    capacity (seats) and its SLO-aware step budget, and share of the TTFT target a prefill instance's queue may
+    take (:func:`nitsum_opt.sim.capacity.slo_safe_seqs`); the rest absorbs the variance the mean step does not
+    show. With a TPOT target close to the decode step (``examples/scenarios/llama8b-tight.yaml`` calibrated on
+    the runtime) 0.85 leaves a TP 1 engine 3–4 seats and queues requests that would have met their SLO
+    (``benchmarks/RESULTS.md``, "Seat safety at a tight TPOT")."""
     max_jump_steps: int = Field(default=1_000_000, ge=1)
     """Most decode steps one fast-forward jump covers (bounds the secant approximation for models that are
     not affine in the decode context)."""

@@ -136,10 +136,11 @@ def tuning_table(
         mix = MixStats.of(mixes.get(t.name, FALLBACK_MIX))
         for tp in ctx.tps:
             budget = min(
-                ctx.settings.engine.max_num_batched_tokens, slo_token_budget(ctx.model, tp, t.tpot_slo_ms, mix)
+                ctx.settings.engine.max_num_batched_tokens,
+                slo_token_budget(ctx.model, tp, t.tpot_slo_ms, mix, ctx.settings.seat_safety),
             )
             for role in Role:
-                seqs = slo_safe_seqs(ctx.model, tp, role, t.slo, mix, ctx.settings.engine)
+                seqs = slo_safe_seqs(ctx.model, tp, role, t.slo, mix, ctx.settings.engine, ctx.settings.seat_safety)
                 out[t.name, tp, role] = (seqs, None if role is Role.PREFILL else budget)
     return out
 
@@ -199,7 +200,9 @@ def seats_table(ctx: ControlContext, mixes: dict[str, LengthMix]) -> dict[tuple[
         for tp in ctx.tps:
             for role in Role:
                 out[host.name, tp, role] = {
-                    u.name: slo_safe_seqs(ctx.model, tp, role, host.slo, stats[u.name], ctx.settings.engine)
+                    u.name: slo_safe_seqs(
+                        ctx.model, tp, role, host.slo, stats[u.name], ctx.settings.engine, ctx.settings.seat_safety
+                    )
                     for u in ctx.tiers
                 }
     return out

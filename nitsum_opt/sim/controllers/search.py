@@ -161,7 +161,8 @@ def strictest_budget(ev: StaticEvaluator, tp: int) -> int:
     mixes = hindsight_mixes(ev.trace)
     tier = min(ev.tiers, key=lambda t: t.tpot_slo_ms)
     mix = mixes.get(tier.name, FALLBACK_MIX)
-    return min(ev.settings.engine.max_num_batched_tokens, slo_token_budget(ev.model, tp, tier.tpot_slo_ms, mix))
+    budget = slo_token_budget(ev.model, tp, tier.tpot_slo_ms, mix, ev.settings.seat_safety)
+    return min(ev.settings.engine.max_num_batched_tokens, budget)
 
 
 def vllm_candidates(ev: StaticEvaluator, priority: bool, tuned: bool) -> list[Deployment]:
