@@ -224,3 +224,27 @@ def test_overload_admission_scales_only_tiers_short_of_capacity() -> None:
     assert calls and scaled > 0, "the trace must overload a tier"
     with pytest.raises(ValueError, match="overload_admission=0"):
         NitsumController("nitsum", MilpPlanner(), overload_admission=0.0)
+
+
+def test_seat_safety_sets_how_much_of_the_tpot_target_seats_and_budgets_may_take() -> None:
+    import dataclasses
+
+    from nitsum_opt.models.spec import LengthMix, Role
+    from nitsum_opt.sim.controllers.planning import seats_table, tuning_table
+    from nitsum_opt.sim.settings import SimSettings
+
+    ev = _evaluator(poisson_trace(5.0, 30.0), 8)
+    mixes = {"chat": LengthMix.single(500, 100), "batch": LengthMix.single(4000, 400)}
+
+    def tuned(safety: float) -> tuple[dict, dict]:
+        ctx = dataclasses.replace(ev.ctx, settings=ev.ctx.settings.model_copy(update={"seat_safety": safety}))
+        return tuning_table(ctx, mixes), seats_table(ctx, mixes)
+
+    (loose, loose_seats), (tight, tight_seats) = tuned(1.0), tuned(0.6)
+    assert ev.ctx.settings.seat_safety == 0.85  # the default
+    assert tight["chat", 1, Role.COLOCATED][0] < loose["chat", 1, Role.COLOCATED][0]
+    assert tight["chat", 1, Role.PREFILL][0] < loose["chat", 1, Role.PREFILL][0]
+    assert tight["chat", 1, Role.DECODE][1] <= loose["chat", 1, Role.DECODE][1]  # the step budget
+    assert tight_seats["chat", 1, Role.DECODE]["batch"] <= loose_seats["chat", 1, Role.DECODE]["batch"]
+    with pytest.raises(ValueError, match="seat_safety"):
+        SimSettings(seat_safety=1.2)
