@@ -44,8 +44,9 @@ class Scenario(Frozen):
     """``auto`` (the bundled fitted latency model of the model × GPU when one exists, else the roofline),
     ``roofline`` (:class:`RooflineIterationModel` on ``gpu``), or the path of a fitted performance-model JSON."""
     latency_calibration: dict[int, StepCalibration] = Field(default_factory=dict)
-    """Per TP degree, ``offset_ms`` and ``scale`` applied to every step time of ``latency_model`` (fitted on the
-    steps a real engine ran on this host: :mod:`nitsum_opt.sim.calibration`); empty: the model as it is."""
+    """Per TP degree, ``offset_ms``, ``scale`` and ``per_seq_ms`` applied to every step time of ``latency_model``
+    (fitted on the steps a real engine ran on this host: :mod:`nitsum_opt.sim.calibration`, or on the runtime's own
+    logged steps: :mod:`nitsum_opt.sim.runtime_calibration`); empty: the model as it is."""
     gpu: GpuSpec = H200
     """Datasheet numbers for the roofline fallback."""
     tiers: tuple[Tier, ...] = Field(default_factory=default_tiers, min_length=1)

@@ -64,3 +64,26 @@ def test_bad_logs_name_the_file_and_line(tmp_path: Path) -> None:
         read_serving_steps(path)
     with pytest.raises(ValueError, match="no step logs"):
         fit_runtime_calibration([], LinearModel())
+
+
+def test_the_bundled_runtime_scenario_carries_the_calibration_of_the_committed_logs() -> None:
+    """``examples/scenarios/llama8b-tight-h200x2-runtime.yaml`` says its calibration was fitted on the committed
+    2×H200 step logs: refitting them gives the same numbers (to the digits written)."""
+    import warnings
+
+    from nitsum_opt.sim.scenario import Scenario
+
+    warnings.simplefilter("ignore")
+    root = Path(__file__).resolve().parents[2]
+    runs = root / "benchmarks/gpu/results/adaptive-h200x2-2026-11-23b"
+    logs = [runs / "nitsum/nitsum/steps.csv.gz", *sorted((runs / "static").glob("*/steps.csv.gz"))]
+    scenario = Scenario.load(root / "examples/scenarios/llama8b-tight-h200x2-runtime.yaml")
+    base = scenario.model_copy(update={"latency_calibration": {}})
+    fitted = fit_runtime_calibration(logs, base.iteration_model()[0])
+    assert sorted(scenario.latency_calibration) == sorted(fitted) == [1, 2]
+    for tp, cal in scenario.latency_calibration.items():
+        assert cal.offset_ms == pytest.approx(fitted[tp].offset_ms, abs=1e-4)
+        assert cal.scale == pytest.approx(fitted[tp].scale, abs=1e-4)
+        assert cal.per_seq_ms == pytest.approx(fitted[tp].per_seq_ms, abs=1e-5)
+        assert cal.steps == fitted[tp].steps
+    assert scenario.cluster.total_gpus == 2 and scenario.settings.seat_safety == 0.95
