@@ -13,6 +13,7 @@ from nitsum_opt.cli.app import app, console
 
 # Command modules: importing them registers their commands on `app`.
 from nitsum_opt.cli import bench_cmd  # noqa: F401  isort: skip
+from nitsum_opt.cli import calibrate_cmd  # noqa: F401  isort: skip
 from nitsum_opt.cli import models_cmd  # noqa: F401  isort: skip
 from nitsum_opt.cli import plan_cmd  # noqa: F401  isort: skip
 from nitsum_opt.cli import sim_cmd  # noqa: F401  isort: skip

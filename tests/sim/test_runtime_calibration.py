@@ -87,3 +87,41 @@ def test_the_bundled_runtime_scenario_carries_the_calibration_of_the_committed_l
         assert cal.per_seq_ms == pytest.approx(fitted[tp].per_seq_ms, abs=1e-5)
         assert cal.steps == fitted[tp].steps
     assert scenario.cluster.total_gpus == 2 and scenario.settings.seat_safety == 0.95
+
+
+def test_calibrate_command_prints_the_scenario_block_that_reproduces_the_bundled_runtime_scenario(
+    tmp_path: Path,
+) -> None:
+    """``nitsum calibrate --scenario llama8b-tight.yaml LOGS...`` on the committed 2×H200 step logs prints the
+    calibration that ``llama8b-tight-h200x2-runtime.yaml`` carries; bad input exits 2 naming the problem."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from nitsum_opt.cli import app
+
+    root = Path(__file__).resolve().parents[2]
+    runs = root / "benchmarks/gpu/results/adaptive-h200x2-2026-11-23b"
+    logs = [str(runs / "nitsum/nitsum/steps.csv.gz"), *map(str, sorted((runs / "static").glob("*/steps.csv.gz")))]
+    scenario = str(root / "examples/scenarios/llama8b-tight.yaml")
+    runner = CliRunner()
+    out = runner.invoke(app, ["calibrate", "--scenario", scenario, *logs])
+    assert out.exit_code == 0, out.output
+    block = yaml.safe_load(out.output.split("Add to the scenario YAML:")[1])["latency_calibration"]
+    bundled = yaml.safe_load((root / "examples/scenarios/llama8b-tight-h200x2-runtime.yaml").read_text())
+    for tp, cal in bundled["latency_calibration"].items():
+        assert block[tp]["offset_ms"] == pytest.approx(cal["offset_ms"], abs=1e-4)
+        assert block[tp]["per_seq_ms"] == pytest.approx(cal["per_seq_ms"], abs=1e-5)
+        assert block[tp]["steps"] == cal["steps"]
+    as_json = runner.invoke(app, ["calibrate", "--json", "--no-per-seq", "--scenario", scenario, logs[0]])
+    assert as_json.exit_code == 0 and json_per_seq(as_json.output) == {0.0}
+    missing = runner.invoke(app, ["calibrate", "--scenario", scenario, str(tmp_path / "none.csv.gz")])
+    assert missing.exit_code == 2 and "no such step log" in missing.output
+    bad = _write_log(tmp_path / "bad.csv.gz", [("g0-colocated", 0.01, 0.01, 0, 0, 0, 1, 100)])
+    wrong = runner.invoke(app, ["calibrate", "--scenario", scenario, str(bad)])
+    assert wrong.exit_code == 2 and "bad.csv.gz:2" in wrong.output
+
+
+def json_per_seq(text: str) -> set[float]:
+    import json
+
+    return {c["per_seq_ms"] for c in json.loads(text).values()}
