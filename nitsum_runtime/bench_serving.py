@@ -40,7 +40,7 @@ from nitsum_opt.sim.deployment import Deployment
 from nitsum_opt.sim.slices import TraceSlice, read_slices
 from nitsum_opt.spec import Tier
 from nitsum_runtime.bench_fidelity import WARMUP_REQUESTS, write_rows
-from nitsum_runtime.bench_pool import resident_store
+from nitsum_runtime.bench_pool import release_resident_store, resident_store
 from nitsum_runtime.pool import EnginePool
 from nitsum_runtime.serving import PlanServer, ServingResult, TieredRequest
 from nitsum_runtime.vllm_pool import VllmPoolSettings, build_vllm_pool, close_pool
@@ -270,7 +270,7 @@ def started_pool(
         finally:
             (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
             close_pool(base)
-            del stores
+            release_resident_store(stores)
 
 
 def engine_target(engines: str, meta: dict[str, Any]) -> Any:

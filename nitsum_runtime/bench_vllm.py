@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from nitsum_opt.models.spec import ModelSpec
+from nitsum_runtime.bench_pool import release_resident_store
 from nitsum_runtime.engine_handle import EngineHandle
 from nitsum_runtime.vllm_scenario import run_scenario
 from nitsum_runtime.weights import ResidentWeightStore
@@ -113,7 +114,7 @@ def run_vllm_switch(
         finally:
             for e in engines.values():
                 e.close()
-            del stores
+            release_resident_store(stores)
             save()
     return summary
 

@@ -10,6 +10,9 @@
 #                                                   # (TP1->TP2->TP1 with --world 2) + 100 switches, ~5.5 min on
 #                                                   # 4 GPUs, ~3.5 on 2 (needs vLLM in /tmp/site; <= 560 s)
 #   bash benchmarks/gpu/run_runtime_h200.sh vllm-test|pool-test|kv|switch|tests   # single steps
+#   VLLM_BATCH_INVARIANT=0 NITSUM_MIN_GPUS=2 bash benchmarks/gpu/run_runtime_h200.sh adaptive-test
+#                                                   # the control loop's GPU test (tests/runtime/test_gpu_adaptive.py,
+#                                                   # ~6 min; needs vLLM and OR-Tools in /tmp/site)
 #
 # CPU dry run of the same steps (what CI-like checks use): NITSUM_MIN_GPUS=0
 #   NITSUM_BENCH_ARGS="--model tiny --backend gloo --world 2 --quick --dtype float32 --tolerance 1e-3"
@@ -98,11 +101,14 @@ case $part in
     esac
     if [ "$part" = pool-test ]; then pytest_gpu gpu_pool_test 560 "100_switches" test_gpu_vllm_pool.py
     else step pool 560 python3 -m nitsum_runtime.gpu_bench pool --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
+  adaptive-test)
+    have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; }
+    pytest_gpu gpu_adaptive_test 560 "switches_tp" test_gpu_adaptive.py ;;
   vllm|vllm-test)
     have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; }
     if [ "$part" = vllm-test ]; then pytest_gpu gpu_vllm_test 240 "vllm"
     else step vllm 540 python3 -m nitsum_runtime.gpu_bench vllm --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
-  *) say "unknown part $part (core|vllm|pool|pool-kv|pool-kv-test|rerun|vllm-test|pool-test|tests|kv|switch)"; exit 2 ;;
+  *) say "unknown part $part (core|vllm|pool|pool-kv|pool-kv-test|rerun|vllm-test|pool-test|adaptive-test|tests|kv|switch)"; exit 2 ;;
 esac
 nvidia-smi --query-gpu=index,memory.used --format=csv 2>&1 | tee -a "$log"
 { echo "# Runtime on H200 ($part), status $status"; echo; for f in "$OUT"/*/report.md; do [ -f "$f" ] && cat "$f" && echo; done; } > "$OUT/REPORT_$part.md"

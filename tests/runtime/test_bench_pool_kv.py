@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from nitsum_opt.models.spec import ModelSpec
+from nitsum_runtime.bench_pool import release_resident_store
 from nitsum_runtime.bench_pool_kv import bulk_lines, run_bulk_migrations
 from nitsum_runtime.executor import TransitionReport
 from nitsum_runtime.ref_cluster import RankCluster
@@ -79,3 +80,16 @@ def test_committed_4_gpu_run_reads_back() -> None:
     lines, ok = bulk_lines(summary)
     assert ok and any("= 0.77 x NCCL p2p" in x for x in lines)
     assert all(x in report for x in kv_lines(summary) + [x for x in lines if x])
+
+
+def test_release_resident_store_drops_the_stores_it_was_given() -> None:
+    import weakref
+
+    class Store:  # stands in for a ResidentWeightStore: only its lifetime matters here
+        pass
+
+    stores = [Store(), Store()]
+    alive = [weakref.ref(s) for s in stores]
+    release_resident_store(stores)
+    assert stores == [] and all(ref() is None for ref in alive)
+    release_resident_store(None)  # the toy engines publish no store

@@ -5,6 +5,7 @@ simulator-side comparison; and the plans file's checks."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from nitsum_opt.sim.deployment import DeployedInstance, Deployment
 from nitsum_opt.sim.fidelity import read_measured
 from nitsum_opt.sim.slices import TraceSlice, write_slices
 from nitsum_opt.spec import Tier
-from nitsum_runtime.bench_serving import ServingPlans, parse_args, run
+from nitsum_runtime.bench_serving import ServingPlans
 
 TIERS = (Tier(name="chat", ttft_slo_ms=500, tpot_slo_ms=50), Tier(name="batch", ttft_slo_ms=5000, tpot_slo_ms=200))
 
@@ -39,7 +40,9 @@ def _plans(runs: tuple[tuple[str, str], ...]) -> ServingPlans:
     return ServingPlans(model="llama-3.1-8b", tiers=TIERS, deployments={"pd": pd, "tiered": colo}, runs=runs)
 
 
-def test_dry_run_on_toy_engines_writes_what_the_comparison_reads(tmp_path: Path) -> None:
+def test_dry_run_on_toy_engines_writes_what_the_comparison_reads(
+    tmp_path: Path, run_module: Callable[..., int]
+) -> None:
     n = 16
     piece = TraceSlice(
         name="tiny",
@@ -54,7 +57,8 @@ def test_dry_run_on_toy_engines_writes_what_the_comparison_reads(tmp_path: Path)
     (tmp_path / "plans.json").write_text(plans.model_dump_json())
     out = tmp_path / "out"
     args = ["--plans", str(tmp_path / "plans.json"), "--slices", str(tmp_path / "slices.csv"), "--out", str(out)]
-    assert run(parse_args([*args, "--engines", "toy", "--drain-s", "30"])) == 0
+    # as the GPU test runs it: the command line, in a child process
+    assert run_module("nitsum_runtime.bench_serving", [*args, "--engines", "toy", "--drain-s", "30"]) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert set(meta["runs"]) == {"pd/tiny", "tiered/tiny"} and meta["engines"] == "toy"
     assert meta["runs"]["pd/tiny"]["handoffs"] == n - 1  # every request with more than one token

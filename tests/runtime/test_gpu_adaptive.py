@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,6 @@ from nitsum_opt.sim.decisions import decision_mismatches
 from nitsum_opt.sim.fidelity import simulate_system, with_prepare_ahead
 from nitsum_opt.sim.scenario import Scenario
 from nitsum_opt.sim.slices import TraceSlice, read_slices, write_slices
-from nitsum_runtime.bench_adaptive import parse_args, run
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +28,7 @@ GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 @pytest.mark.skipif(GPUS < 2 or importlib.util.find_spec("vllm") is None, reason="needs 2 GPUs and vLLM")
-def test_nitsum_switches_tp_mid_serve_on_vllm(tmp_path: Path) -> None:
+def test_nitsum_switches_tp_mid_serve_on_vllm(tmp_path: Path, run_module: Callable[..., int]) -> None:
     full = read_slices(ROOT / "benchmarks/gpu/adaptive/slices.csv")[0]
     keep = full.arrival_s < 100.0
     piece = TraceSlice(
@@ -43,7 +43,7 @@ def test_nitsum_switches_tp_mid_serve_on_vllm(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = ["--scenario", str(SCENARIO), "--slices", str(tmp_path / "slices.csv"), "--slice", piece.name]
     argv += ["--systems", "nitsum", "--epoch-s", "15", "--drain-s", "20", "--out", str(out)]
-    assert run(parse_args(argv)) == 0
+    assert run_module("nitsum_runtime.bench_adaptive", argv) == 0  # a child: its GPU memory is freed when it exits
     meta = json.loads((out / "meta.json").read_text())
     info = meta["runs"]["nitsum"]
     kv = {int(tp): n for tp, n in meta["kv_cache_tokens_by_tp"].items()}

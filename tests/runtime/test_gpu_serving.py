@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,6 @@ import torch
 
 from nitsum_opt.sim.fidelity import read_measured
 from nitsum_opt.sim.slices import read_slices
-from nitsum_runtime.bench_serving import parse_args, run
 
 pytestmark = pytest.mark.gpu
 
@@ -24,11 +24,11 @@ GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 @pytest.mark.skipif(GPUS < 2 or importlib.util.find_spec("vllm") is None, reason="needs 2 GPUs and vLLM")
-def test_prefill_decode_hand_offs_migrate_kv_on_vllm(tmp_path: Path) -> None:
+def test_prefill_decode_hand_offs_migrate_kv_on_vllm(tmp_path: Path, run_module: Callable[..., int]) -> None:
     slices = ROOT / "benchmarks/gpu/fidelity/slices.csv"
     args = ["--plans", str(ROOT / "benchmarks/gpu/serving/plans.json"), "--slices", str(slices)]
     args += ["--out", str(tmp_path), "--only", "pd", "--limit", "150", "--drain-s", "30"]
-    assert run(parse_args(args)) == 0
+    assert run_module("nitsum_runtime.bench_serving", args) == 0  # a child: its GPU memory is freed when it exits
     meta = json.loads((tmp_path / "meta.json").read_text())
     first = meta["runs"]["pd/mean-8rps"]
     assert first["requests"] == 150 and first["aborted"] == 0 and first["never_dispatched"] == 0
