@@ -13,6 +13,12 @@
 #   VLLM_BATCH_INVARIANT=0 NITSUM_MIN_GPUS=2 bash benchmarks/gpu/run_runtime_h200.sh adaptive-test
 #                                                   # the control loop's GPU test (tests/runtime/test_gpu_adaptive.py,
 #                                                   # ~6 min; needs vLLM and OR-Tools in /tmp/site)
+#   NITSUM_MIN_GPUS=2 bash benchmarks/gpu/run_runtime_h200.sh all-tests
+#                                                   # every gpu-marked test file, each in a pytest process of its
+#                                                   # own (~17 min on 2 GPUs, so more than one device call's 10 min:
+#                                                   # NITSUM_GPU_TEST_FILES="a.py b.py" picks files): a process that
+#                                                   # ran vLLM engines with resident weights keeps GPU memory, which
+#                                                   # the profiler test, needing 0.9 of a GPU, then lacks
 #
 # CPU dry run of the same steps (what CI-like checks use): NITSUM_MIN_GPUS=0
 #   NITSUM_BENCH_ARGS="--model tiny --backend gloo --world 2 --quick --dtype float32 --tolerance 1e-3"
@@ -101,6 +107,9 @@ case $part in
     esac
     if [ "$part" = pool-test ]; then pytest_gpu gpu_pool_test 560 "100_switches" test_gpu_vllm_pool.py
     else step pool 560 python3 -m nitsum_runtime.gpu_bench pool --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
+  all-tests)
+    files=${NITSUM_GPU_TEST_FILES:-"test_gpu_runtime.py test_gpu_vllm_pool.py test_gpu_serving.py test_gpu_adaptive.py test_profiler_gpu.py"}
+    for f in $files; do pytest_gpu "gpu_${f%.py}" 590 "" "$f"; done ;;
   adaptive-test)
     have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; }
     pytest_gpu gpu_adaptive_test 560 "switches_tp" test_gpu_adaptive.py ;;
@@ -108,7 +117,7 @@ case $part in
     have_vllm || { say "FATAL: vLLM not found; install the bundles into /tmp/site"; exit 2; }
     if [ "$part" = vllm-test ]; then pytest_gpu gpu_vllm_test 240 "vllm"
     else step vllm 540 python3 -m nitsum_runtime.gpu_bench vllm --out "$OUT" ${NITSUM_BENCH_ARGS:-}; fi ;;
-  *) say "unknown part $part (core|vllm|pool|pool-kv|pool-kv-test|rerun|vllm-test|pool-test|adaptive-test|tests|kv|switch)"; exit 2 ;;
+  *) say "unknown part $part (core|vllm|pool|pool-kv|pool-kv-test|rerun|vllm-test|pool-test|adaptive-test|all-tests|tests|kv|switch)"; exit 2 ;;
 esac
 nvidia-smi --query-gpu=index,memory.used --format=csv 2>&1 | tee -a "$log"
 { echo "# Runtime on H200 ($part), status $status"; echo; for f in "$OUT"/*/report.md; do [ -f "$f" ] && cat "$f" && echo; done; } > "$OUT/REPORT_$part.md"
