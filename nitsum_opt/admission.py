@@ -4,13 +4,15 @@ Without shared instances every tier is independent: ``y_t = min(λ_t, prefill si
 instances couple the tiers through the time-sharing rows ``Σ_t x[t,c] / R^s[t,c] <= s[c]``; the best admissions are
 then the small linear program
 
-    max Σ_t w_t y_t   s.t.   m_t λ_t <= y_t <= λ_t,   y_t − Σ_c x[t,c] <= min(P_t, D_t) + Co_t,
+    max Σ_t w_t y_t   s.t.   m_t λ_t <= y_t <= λ_t,   y_t − Σ_{c ∈ P ∪ Co} x[t,c] <= P_t + Co_t,
+                             y_t − Σ_{c ∈ D ∪ Co} x[t,c] <= D_t + Co_t,
                              Σ_t x[t,c] / R^s[t,c] <= s[c],   x >= 0
 
 (the MILP's rows with the counts fixed), solved with HiGHS through SciPy. When the minimum admissions cannot all be
 met, it is solved without them (the plan then breaks them, and ``evaluate_plan`` says so). Each tier's shared rate
-is finally trimmed to what its admission needs (``Σ_c x[t,c] = max(0, y_t − dedicated capacity)``), so a plan's
-``x`` never claims shared capacity a tier does not use.
+is finally trimmed to what its admission needs beyond its dedicated capacity on each side, so a plan's ``x`` never
+claims shared capacity a tier does not use. (With only colocated shared instances the two side rows are one,
+``y_t − Σ_c x[t,c] <= min(P_t, D_t) + Co_t``.)
 
 :func:`prefer_dedicated` turns a solution's shared instances into dedicated ones where that costs nothing (the tie
 between a dedicated instance and a shared one serving the same tier is broken after the solve, not by the solver).
@@ -31,6 +33,9 @@ SharedRates = Mapping[str, Mapping[ServingConfig, float]]
 
 #: Shared rates below this (req/s) are dropped as solver noise.
 _NOISE_RPS = 1e-9
+
+_SIDES = ((Role.PREFILL, Role.COLOCATED), (Role.DECODE, Role.COLOCATED))
+"""Roles on the prefill side and on the decode side of a tier's capacity."""
 
 
 def dedicated_capacity_rps(inp: PlanningInput, counts: Counts, tier: str) -> tuple[float, float]:
@@ -58,13 +63,14 @@ def best_admission(
 ) -> tuple[dict[str, float], dict[str, dict[ServingConfig, float]]]:
     """The admissions ``y_t`` that maximise ``Σ w_t y_t`` for ``counts``, and the shared rates ``x[t,c]`` that carry
     them (trimmed; see the module docstring)."""
-    base = {t.name: min(dedicated_capacity_rps(inp, counts, t.name)) for t in inp.tiers}
+    sides = {t.name: dedicated_capacity_rps(inp, counts, t.name) for t in inp.tiers}
+    base = {name: min(side) for name, side in sides.items()}
     shared = shared_counts(counts)
     if not shared:
         return {t.name: min(inp.demand_rps(t.name), base[t.name]) for t in inp.tiers}, {}
     y, x = (
-        _solve_lp(inp, base, shared, with_minimum=True)
-        or _solve_lp(inp, base, shared, with_minimum=False)
+        _solve_lp(inp, sides, shared, with_minimum=True)
+        or _solve_lp(inp, sides, shared, with_minimum=False)
         or (
             {t.name: min(inp.demand_rps(t.name), base[t.name]) for t in inp.tiers},
             {},
@@ -76,15 +82,23 @@ def best_admission(
 def trim_shared_rates(
     inp: PlanningInput, counts: Counts, admitted_rps: Mapping[str, float], shared_rps: SharedRates
 ) -> dict[str, dict[ServingConfig, float]]:
-    """``shared_rps`` scaled down per tier to what its admission needs beyond its dedicated capacity (scaling
-    down keeps every time-sharing row feasible); entries below solver noise dropped."""
+    """``shared_rps`` scaled down per tier to what its admission needs beyond its dedicated capacity on each side
+    (prefill: shared prefill + colocated rates; decode: shared decode + colocated rates; one factor for all, the
+    larger side's, so both sides stay covered and every time-sharing row stays feasible); entries below solver
+    noise dropped."""
     out: dict[str, dict[ServingConfig, float]] = {}
     for tier, row in shared_rps.items():
         total = sum(v for v in row.values() if v > 0)
         if total <= _NOISE_RPS:
             continue
-        need = max(0.0, admitted_rps.get(tier, 0.0) - min(dedicated_capacity_rps(inp, counts, tier)))
-        scale = min(1.0, need / total)
+        admitted = admitted_rps.get(tier, 0.0)
+        scale = 0.0
+        for side, capacity in zip(_SIDES, dedicated_capacity_rps(inp, counts, tier), strict=True):
+            side_total = sum(v for c, v in row.items() if v > 0 and c.role in side)
+            need = max(0.0, admitted - capacity)
+            if need > 0:
+                scale = max(scale, need / side_total if side_total > _NOISE_RPS else 1.0)
+        scale = min(1.0, scale)
         kept = {c: v * scale for c, v in row.items() if v * scale > _NOISE_RPS}
         if kept:
             out[tier] = kept
@@ -92,7 +106,10 @@ def trim_shared_rates(
 
 
 def _solve_lp(
-    inp: PlanningInput, base: dict[str, float], shared: dict[ServingConfig, int], with_minimum: bool
+    inp: PlanningInput,
+    sides: dict[str, tuple[float, float]],
+    shared: dict[ServingConfig, int],
+    with_minimum: bool,
 ) -> tuple[dict[str, float], dict[str, dict[ServingConfig, float]]] | None:
     from scipy.optimize import linprog  # imported here: `import nitsum_opt` stays light
 
@@ -101,14 +118,19 @@ def _solve_lp(
     nt, nx = len(tiers), len(cells)
     cost = np.concatenate([[-inp.tier(t).weight for t in tiers], np.zeros(nx)])
     rows, rhs = [], []
-    for k, t in enumerate(tiers):  # y_t − Σ_c x[t,c] <= base_t
-        row = np.zeros(nt + nx)
-        row[k] = 1.0
-        for j, (tier, _) in enumerate(cells):
-            if tier == t:
-                row[nt + j] = -1.0
-        rows.append(row)
-        rhs.append(base[t])
+    colocated_only = all(c.role is Role.COLOCATED for c in shared)
+    for k, t in enumerate(tiers):  # per side: y_t − Σ_{c on the side} x[t,c] <= dedicated capacity of the side
+        side_rows = list(zip(_SIDES, sides[t], strict=True))
+        if colocated_only:  # both rows subtract the same x: one row at the smaller side
+            side_rows = [(_SIDES[0] + _SIDES[1], min(sides[t]))]
+        for roles, capacity in side_rows:
+            row = np.zeros(nt + nx)
+            row[k] = 1.0
+            for j, (tier, c) in enumerate(cells):
+                if tier == t and c.role in roles:
+                    row[nt + j] = -1.0
+            rows.append(row)
+            rhs.append(capacity)
     for c, count in shared.items():  # Σ_t x[t,c] / R^s[t,c] <= s[c]
         row = np.zeros(nt + nx)
         for j, (tier, cc) in enumerate(cells):

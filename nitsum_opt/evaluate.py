@@ -49,10 +49,15 @@ def tier_capacity_rps(
     inp: PlanningInput, counts: Counts, tier: str, shared_rps: SharedRates | None = None
 ) -> tuple[float, float]:
     """(prefill-side, decode-side) capacity of ``tier``: Σ R·n over its prefill+colocated and decode+colocated
-    instances, plus its rate on shared instances ``Σ_c x[t,c]`` (from ``shared_rps``) on both sides."""
+    instances, plus its rates on shared instances ``x[t,c]`` (from ``shared_rps``) on the side(s) of their role
+    (colocated: both)."""
     prefill, decode = dedicated_capacity_rps(inp, counts, tier)
-    shared = sum((shared_rps or {}).get(tier, {}).values())
-    return prefill + shared, decode + shared
+    for config, rate in (shared_rps or {}).get(tier, {}).items():
+        if config.role is not Role.DECODE:
+            prefill += rate
+        if config.role is not Role.PREFILL:
+            decode += rate
+    return prefill, decode
 
 
 def churn_by_key(inp: PlanningInput, counts: Counts) -> dict[tuple[str, ServingConfig], int]:
@@ -80,8 +85,9 @@ def evaluate_plan(inp: PlanningInput, plan: Plan) -> PlanEvaluation:
     for tier, config in counts:
         if config not in allowed:
             violations.append(f"instance config {config.key} of tier {tier!r} is not a candidate config")
-        if tier == SHARED_TIER and config.role is not Role.COLOCATED:
-            violations.append(f"shared instances of {config.key}: shared instances must be colocated")
+        if tier == SHARED_TIER and config.role not in inp.shared_roles:
+            roles = [r.value for r in inp.shared_roles]
+            violations.append(f"shared instances of {config.key}: shared_roles is {roles}")
         if tier != SHARED_TIER and tier not in tiers:
             violations.append(f"instances of tier {tier!r}, which is not among {sorted(tiers)}")
     admitted = {a.tier: a.admitted_rps for a in plan.tiers}
@@ -160,8 +166,7 @@ def _shared_violations(inp: PlanningInput, counts: Counts, shared_rps: SharedRat
         for config, rate in row.items():
             if rate == 0:
                 continue
-            colocated = config in set(inp.candidate_configs) and config.role is Role.COLOCATED
-            cell = inp.shared_rate_rps(tier, config) if colocated else 0.0
+            cell = inp.shared_rate_rps(tier, config) if config in set(inp.shared_configs) else 0.0
             if cell <= 0:
                 out.append(f"tier {tier!r}: shared rate {rate:.6g} req/s on {config.key}, which cannot serve it (R=0)")
                 continue

@@ -8,7 +8,7 @@ Data
 * candidate configs :math:`c = (tp_c, role_c) \in C`, each instance using :math:`g_c = tp_c` GPUs of one node;
   :math:`C^P, C^D, C^{Co}` are the prefill, decode and colocated configs;
 * :math:`R_{t,c} \ge 0`: SLO-compliant rate of one instance of :math:`c` for tier :math:`t` (capacity table), and
-  :math:`R^s_{t,c} \ge 0` (:math:`c \in C^{Co}`) the rate of tier :math:`t` one *shared* instance serves while
+  :math:`R^s_{t,c} \ge 0` (:math:`c \in C^S`, below) the rate of tier :math:`t` one *shared* instance serves while
   it batches the other tiers' requests with it (``PlanningInput.shared_capacity``; default :math:`R_{t,c}`);
 * a pool of :math:`N` nodes of :math:`B` GPUs; :math:`S` the TP sizes in :math:`C`;
 * the running plan :math:`n^0_{t,c}` and :math:`s^0_c` (zero at the first epoch);
@@ -30,9 +30,9 @@ Variables
   row feasible (smaller aligned groups pack wherever the big one did), costs the same GPUs and the same churn
   price (:math:`\beta` is per GPU), and never lowers the objective; removing these columns is what keeps the
   solver's tree small;
-* ``s[c]`` :math:`\in \mathbb{Z}`, :math:`0 \le s_c \le U^s_c`, :math:`c \in C^{Co}` (left out where
-  :math:`U^s_c = 0`): *shared* instances, which
-  serve every tier with tier priority, with
+* ``s[c]`` :math:`\in \mathbb{Z}`, :math:`0 \le s_c \le U^s_c`, :math:`c \in C^S` (left out where
+  :math:`U^s_c = 0`): *shared* instances, which serve every tier with tier priority; :math:`C^S` are the configs
+  of the roles in ``PlanningInput.shared_roles`` (default :math:`C^S = C^{Co}`), with
   :math:`U^s_c = \min(N\lfloor B/g_c\rfloor,\ \max(s^0_c, \lceil \sum_{t: R^s_{t,c} > 0} \lambda_t / R^s_{t,c}\rceil))`
   (the time-sharing row below never needs more) and :math:`U^s_c = 0` for a config that is not running and is
   dominated for *every* tier at once (then the same swap works for the whole rate mix). When sharing is never
@@ -45,7 +45,7 @@ Variables
   instances become one dedicated instance per tier), so :math:`U^s_c \le \max(s^0_c, |T|)`, or :math:`|T| - 1`
   when :math:`s^0_c = 0` (a single tier never shares). Without them the solver spent its time proving that no
   pool helps (``nitsum bench solve`` p99 at 128 GPUs 22.7 ms, see ``benchmarks/RESULTS.md``);
-* ``x[t,c]`` :math:`\ge 0`, :math:`c \in C^{Co}` with :math:`R^s_{t,c} > 0` and :math:`U^s_c > 0`: rate of tier
+* ``x[t,c]`` :math:`\ge 0`, :math:`c \in C^S` with :math:`R^s_{t,c} > 0` and :math:`U^s_c > 0`: rate of tier
   :math:`t` served on the shared instances of :math:`c`, at most :math:`\min(\lambda_t, R^s_{t,c} U^s_c)`;
 * ``b[t]`` :math:`\in \mathbb{Z}_{\ge 0}`: GPUs dedicated to tier :math:`t`, and ``b_shared`` the GPUs of shared
   instances (aggregates; branching on them first settles how the pool is split, which cut the solver's tree up to
@@ -67,21 +67,22 @@ Model
    \text{gpu\_budget}:\ & \textstyle\sum_{t} b_t + b^s \le N B \\
    \text{node\_packing}[s]:\ & \textstyle\sum_{c:\,g_c \ge s} g_c (\sum_t n_{t,c} + s_c) \le N\, s \lfloor B/s \rfloor
       \qquad (s \in S,\ B \bmod s \ne 0) \\
-   \text{prefill\_capacity}[t]:\ & y_t \le \textstyle\sum_{c \in C^P \cup C^{Co}} R_{t,c} n_{t,c}
-      + \sum_{c} x_{t,c} \\
-   \text{decode\_capacity}[t]:\ & y_t \le \textstyle\sum_{c \in C^D \cup C^{Co}} R_{t,c} n_{t,c}
-      + \sum_{c} x_{t,c} \\
+   \text{prefill\_capacity}[t]:\ & y_t \le \textstyle\sum_{c \in C^P \cup C^{Co}} (R_{t,c} n_{t,c}
+      + x_{t,c}) \\
+   \text{decode\_capacity}[t]:\ & y_t \le \textstyle\sum_{c \in C^D \cup C^{Co}} (R_{t,c} n_{t,c}
+      + x_{t,c}) \\
    \text{shared\_capacity}[c]:\ & \textstyle\sum_{t} x_{t,c} / R^s_{t,c} \le s_c \\
    \text{churn\_balance}[t,c]:\ & n_{t,c} - up_{t,c} + down_{t,c} = n^0_{t,c} \\
    \text{shared\_churn}[c]:\ & s_c - up^s_c + down^s_c = s^0_c
 
 Why it is exact. Colocated instances appear in both capacity rows, so the two rows say
-:math:`y_t \le \min(P_t, D_t) + Co_t + X_t`: the disaggregated path needs prefill *and* decode capacity, the
-colocated path (dedicated or shared) serves whole requests. TP sizes are powers of two, so a multiset of instance
-sizes fits into :math:`N` nodes of :math:`B` GPUs iff, for every size :math:`s`, the instances of size
-:math:`\ge s` fit into the :math:`s`-aligned room :math:`N s\lfloor B/s \rfloor` (sizes divide each other, so
-first-fit-decreasing with aligned offsets never fragments); when :math:`s` divides :math:`B` that row is implied by
-``gpu_budget`` and is left out. :func:`nitsum_opt.placement.place_instances` turns any feasible ``n``, ``s`` into
+:math:`y_t \le \min(P_t + X^P_t, D_t + X^D_t) + Co_t + X^{Co}_t`: the disaggregated path needs prefill *and*
+decode capacity (dedicated or shared), the colocated path (dedicated or shared) serves whole requests. TP sizes
+are powers of two, so a multiset of instance sizes fits into :math:`N` nodes of :math:`B` GPUs iff, for every
+size :math:`s`, the instances of size :math:`\ge s` fit into the :math:`s`-aligned room
+:math:`N s\lfloor B/s \rfloor` (sizes divide each other, so first-fit-decreasing with aligned offsets never
+fragments); when :math:`s` divides :math:`B` that row is implied by ``gpu_budget`` and is left out.
+:func:`nitsum_opt.placement.place_instances` turns any feasible ``n``, ``s`` into
 GPU ids.
 
 Shared instances and what is approximated. A dedicated instance rounds its tier's demand up to whole
@@ -93,12 +94,11 @@ scheduler counts their requests in seats weighted by their mix, :mod:`nitsum_opt
 :math:`R^s` built at the strictest TPOT target prices that in, the default :math:`R^s = R` does not), the strict
 tier meets its TTFT more easily than its share says, and the queueing headroom in :math:`R^s_{t,c}` is not pooled
 (the statistical multiplexing of a larger pool is not credited). ``benchmarks/RESULTS.md`` measures both in the
-simulator. Shared instances are colocated only: a shared decode-only instance would batch every tier's decodes at
-the strictest TPOT, so its looser-tier cells :math:`R_{t,c}` (measured at their own, looser TPOT) would overstate
-what it serves, and a shared prefill/decode pair would need two time-sharing rows and a P→D hand-off policy
-across tiers for a gain that the shared colocated pool already gives (the disaggregated path exists for the
-isolation of strict tiers, which sharing gives up). Without shared instances (``shared=False``) the model is the
-dedicated-only one of DESIGN §4.
+simulator. Shared prefill and decode instances (``shared_roles``) enter only the row of their side, so a tier may
+be prefilled on a shared prefill instance and decoded on a shared or a dedicated decode instance; a shared decode
+instance batches every tier's decodes at the strictest TPOT, so :math:`R^s` should be built at that target (the
+Nitsum controller does; with the default :math:`R^s = R` the looser tiers' cells would overstate it). Without
+shared instances (``shared=False``) the model is the dedicated-only one of DESIGN §4.
 
 This module consumes numbers only: it never imports a solver package or a latency model.
 """
@@ -190,7 +190,7 @@ def is_dominated(inp: PlanningInput, tier: str, config: ServingConfig) -> bool:
 
 
 def is_shared_dominated(inp: PlanningInput, config: ServingConfig) -> bool:
-    """True when ``k`` instances of one smaller colocated config serve at least as much for every tier."""
+    """True when ``k`` instances of one smaller config of the same role serve at least as much for every tier."""
     for other in inp.candidate_configs:
         if other.role is config.role and other.gpus < config.gpus and config.gpus % other.gpus == 0:
             k = config.gpus // other.gpus
@@ -232,8 +232,8 @@ def _sharing_costs_more(inp: PlanningInput, config: ServingConfig) -> bool:
 
 
 def shared_configs(inp: PlanningInput) -> tuple[ServingConfig, ...]:
-    """The configs a shared instance may take: the colocated candidates."""
-    return tuple(c for c in inp.candidate_configs if c.role is Role.COLOCATED)
+    """The configs a shared instance may take: the candidates of a role in ``inp.shared_roles``."""
+    return inp.shared_configs
 
 
 def _add_instance_variables(model: LinearModel, inp: PlanningInput) -> Keyed:
@@ -346,7 +346,7 @@ def _capacity_terms(
     for (t, c), var in n.items():
         if t == tier and c.role in roles:
             terms[var] = -inp.capacity.rate_rps(tier, c)
-    for (t, c), var in x.items():  # shared instances are colocated: they count on both sides
+    for (t, c), var in x.items():  # a shared colocated instance counts on both sides, prefill / decode on one
         if t == tier and c.role in roles:
             terms[var] = -1.0
     return terms

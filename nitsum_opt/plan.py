@@ -82,8 +82,13 @@ class TierAllocation(Frozen):
 
     @property
     def shared_rps(self) -> float:
-        """``Σ_c x[t,c]``: the tier's rate planned on shared instances."""
-        return sum(self.shared_rates_rps.values())
+        """The tier's rate planned on shared instances: ``Σ_c x[t,c]`` over shared colocated instances plus the larger
+        of its shared prefill and shared decode rates (a request prefilled and decoded on shared instances counts
+        once)."""
+        sides = {"colocated": 0.0, "prefill": 0.0, "decode": 0.0}
+        for key, rate in self.shared_rates_rps.items():
+            sides[key.rsplit("-", 1)[1]] += rate
+        return sides["colocated"] + max(sides["prefill"], sides["decode"])
 
 
 class Provenance(Frozen):

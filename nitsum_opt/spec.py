@@ -26,7 +26,7 @@ from nitsum_opt.models.spec import (
 _TIER_NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,31}$"
 
 SHARED_TIER = "*"
-"""Tier name of *shared* instances: colocated instances that serve every tier with tier priority (never a valid
+"""Tier name of *shared* instances: instances that serve every tier with tier priority (never a valid
 tier name, so it cannot clash with one). In counts, plans and running plans they appear as tier ``"*"``."""
 
 
@@ -136,9 +136,14 @@ class PlanningInput(Frozen):
     capacity: CapacityTable
     """``R[t,c]`` for every tier and every candidate config."""
     shared_capacity: CapacityTable | None = None
-    """``R^s[t,c]``: rate of tier ``t`` one *shared* instance of colocated config ``c`` serves while it runs the
-    other tiers' requests in the same batches (e.g. the tier's mix at the strictest tier's TPOT target); cells for
-    every tier and colocated candidate config. ``None``: ``R[t,c]``, i.e. pure time-sharing."""
+    """``R^s[t,c]``: rate of tier ``t`` one *shared* instance of config ``c`` serves while it runs the other
+    tiers' requests in the same batches (e.g. the tier's mix at the strictest tier's TPOT target); cells for every
+    tier and every candidate config of a role in ``shared_roles``. ``None``: ``R[t,c]``, i.e. pure time-sharing."""
+    shared_roles: tuple[Role, ...] = (Role.COLOCATED,)
+    """Roles a shared instance may take. Colocated (the default): a shared instance serves whole requests of every
+    tier. With prefill and decode as well, shared prefill instances take every tier's prompts and hand their KV to
+    decode instances (shared, or dedicated to the request's tier), and shared decode instances take every tier's
+    hand-offs: the disaggregated layout without a pair per tier."""
     configs: tuple[ServingConfig, ...] = ()
     """Candidate instance shapes; empty = every supported TP up to ``gpus_per_node`` × every role."""
     objective: ObjectiveSettings = ObjectiveSettings()
@@ -171,13 +176,15 @@ class PlanningInput(Frozen):
                 f"capacity table is missing cells {missing[:6]}{' …' if len(missing) > 6 else ''}; "
                 "add them (0 where the config cannot meet the tier's SLO) or restrict `configs`"
             )
+        if len(set(self.shared_roles)) != len(self.shared_roles):
+            raise ValueError(f"shared_roles contain duplicates: {[r.value for r in self.shared_roles]}")
         if self.shared_capacity is not None:
-            colocated = [c for c in self.candidate_configs if c.role is Role.COLOCATED]
-            missing = self.shared_capacity.missing_cells(tier_names, colocated)
+            missing = self.shared_capacity.missing_cells(tier_names, self.shared_configs)
             if missing:
                 raise ValueError(
                     f"shared_capacity table is missing cells {missing[:6]}{' …' if len(missing) > 6 else ''}; "
-                    "give every tier a rate for every colocated candidate config (0 where it cannot share)"
+                    "give every tier a rate for every candidate config of the shared roles "
+                    f"{[r.value for r in self.shared_roles]} (0 where it cannot share), or narrow shared_roles"
                 )
         for tier in self.tiers:
             self._check_servable(tier)
@@ -208,6 +215,11 @@ class PlanningInput(Frozen):
             if d.tier == tier:
                 return d.arrival_rate_rps
         raise KeyError(f"no demand for tier {tier!r}")
+
+    @property
+    def shared_configs(self) -> tuple[ServingConfig, ...]:
+        """The candidate configs a shared instance may take (those of a role in ``shared_roles``)."""
+        return tuple(c for c in self.candidate_configs if c.role in self.shared_roles)
 
     def shared_rate_rps(self, tier: str, config: ServingConfig) -> float:
         """``R^s[t,c]``: ``shared_capacity``'s cell, or ``R[t,c]`` without that table."""
@@ -263,8 +275,8 @@ class InstanceCount(Frozen):
     """A number of identical instances serving one tier, or every tier (shared)."""
 
     tier: str
-    """Tier the instances serve; ``"*"`` for shared colocated instances that serve every tier with tier
-    priority."""
+    """Tier the instances serve; ``"*"`` for shared instances that serve every tier with tier priority (colocated,
+    or prefill / decode with ``PlanningInput.shared_roles``)."""
     config: ServingConfig
     """Their shape."""
     count: int = Field(ge=0)
@@ -289,9 +301,10 @@ class CurrentPlan(Frozen):
         tiers = {t.name for t in inp.tiers}
         used = 0
         for ic in self.counts:
-            if ic.tier == SHARED_TIER and ic.config.role is not Role.COLOCATED:
+            if ic.tier == SHARED_TIER and ic.config.role not in inp.shared_roles:
                 raise ValueError(
-                    f"current_plan has shared ('*') instances of {ic.config.key}; shared instances are colocated"
+                    f"current_plan has shared ('*') instances of {ic.config.key}, but shared_roles is "
+                    f"{[r.value for r in inp.shared_roles]}; add {ic.config.role.value!r} to shared_roles"
                 )
             if ic.tier not in tiers and ic.tier != SHARED_TIER:
                 raise ValueError(

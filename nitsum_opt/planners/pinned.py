@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable
 
 from nitsum_opt.assemble import assemble_plan
-from nitsum_opt.models.spec import Role, ServingConfig
+from nitsum_opt.models.spec import ServingConfig
 from nitsum_opt.plan import Plan, PlanStatus
 from nitsum_opt.planners.base import Planner
 from nitsum_opt.spec import SHARED_TIER, InstanceCount, PlanningInput
@@ -31,10 +31,11 @@ class PinnedPlanner(Planner):
             raise ValueError(
                 f"pinned plan names tiers {unknown} that are not in the input ({sorted(tiers)}, or '*' for shared)"
             )
-        not_colocated = sorted({c.key for t, c in self.counts if t == SHARED_TIER and c.role is not Role.COLOCATED})
-        if not_colocated:
+        not_shared = sorted({c.key for t, c in self.counts if t == SHARED_TIER and c.role not in inp.shared_roles})
+        if not_shared:
             raise ValueError(
-                f"pinned plan has shared ('*') instances of {not_colocated}; shared instances are colocated"
+                f"pinned plan has shared ('*') instances of {not_shared}, but the input's shared_roles is "
+                f"{[r.value for r in inp.shared_roles]}; add the role to PlanningInput.shared_roles"
             )
         used = sum(c.gpus * k for (_, c), k in self.counts.items())
         if used > inp.cluster.total_gpus:

@@ -22,6 +22,11 @@ not yet released), and never looks at engine internals. Policy, per request:
    it must not take capacity from one that can; it is still served, never dropped). When an instance releases a
    request and has spare capacity it pulls, class by class, the head it may serve with the best (tier rank,
    arrival).
+   **Decode-aware routing**: with the central queue, while no decode instance a request's KV may go to (its
+   tier's or a shared one) has spare capacity, a shared (untiered) prefill instance is chosen only when no other
+   candidate has room: the request is prefilled elsewhere (e.g. on a colocated instance) rather than handed to a
+   full decode side, which least-loaded routing alone floods (prefill instances hold their requests briefly, so
+   they look emptiest), but it is never held for that reason.
 5. **Hand-off** (prefill → decode) and **resume** (a decoding request moved by a plan change): like routing,
    among decode (resume: decode or colocated) instances, starting from the tier of the prefill instance; they are
    never held (the KV exists already): with no spare capacity they join the least-loaded instance.
@@ -89,6 +94,8 @@ class MultiTierScheduler:
         self._cost = [self._seat_costs(i) for i in config.instances]
         self._count = [[0] * len(config.tiers) for _ in config.instances]
         self._uniform = [all(c == 1.0 for c in costs) for costs in self._cost]
+        self._gated = [config.central_queue and i.tier is None and i.role is Role.PREFILL for i in config.instances]
+        self._any_gated = any(self._gated)
         self.load: list[float] = [0.0] * len(config.instances)
         """Seats taken per instance (requests dispatched and not released, each weighted by its seat cost)."""
         self._rank = [t.priority if config.tier_priority else 0 for t in config.tiers]
@@ -214,17 +221,29 @@ class MultiTierScheduler:
             self._reload(i)  # exact sums: equal loads tie exactly, whatever the order requests came in
 
     # ------------------------------------------------------------------ routing
+    def _decode_room(self, tier: int) -> bool:
+        """Whether a decode instance a request of ``tier`` may be handed to (its tier's or a shared one) has room."""
+        return any(self._room_for(d, tier) for d in self._handoff[tier])
+
     def _least_loaded(self, candidates: list[int], spare_only: bool, tier: int) -> int:
         best, best_fill = _NONE, float("inf")
         load, cap, cost = self.load, self.capacity, self._cost
+        fallback, fallback_fill = _NONE, float("inf")  # a shared prefill instance while decode has no room
+        decode_room: bool | None = None  # evaluated at most once
         for i in candidates:
             li, ci = load[i], cap[i]
             if spare_only and li + cost[i][tier] > ci + 1e-9:
                 continue
             fill = li / ci
+            if self._gated[i]:
+                decode_room = self._decode_room(tier) if decode_room is None else decode_room
+                if not decode_room:
+                    if fill < fallback_fill:
+                        fallback, fallback_fill = i, fill
+                    continue
             if fill < best_fill:
                 best, best_fill = i, fill
-        return best
+        return fallback if best == _NONE else best
 
     def _pick(self, tier: int, klass: int, kind: str, request_tier: int | None = None) -> int:
         """Instance with spare capacity for a request of ``request_tier`` (default ``tier``) and ``klass``, among

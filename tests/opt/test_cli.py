@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from nitsum_opt.cli import app
@@ -58,3 +59,12 @@ def test_plan_prints_shared_row_and_no_shared_switch() -> None:
     result = runner.invoke(app, ["plan", str(pooled), "--no-shared", "--json"])
     assert result.exit_code == 0, result.output
     assert {i["tier"] for i in json.loads(result.output)["instances"]} == {"a", "b"}
+
+
+def test_plan_example_with_a_shared_prefill_decode_pair() -> None:
+    example = EXAMPLE.with_name("shared_pd_pair_2gpu.yaml")
+    result = runner.invoke(app, ["plan", str(example), "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert sorted((i["tier"], i["role"]) for i in plan["instances"]) == [("*", "decode"), ("*", "prefill")]
+    assert [t["admitted_rps"] for t in plan["tiers"]] == pytest.approx([1.0, 1.0])

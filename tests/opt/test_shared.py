@@ -8,12 +8,12 @@ import yaml
 
 from nitsum_opt import MilpPlanner, Plan, PlanStatus, check_plan, evaluate_plan
 from nitsum_opt.io import dump_text
-from nitsum_opt.models.spec import ServingConfig
+from nitsum_opt.models.spec import Role, ServingConfig
 from nitsum_opt.planners import GreedyPlanner, PinnedPlanner, StabilizerSettings, StabilizerState, stabilize
 from nitsum_opt.spec import SHARED_TIER, InstanceCount
 
 from planning_canonical import pooled_fractions
-from planning_factories import counts_by_key
+from planning_factories import counts_by_key, make_input
 
 BACKENDS = ["ortools/scip", "ortools/highs", "ortools/cpsat", "pulp/cbc", "pulp/highs"]
 
@@ -103,7 +103,7 @@ def test_pinned_accepts_shared_instances_and_splits_them() -> None:
 
 
 def test_pinned_rejects_shared_prefill() -> None:
-    with pytest.raises(ValueError, match="shared instances are colocated"):
+    with pytest.raises(ValueError, match=r"add the role to PlanningInput\.shared_roles"):
         PinnedPlanner([InstanceCount(tier=SHARED_TIER, config=ServingConfig.parse("tp1-prefill"), count=1)]).plan(
             pooled_fractions()
         )
@@ -130,3 +130,54 @@ def test_stabilizer_keeps_a_running_shared_plan() -> None:
     assert decision.plan.counts() == plan.counts()
     assert decision.plan.status is PlanStatus.KEPT
     check_plan(later, decision.plan)
+
+
+def _pd_pair_input(shared_roles: tuple[Role, ...]):
+    """2 GPUs, prefill and decode TP1 only (R = 2 req/s for both tiers and roles), λ_a = λ_b = 1, ε = 0.1: each
+    tier needs half a prefill and half a decode instance. Dedicated pairs serve one tier (objective 2·1 − 0.2 = 1.8
+    with weights 2 and 1); a shared prefill + decode pair serves both (3 − 0.2 = 2.8)."""
+    rates = {"a": {"tp1-prefill": 2, "tp1-decode": 2}, "b": {"tp1-prefill": 2, "tp1-decode": 2}}
+    inp = make_input(rates, {"a": 1.0, "b": 1.0}, gpus_per_node=2, gpu_cost=0.1, weights={"a": 2.0, "b": 1.0})
+    return inp.model_copy(update={"shared_roles": shared_roles})
+
+
+@pytest.mark.parametrize("solver", ["ortools/scip", "ortools/highs", "pulp/cbc", "pulp/highs"])
+def test_a_shared_prefill_decode_pair_serves_every_tier(solver: str) -> None:
+    inp = _pd_pair_input((Role.COLOCATED, Role.PREFILL, Role.DECODE))
+    plan = MilpPlanner(solver=solver, time_limit_s=60).plan(inp)
+    assert counts_by_key(plan) == {("*", "tp1-prefill"): 1, ("*", "tp1-decode"): 1}
+    assert [a.admitted_rps for a in plan.tiers] == pytest.approx([1.0, 1.0])
+    assert plan.objective == pytest.approx(2.8, abs=1e-6)
+    for a in plan.tiers:  # each side counts only its own role's shared rate
+        assert a.prefill_capacity_rps == pytest.approx(1.0) and a.decode_capacity_rps == pytest.approx(1.0)
+        assert a.shared_rates_rps == pytest.approx({"tp1-prefill": 1.0, "tp1-decode": 1.0})
+    check_plan(inp, plan)
+
+
+def test_without_shared_prefill_decode_one_tier_gets_the_pair() -> None:
+    plan = MilpPlanner().plan(_pd_pair_input((Role.COLOCATED,)))
+    assert counts_by_key(plan) == {("a", "tp1-prefill"): 1, ("a", "tp1-decode"): 1}
+    assert [a.admitted_rps for a in plan.tiers] == pytest.approx([1.0, 0.0])
+    assert plan.objective == pytest.approx(1.8)
+
+
+def test_shared_prefill_without_shared_decode_needs_decode_capacity() -> None:
+    inp = _pd_pair_input((Role.PREFILL,))  # tier b can be prefilled on the shared instance, never decoded
+    pinned = PinnedPlanner(
+        [
+            InstanceCount(tier=SHARED_TIER, config=ServingConfig.parse("tp1-prefill"), count=1),
+            InstanceCount(tier="a", config=ServingConfig.parse("tp1-decode"), count=1),
+        ]
+    ).plan(inp)
+    assert [a.admitted_rps for a in pinned.tiers] == pytest.approx([1.0, 0.0])
+    check_plan(inp, pinned)
+
+
+def test_evaluate_names_shared_roles_the_input_does_not_allow() -> None:
+    inp = _pd_pair_input((Role.COLOCATED, Role.PREFILL, Role.DECODE))
+    plan = MilpPlanner().plan(inp)
+    narrow = inp.model_copy(update={"shared_roles": (Role.COLOCATED,)})
+    violations = evaluate_plan(narrow, plan).violations
+    assert any("shared instances of tp1-prefill: shared_roles is ['colocated']" in v for v in violations), violations
+    with pytest.raises(ValueError, match="add 'decode' to shared_roles"):
+        narrow.model_validate(narrow.model_dump() | {"current_plan": plan.as_current().model_dump()})

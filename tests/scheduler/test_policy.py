@@ -213,3 +213,29 @@ def test_recount_sets_loads_from_where_requests_are() -> None:
     assert s.load == [3.0, 1.0]
     s.recount([])
     assert s.load == [0.0, 0.0] and s.has_spare(1)
+
+
+def test_a_full_decode_side_steers_prompts_away_from_shared_prefill_instances() -> None:
+    s = sched(
+        inst("p", None, cap=4, role=Role.PREFILL),
+        inst("d", None, cap=1, role=Role.DECODE),
+        inst("c", "chat", cap=1),
+        tiers=tiers(chat_rps=None, batch_rps=None),
+    )
+    assert s.submit(0.0, 0, 0) == (0, FEASIBLE)  # the least-loaded prompt-taker: the prefill instance
+    assert s.handoff(0.1, 0, None, FEASIBLE) == 1  # decode full now
+    assert s.release(0.1, 0, 0) == []
+    assert s.submit(0.2, 1, 0) == (2, FEASIBLE)  # decode full: the colocated instance, not the prefill one
+    assert s.submit(0.3, 2, 0) == (0, FEASIBLE)  # nothing else has room: prefilled anyway, never held for it
+    # without a central queue (plain vLLM-style routing) only the load counts
+    plain = sched(
+        inst("p", None, cap=4, role=Role.PREFILL),
+        inst("d", None, cap=1, role=Role.DECODE),
+        inst("c", "chat", cap=1),
+        tiers=tiers(chat_rps=None, batch_rps=None),
+        central_queue=False,
+    )
+    plain.submit(0.0, 0, 0)
+    plain.handoff(0.1, 0, None, FEASIBLE)
+    plain.release(0.1, 0, 0)
+    assert plain.submit(0.2, 1, 0) == (0, FEASIBLE)

@@ -6,6 +6,7 @@ import pytest
 
 from nitsum_opt.models.spec import Role
 from nitsum_opt.planners import MilpPlanner, PinnedPlanner
+from nitsum_opt.sim.controllers.base import StaticController
 from nitsum_opt.sim.controllers.nitsum import NitsumController
 from nitsum_opt.sim.controllers.planning import (
     candidate_configs,
@@ -17,6 +18,7 @@ from nitsum_opt.sim.controllers.registry import make_controller
 from nitsum_opt.sim.controllers.search import StaticEvaluator, tiered_candidates
 from nitsum_opt.sim.core import Simulator
 from nitsum_opt.sim.deployment import deployment_from_plan, shared_host_tier
+from nitsum_opt.sim.results import Outcome
 from nitsum_opt.sim.settings import SimSettings
 from nitsum_opt.spec import SHARED_TIER, ClusterSpec, InstanceCount, PlanningInput, TierDemand
 from nitsum_opt.workloads.demand import length_mixes
@@ -91,3 +93,39 @@ def test_shared_table_prices_tiers_at_the_slackened_strictest_tpot() -> None:
                 assert slack2.rates_rps[tier.name][config] == pytest.approx(own.rates_rps[tier.name][config])
     with pytest.raises(ValueError, match=r"tpot_slack=0\.5"):
         shared_capacity_table(ev.ctx, mixes, 1.0, tpot_slack=0.5)
+
+
+def test_shared_decode_cells_are_priced_at_the_strictest_tpot_itself() -> None:
+    ev = _evaluator()
+    mixes = length_mixes(ev.trace)
+    roles = (Role.COLOCATED, Role.PREFILL, Role.DECODE)
+    slack2 = shared_capacity_table(ev.ctx, mixes, 1.0, tpot_slack=2.0, roles=roles)
+    exact = shared_capacity_table(ev.ctx, mixes, 1.0, tpot_slack=1.0, roles=roles)
+    colocated_only = shared_capacity_table(ev.ctx, mixes, 1.0, tpot_slack=2.0)
+    for tier in TIERS:
+        row = slack2.rates_rps[tier.name]
+        assert {k.split("-", 1)[1] for k in row} == {"colocated", "prefill", "decode"}
+        assert set(colocated_only.rates_rps[tier.name]) == {k for k in row if k.endswith("colocated")}
+        for key, rate in row.items():
+            if not key.endswith("colocated"):  # the slack applies to colocated cells only
+                assert rate == pytest.approx(exact.rates_rps[tier.name][key])
+
+
+def test_a_shared_prefill_decode_pair_deploys_and_serves_every_tier() -> None:
+    ev = _evaluator(2)
+    roles = (Role.COLOCATED, Role.PREFILL, Role.DECODE)
+    inp = _input(ev).model_copy(update={"shared_roles": roles})
+    pair = [
+        InstanceCount(tier=SHARED_TIER, config=c, count=1)
+        for c in inp.candidate_configs
+        if c.tp == 1 and c.role in (Role.PREFILL, Role.DECODE)
+    ]
+    plan = PinnedPlanner(pair).plan(inp)
+    mixes = length_mixes(ev.trace)
+    dep = deployment_from_plan(plan, tuning_table(ev.ctx, mixes), tiers=TIERS)
+    assert sorted((i.tier, i.role.value) for i in dep.instances) == [(None, "decode"), (None, "prefill")]
+    res = Simulator(ev.trace, TIERS, ROOFLINE, LLAMA, ev.cluster, StaticController("pair", dep), ev.settings).run()
+    assert (res.outcome == Outcome.COMPLETED).all()  # hand-offs from the shared prefill all found the decode
+    assert res.slo_met(TIERS).mean() > 0.8
+    controller = make_controller("nitsum-shared-pd", ev)
+    assert isinstance(controller, NitsumController) and controller.shared_roles == roles

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nitsum_opt.models.spec import CapacityTable, LengthMix
+from nitsum_opt.models.spec import CapacityTable, LengthMix, Role
 from nitsum_opt.plan import Plan
 from nitsum_opt.planners import MilpPlanner, Planner, StabilizerSettings, StabilizerState, stabilize
 from nitsum_opt.sim.controllers.base import ControlContext, Controller
@@ -135,6 +135,7 @@ class NitsumController(Controller):
         shared_gpu_cost: float | None = POOL_ON_TIES,
         fill_idle_shared: bool = False,
         shared_seats: SharedSeats = "host",
+        shared_roles: tuple[Role, ...] = (Role.COLOCATED,),
         shared_table: bool = True,
         shared_tpot_slack: float = SHARED_TPOT_SLACK,
         overload_admission: float = 1.0,
@@ -146,7 +147,9 @@ class NitsumController(Controller):
         :func:`~nitsum_opt.sim.controllers.planning.shared_capacity_table`; ``False``: ``R^s = R``);
         ``shared_gpu_cost`` is the objective's ``ε_s`` (default :data:`POOL_ON_TIES`; ``None``: ``ε``, ties go to
         dedicated instances); ``fill_idle_shared`` fills idle GPUs with shared instances; ``shared_seats`` sizes
-        them (see :func:`~nitsum_opt.sim.deployment.deployment_from_plan`). ``overload_admission`` scales the
+        them (see :func:`~nitsum_opt.sim.deployment.deployment_from_plan`); ``shared_roles`` are the roles shared
+        instances may take (``PlanningInput.shared_roles``; the ``nitsum-shared-pd`` system adds prefill and decode,
+        :data:`~nitsum_opt.sim.controllers.planning.SHARED_PD_ROLES`). ``overload_admission`` scales the
         admitted rate of every tier whose forecast exceeds its planned capacity (1: admit exactly the capacity;
         measured in ``benchmarks/RESULTS.md``, "The oracle's local search, and where Nitsum loses in overload")."""
         if not 0 < overload_admission <= 1:
@@ -166,6 +169,7 @@ class NitsumController(Controller):
         self.shared_gpu_cost = shared_gpu_cost
         self.fill_idle_shared = fill_idle_shared
         self.shared_seats: SharedSeats = shared_seats
+        self.shared_roles = shared_roles
         self.shared_table = shared_table
         self.shared_tpot_slack = shared_tpot_slack
         self.overload_admission = overload_admission
@@ -257,10 +261,11 @@ class NitsumController(Controller):
             demand=tuple(TierDemand(tier=t.name, arrival_rate_rps=float(forecast[k])) for k, t in enumerate(ctx.tiers)),
             capacity=capacity,
             shared_capacity=shared_capacity_table(
-                ctx, self._planned_mixes, self.role_preference, self.shared_tpot_slack
+                ctx, self._planned_mixes, self.role_preference, self.shared_tpot_slack, self.shared_roles
             )
             if self.shared_table and isinstance(self.planner, MilpPlanner) and self.planner.shared
             else None,
+            shared_roles=self.shared_roles,
             configs=candidate_configs(ctx),
             objective=ObjectiveSettings(
                 switch_cost_s=sw.switch_s,

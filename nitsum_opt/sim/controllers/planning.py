@@ -22,6 +22,11 @@ from nitsum_opt.spec import SHARED_TIER, PlanningInput, Tier
 FALLBACK_MIX = LengthMix.single(1024, 256)
 """Length mix assumed for a tier that has not sent a request yet."""
 
+SHARED_PD_ROLES: tuple[Role, ...] = (Role.COLOCATED, Role.PREFILL, Role.DECODE)
+"""Roles the ``nitsum-shared-pd`` system lets shared instances take: a shared prefill + decode pair serves every
+tier disaggregated (``benchmarks/RESULTS.md``, "Shared prefill and decode instances"). The ``nitsum`` system keeps
+shared instances colocated."""
+
 ROLE_PREFERENCE = 0.9
 """Default factor of :func:`prefer_roles`: the favoured role family wins unless the other one is more than ~11 %
 better per GPU (measured on the default scenario: colocated and prefill/decode cells of the interactive tier are
@@ -81,19 +86,33 @@ def capacity_table(
 
 
 def shared_capacity_table(
-    ctx: ControlContext, mixes: dict[str, LengthMix], role_preference: float, tpot_slack: float = 1.0
+    ctx: ControlContext,
+    mixes: dict[str, LengthMix],
+    role_preference: float,
+    tpot_slack: float = 1.0,
+    roles: tuple[Role, ...] = (Role.COLOCATED,),
 ) -> CapacityTable:
-    """``R^s[t,c]`` for shared (colocated) instances: each tier's mix at its own TTFT target and the strictest TPOT
-    target of all tiers (times ``tpot_slack``, never looser than the tier's own), since a shared instance batches
-    every tier's requests and its steps must keep the strictest tier's TPOT (memoised like
-    :func:`capacity_table`); the role preference is applied as to ``R``."""
+    """``R^s[t,c]`` for shared instances of the configs of ``roles``: each tier's mix at its own TTFT target and
+    the strictest TPOT target of all tiers (colocated configs: times ``tpot_slack``; never looser than the tier's
+    own), since a shared instance batches every tier's requests and its steps must keep the strictest tier's TPOT
+    (memoised like :func:`capacity_table`); the role preference is applied as to ``R``. Shared decode instances
+    are priced at the strictest TPOT itself: they run nothing but the strict tier's decode steps and the others'
+    in one batch."""
     if tpot_slack < 1:
         raise ValueError(f"tpot_slack={tpot_slack} must be >= 1 (1: price shared tiers at the strictest TPOT)")
-    strictest = tpot_slack * min(t.tpot_slo_ms for t in ctx.tiers)
-    tightened = tuple(t.model_copy(update={"tpot_slo_ms": min(t.tpot_slo_ms, strictest)}) for t in ctx.tiers)
-    colocated = tuple(c for c in candidate_configs(ctx) if c.role is Role.COLOCATED)
-    table = capacity_table(dataclasses.replace(ctx, tiers=tightened), mixes, colocated)
-    return prefer_roles(table, ctx.tiers, role_preference)
+    rows: dict[str, dict[str, float]] = {t.name: {} for t in ctx.tiers}
+    source = ""
+    for slack, part in ((tpot_slack, (Role.COLOCATED,)), (1.0, (Role.PREFILL, Role.DECODE))):
+        configs = tuple(c for c in candidate_configs(ctx) if c.role in roles and c.role in part)
+        if not configs:
+            continue
+        strictest = slack * min(t.tpot_slo_ms for t in ctx.tiers)
+        tightened = tuple(t.model_copy(update={"tpot_slo_ms": min(t.tpot_slo_ms, strictest)}) for t in ctx.tiers)
+        table = capacity_table(dataclasses.replace(ctx, tiers=tightened), mixes, configs)
+        source = table.source
+        for name, row in table.rates_rps.items():
+            rows[name].update(row)
+    return prefer_roles(CapacityTable(rates_rps=rows, source=source), ctx.tiers, role_preference)
 
 
 def planning_slo(ctx: ControlContext, tier: Tier) -> SloTarget:

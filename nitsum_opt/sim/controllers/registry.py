@@ -6,6 +6,8 @@ name                   what it is
 ``nitsum``             MILP every epoch on forecast demand and length mixes + stabilizer + multi-tier scheduler
 ``nitsum-greedy``      the same controller with the paper's greedy allocator instead of the MILP
 ``nitsum-dedicated``   ``nitsum`` without shared instances (every instance dedicated to one tier; an ablation)
+``nitsum-shared-pd``   ``nitsum`` whose shared instances may also be prefill or decode instances (opt-in: it wins
+                       on 2×H200 at a 9 ms TPOT and loses on the 8-GPU scenarios, ``benchmarks/RESULTS.md``)
 ``vllm-static-tpN``    ``N`` ∈ {1,2,4,8}: every GPU in colocated TP-``N`` engines, FCFS, no tiers, no admission
 ``vllm-priority``      the best static TP and step budget (searched) with vLLM's tier-priority scheduling
 ``distserve``          the best static prefill/decode placement (searched over the whole trace), FCFS, no tiers
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from nitsum_opt.planners import GreedyPlanner, MilpPlanner, StabilizerSettings
 from nitsum_opt.sim.controllers.base import Controller, StaticController
 from nitsum_opt.sim.controllers.nitsum import NitsumController
+from nitsum_opt.sim.controllers.planning import SHARED_PD_ROLES
 from nitsum_opt.sim.controllers.refine import refine
 from nitsum_opt.sim.controllers.search import (
     StaticEvaluator,
@@ -65,6 +68,11 @@ class SystemInfo:
 def _nitsum(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
     planner = MilpPlanner(time_limit_s=opts.milp_time_limit_s)
     return NitsumController("nitsum", planner, opts.forecaster, opts.stabilizer)
+
+
+def _nitsum_shared_pd(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
+    planner = MilpPlanner(time_limit_s=opts.milp_time_limit_s)
+    return NitsumController("nitsum-shared-pd", planner, opts.forecaster, opts.stabilizer, shared_roles=SHARED_PD_ROLES)
 
 
 def _nitsum_dedicated(ev: StaticEvaluator, opts: ControllerOptions) -> Controller:
@@ -113,6 +121,9 @@ SYSTEMS: dict[str, SystemInfo] = {
     "nitsum-dedicated": SystemInfo(
         "nitsum with dedicated instances only (no shared pool; ablation)", _nitsum_dedicated, adaptive=True
     ),
+    "nitsum-shared-pd": SystemInfo(
+        "nitsum whose shared instances may also be prefill/decode (opt-in)", _nitsum_shared_pd, adaptive=True
+    ),
     **{
         f"vllm-static-tp{tp}": SystemInfo(f"colocated TP-{tp} engines on every GPU, FCFS, no tiers", _vllm_tp(tp))
         for tp in (1, 2, 4, 8)
@@ -124,7 +135,10 @@ SYSTEMS: dict[str, SystemInfo] = {
 }
 """Every system by name."""
 
-DEFAULT_SYSTEMS: tuple[str, ...] = tuple(name for name in SYSTEMS if name != "nitsum-dedicated")
+OPT_IN_SYSTEMS = ("nitsum-dedicated", "nitsum-shared-pd")
+"""Registered systems a scenario runs only when it names them (an ablation and an opt-in variant)."""
+
+DEFAULT_SYSTEMS: tuple[str, ...] = tuple(name for name in SYSTEMS if name not in OPT_IN_SYSTEMS)
 """The systems a scenario runs when it names none."""
 
 
